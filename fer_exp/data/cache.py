@@ -1,0 +1,82 @@
+"""On-disk cache of decoded sources, keyed by the source's paths, sizes and mtimes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from fer_exp.data.dataset import DecodeReport, Split
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """``$FER_EXP_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/fer-exp`` (``~/.cache/fer-exp``)."""
+    if os.environ.get("FER_EXP_CACHE_DIR"):
+        return Path(os.environ["FER_EXP_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fer-exp"
+
+
+def fingerprint(source: Path, *extra: str) -> str:
+    """A key that changes when any file under ``source`` is added, removed, resized or touched."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{source.resolve()}|{'|'.join(extra)}".encode())
+    if source.is_file():
+        stat = source.stat()
+        digest.update(f"{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()[:24]
+    stack = [source]
+    entries = []
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(Path(entry.path))
+                else:
+                    stat = entry.stat()
+                    entries.append(f"{os.path.relpath(entry.path, source)}|{stat.st_size}|{stat.st_mtime_ns}")
+    for line in sorted(entries):
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:24]
+
+
+def _path(key: str) -> Path:
+    return cache_dir() / f"decoded-{key}.pt"
+
+
+def load(key: str) -> tuple[dict[str, Split], DecodeReport] | None:
+    path = _path(key)
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+        groups = {name: Split(g["images"], g["labels"], g["sources"]) for name, g in blob["groups"].items()}
+        report = DecodeReport(**blob["report"])
+        report.skipped = [tuple(s) for s in report.skipped]
+        return groups, report
+    except Exception:  # a truncated or foreign file: decode again rather than fail
+        return None
+
+
+def save(key: str, groups: dict[str, Split], report: DecodeReport) -> None:
+    path = _path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "groups": {n: {"images": s.images, "labels": s.labels, "sources": s.sources} for n, s in groups.items()},
+            "report": {
+                "converted_to_gray": report.converted_to_gray,
+                "resized": report.resized,
+                "skipped": [list(s) for s in report.skipped],
+                "ignored": report.ignored,
+            },
+        }
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache location costs speed, never correctness
+        pass

@@ -1,0 +1,108 @@
+"""The in-memory dataset: one uint8 tensor per split, labels and the source id of every sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class DataError(Exception):
+    """Bad or unusable input data. The message names the file or row and what was expected."""
+
+
+@dataclass
+class Split:
+    """One split: ``images`` uint8 (N, 48, 48), ``labels`` int64 (N,), ``sources`` N ids."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sources: list[str]
+
+    def __post_init__(self) -> None:
+        n = len(self.sources)
+        if self.images.dtype != torch.uint8 or self.images.ndim != 3 or self.images.shape[0] != n:
+            raise ValueError(f"images must be uint8 (N, H, W) with N={n}, got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (n,):
+            raise ValueError(f"labels must be int64 ({n},), got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=NUM_CLASSES).tolist()
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return Split(self.images[index], self.labels[index], [self.sources[i] for i in index.tolist()])
+
+    @staticmethod
+    def concat(parts: list["Split"]) -> "Split":
+        return Split(
+            torch.cat([p.images for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            [s for p in parts for s in p.sources],
+        )
+
+    @staticmethod
+    def empty(size: int = 48) -> "Split":
+        return Split(torch.empty(0, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [])
+
+
+@dataclass
+class DecodeReport:
+    """What decoding did beyond the plain case, so that nothing is changed or dropped silently."""
+
+    converted_to_gray: int = 0
+    resized: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    ignored: list[str] = field(default_factory=list)  # hidden files such as .DS_Store
+
+    def merge(self, other: "DecodeReport") -> None:
+        self.converted_to_gray += other.converted_to_gray
+        self.resized += other.resized
+        self.skipped += other.skipped
+        self.ignored += other.ignored
+
+
+@dataclass
+class FerData:
+    """The three splits of one data source, and how they were obtained."""
+
+    train: Split
+    val: Split
+    test: Split
+    source: str
+    format: str  # "csv" | "folder" | "synthetic"
+    split_rule: str
+    report: DecodeReport = field(default_factory=DecodeReport)
+    from_cache: bool = False
+    load_seconds: float = 0.0
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def summary(self) -> dict:
+        """A JSON-friendly description: format, split rule, per-split x per-class counts, imbalance."""
+        counts = {name: dict(zip(CLASS_NAMES, split.class_counts())) for name, split in self.splits().items()}
+        train_counts = [c for c in self.train.class_counts() if c > 0]
+        imbalance = max(train_counts) / min(train_counts) if train_counts else float("nan")
+        return {
+            "source": self.source,
+            "format": self.format,
+            "split_rule": self.split_rule,
+            "image_size": list(self.train.images.shape[1:]),
+            "sizes": {name: len(split) for name, split in self.splits().items()},
+            "class_counts": counts,
+            "imbalance_ratio": round(imbalance, 2),
+            "converted_to_gray": self.report.converted_to_gray,
+            "resized": self.report.resized,
+            "skipped": [{"where": w, "why": y} for w, y in self.report.skipped],
+            "ignored": self.report.ignored,
+            "from_cache": self.from_cache,
+            "load_seconds": round(self.load_seconds, 3),
+        }

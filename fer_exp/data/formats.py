@@ -1,0 +1,205 @@
+"""Readers for the two formats users bring: the original fer2013.csv and the Kaggle image folders.
+
+Each reader returns *groups* of samples as they are found in the source (for example the CSV's
+``Training``/``PublicTest``/``PrivateTest`` rows); ``fer_exp.data.loader`` turns groups into the
+train/val/test splits. Bad samples go through :class:`BadSamples`, which either stops with a
+:class:`DataError` naming the file or row, or records them when the user asked to skip.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fer_exp.classes import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, class_index
+from fer_exp.data.dataset import DataError, DecodeReport, Split
+
+CSV_COLUMNS = ("emotion", "pixels", "Usage")
+CSV_USAGE_GROUPS = {"Training": "train", "PublicTest": "public", "PrivateTest": "private"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TEST_PREFIXES = {"PublicTest_": "public", "PrivateTest_": "private"}
+VAL_FOLDER_NAMES = ("val", "validation")
+ON_BAD_CHOICES = ("error", "skip")
+
+
+class BadSamples:
+    """Applies the user's ``on_bad`` policy: raise at the first bad sample, or skip and record it."""
+
+    def __init__(self, on_bad: str, report: DecodeReport):
+        if on_bad not in ON_BAD_CHOICES:
+            raise ValueError(f"on_bad must be one of {ON_BAD_CHOICES}, got {on_bad!r}")
+        self.on_bad = on_bad
+        self.report = report
+
+    def __call__(self, where: str, why: str) -> None:
+        if self.on_bad == "error":
+            raise DataError(f"{where}: {why}. Fix or remove it, or pass --on-bad skip to skip bad samples.")
+        self.report.skipped.append((where, why))
+
+
+def _pixels_to_image(text: str) -> np.ndarray:
+    """Parse one CSV ``pixels`` cell; raises ValueError with the reason."""
+    values = text.split() if isinstance(text, str) else []
+    if len(values) != IMAGE_SIZE * IMAGE_SIZE:
+        raise ValueError(f"has {len(values)} pixel values, expected {IMAGE_SIZE * IMAGE_SIZE} (48x48)")
+    try:
+        array = np.array(values, dtype=np.int32)
+    except ValueError:
+        bad = next(v for v in values if not v.lstrip("-").isdigit())
+        raise ValueError(f"has a non-numeric pixel value {bad!r}; expected integers 0-255") from None
+    if array.min() < 0 or array.max() > 255:
+        raise ValueError(f"has pixel values outside 0-255 (min {array.min()}, max {array.max()})")
+    return array.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+
+
+def read_csv(path: Path, on_bad: str = "error") -> tuple[dict[str, Split], DecodeReport]:
+    """Read the original ``fer2013.csv`` (``emotion,pixels,Usage``) into groups train/public/private."""
+    import pandas as pd
+
+    report = DecodeReport()
+    bad = BadSamples(on_bad, report)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types for unreadable files
+        raise DataError(f"{path}: cannot be read as CSV ({exc})") from None
+    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns)) or 'none'}. "
+            f"The original fer2013.csv has the header 'emotion,pixels,Usage'."
+        )
+    images: dict[str, list[np.ndarray]] = {g: [] for g in CSV_USAGE_GROUPS.values()}
+    labels: dict[str, list[int]] = {g: [] for g in CSV_USAGE_GROUPS.values()}
+    sources: dict[str, list[str]] = {g: [] for g in CSV_USAGE_GROUPS.values()}
+    for row, (emotion, pixels, usage) in enumerate(zip(frame["emotion"], frame["pixels"], frame["Usage"]), start=1):
+        where = f"{path.name} row {row} (line {row + 1})"
+        group = CSV_USAGE_GROUPS.get(usage.strip())
+        if group is None:
+            bad(where, f"unknown Usage {usage!r}; expected one of {', '.join(CSV_USAGE_GROUPS)}")
+            continue
+        label = emotion.strip()
+        if not label.isdigit() or int(label) >= NUM_CLASSES:
+            bad(where, f"unknown emotion label {emotion!r}; expected an integer 0-{NUM_CLASSES - 1} ({', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))})")
+            continue
+        try:
+            image = _pixels_to_image(pixels)
+        except ValueError as exc:
+            bad(where, f"pixels {exc}")
+            continue
+        images[group].append(image)
+        labels[group].append(int(label))
+        sources[group].append(f"{path.name}#row{row}")
+    groups = {g: _make_split(images[g], labels[g], sources[g]) for g in images if sources[g]}
+    return groups, report
+
+
+def _make_split(images: list[np.ndarray], labels: list[int], sources: list[str]) -> Split:
+    if not sources:
+        return Split.empty()
+    return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kaggle image folders
+
+
+def find_split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The child folder of ``root`` whose name is one of ``names`` (any case), if any."""
+    if not root.is_dir():
+        return None
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and child.name.lower() in names:
+            return child
+    return None
+
+
+def list_folder_split(split_dir: Path, root: Path, bad: BadSamples) -> list[tuple[Path, int]]:
+    """The (file, label) pairs under ``split_dir/<class>/``; unknown class folders are bad input."""
+    files: list[tuple[Path, int]] = []
+    for child in sorted(split_dir.iterdir()):
+        rel = child.relative_to(root)
+        if child.name.startswith("."):
+            bad.report.ignored.append(str(rel))
+            continue
+        if not child.is_dir():
+            bad(str(rel), f"stray file in a split folder; expected only class folders ({', '.join(CLASS_NAMES)})")
+            continue
+        label = class_index(child.name)
+        if label is None:
+            bad(str(rel), f"unknown class folder {child.name!r}; expected one of {', '.join(CLASS_NAMES)} (any case)")
+            continue
+        for entry in sorted(os.scandir(child), key=lambda e: e.name):
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                bad.report.ignored.append(str(path.relative_to(root)))
+            elif not entry.is_file():
+                bad(str(path.relative_to(root)), "is not an image file (a folder inside a class folder)")
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                bad(str(path.relative_to(root)), f"is not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            else:
+                files.append((path, label))
+    return files
+
+
+def _decode(path: Path) -> tuple[np.ndarray | None, str | None, bool, bool]:
+    """Decode one image to 48x48 uint8 gray: (image, error, converted_to_gray, resized)."""
+    try:
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            image.load()
+            converted = image.mode != "L"
+            if converted:
+                image = image.convert("L")
+            resized = image.size != (IMAGE_SIZE, IMAGE_SIZE)
+            if resized:
+                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8), None, converted, resized
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return None, f"cannot be decoded as an image ({type(exc).__name__}: {exc})", False, False
+
+
+def decode_files(files: list[tuple[Path, int]], root: Path, bad: BadSamples, desc: str) -> Split:
+    """Decode image files in parallel threads (PIL releases the GIL while decoding)."""
+    from tqdm.auto import tqdm
+
+    images, labels, sources = [], [], []
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        results = pool.map(_decode, [f for f, _ in files], chunksize=64)
+        for (path, label), (image, error, converted, resized) in tqdm(
+            zip(files, results), total=len(files), desc=f"decoding {desc}", unit="img", leave=False, disable=None
+        ):
+            rel = str(path.relative_to(root))
+            if error is not None:
+                bad(rel, error)
+                continue
+            bad.report.converted_to_gray += converted
+            bad.report.resized += resized
+            images.append(image)
+            labels.append(label)
+            sources.append(rel)
+    return _make_split(images, labels, sources)
+
+
+def read_folders(root: Path, on_bad: str = "error") -> tuple[dict[str, Split], DecodeReport]:
+    """Read the Kaggle layout into groups: train, val (a val/validation folder), and the test folder's
+    files grouped by name prefix into public / private / test (files with neither prefix)."""
+    report = DecodeReport()
+    bad = BadSamples(on_bad, report)
+    train_dir = find_split_dir(root, ("train",))
+    test_dir = find_split_dir(root, ("test",))
+    val_dir = find_split_dir(root, VAL_FOLDER_NAMES)
+    assert train_dir is not None, "read_folders needs a train/ folder; detect_format checks this"
+    listed: dict[str, list[tuple[Path, int]]] = {"train": list_folder_split(train_dir, root, bad)}
+    if val_dir is not None:
+        listed["val"] = list_folder_split(val_dir, root, bad)
+    if test_dir is not None:
+        for path, label in list_folder_split(test_dir, root, bad):
+            group = next((g for prefix, g in TEST_PREFIXES.items() if path.name.startswith(prefix)), "test")
+            listed.setdefault(group, []).append((path, label))
+    groups = {name: decode_files(files, root, bad, name) for name, files in listed.items() if files}
+    return groups, report

@@ -1,0 +1,122 @@
+"""``load_data``: detect the format of a source, decode it once (cached), resolve train/val/test."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from fer_exp.classes import CLASS_NAMES
+from fer_exp.data import cache
+from fer_exp.data.dataset import SPLIT_NAMES, DataError, DecodeReport, FerData, Split
+from fer_exp.data.formats import ON_BAD_CHOICES, find_split_dir, read_csv, read_folders
+from fer_exp.data.synthetic import parse_synthetic_spec, synthetic_split
+
+LAYOUT_HELP = (
+    "Expected one of: the original fer2013.csv (columns emotion,pixels,Usage), a folder holding it, "
+    "the Kaggle image-folder layout (train/<class>/*.jpg and test/<class>/*.jpg, class folders "
+    f"{', '.join(CLASS_NAMES)}), or 'synthetic'."
+)
+
+
+def detect_format(source: str) -> tuple[str, Path | None]:
+    """('synthetic', None), ('csv', file) or ('folder', root); raises DataError otherwise."""
+    if source == "synthetic" or source.startswith("synthetic:"):
+        return "synthetic", None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{source}: no such file or folder. {LAYOUT_HELP}")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"{source}: is a file but not a .csv. {LAYOUT_HELP}")
+        return "csv", path
+    if find_split_dir(path, ("train",)) is not None:
+        return "folder", path
+    csvs = sorted(path.glob("*.csv"))
+    named = [c for c in csvs if c.name.lower() == "fer2013.csv"]
+    if named or len(csvs) == 1:
+        return "csv", (named or csvs)[0]
+    found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+    raise DataError(f"{source}: unknown layout (found {found}). {LAYOUT_HELP}")
+
+
+def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """A stratified, seeded hold-out: (rest, held_out)."""
+    from sklearn.model_selection import train_test_split
+
+    index = torch.arange(len(split))
+    labels = split.labels.numpy()
+    counts = split.class_counts()
+    stratify = labels if min(c for c in counts if c > 0) >= 2 else None
+    keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed, stratify=stratify)
+    keep.sort()
+    held.sort()
+    return split.subset(torch.from_numpy(keep)), split.subset(torch.from_numpy(held))
+
+
+def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed: int) -> tuple[dict[str, Split], str]:
+    """Turn the source's groups into train/val/test and say which rule did it."""
+    if "train" not in groups:
+        where = "Training rows" if fmt == "csv" else "train/ folder"
+        raise DataError(f"the train split is empty: no images in the {where}. {LAYOUT_HELP}")
+    unprefixed = groups.get("test")
+    if "val" in groups:
+        tests = [groups[g] for g in ("public", "private", "test") if g in groups]
+        splits = {"train": groups["train"], "val": groups["val"], "test": Split.concat(tests) if tests else Split.empty()}
+        rule = "train = train/; val = the val/ folder; test = test/"
+    elif "public" in groups and "private" in groups:
+        if unprefixed is not None:
+            raise DataError(
+                f"{unprefixed.sources[0]}: test/ holds PublicTest_* and PrivateTest_* files, and this file has "
+                "neither prefix, so its split cannot be told. Rename or remove it, or pass --on-bad skip."
+            )
+        splits = {"train": groups["train"], "val": groups["public"], "test": groups["private"]}
+        rule = ("train = Training; val = PublicTest; test = PrivateTest" if fmt == "csv" else
+                "train = train/; val = test/PublicTest_*; test = test/PrivateTest_*")
+    else:
+        tests = [groups[g] for g in ("public", "private", "test") if g in groups]
+        train, val = holdout(groups["train"], val_fraction, seed)
+        splits = {"train": train, "val": val, "test": Split.concat(tests) if tests else Split.empty()}
+        test_name = {"csv": "the PublicTest/PrivateTest rows present", "folder": "test/"}[fmt]
+        rule = f"train = {100 - round(val_fraction * 100)}% of train; val = stratified {round(val_fraction * 100)}% hold-out of train (seed {seed}); test = {test_name}"
+    for name in SPLIT_NAMES:
+        if len(splits[name]) == 0:
+            what = "PublicTest/PrivateTest rows" if fmt == "csv" else f"images in {name}/"
+            raise DataError(f"the {name} split is empty (no {what}). {LAYOUT_HELP}")
+    return splits, rule
+
+
+def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction: float = 0.1,
+              use_cache: bool = True) -> FerData:
+    """Load a FER2013 source (a CSV, the Kaggle folders, or ``synthetic[:TRAIN,VAL,TEST]``).
+
+    Decoding happens once per source; later loads read the cache unless the source changed.
+    """
+    if on_bad not in ON_BAD_CHOICES:
+        raise DataError(f"--on-bad must be one of {', '.join(ON_BAD_CHOICES)}, got {on_bad!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    start = time.perf_counter()
+    fmt, path = detect_format(source)
+    if fmt == "synthetic":
+        try:
+            sizes = parse_synthetic_spec(source)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        splits = {name: synthetic_split(n, seed, name) for name, n in sizes.items()}
+        rule = f"synthetic faces drawn per split (seed {seed})"
+        return FerData(**splits, source=source, format=fmt, split_rule=rule,
+                       load_seconds=time.perf_counter() - start)
+
+    key = cache.fingerprint(path, on_bad) if use_cache else None
+    cached = cache.load(key) if key else None
+    if cached is not None:
+        groups, report = cached
+    else:
+        groups, report = read_csv(path, on_bad) if fmt == "csv" else read_folders(path, on_bad)
+        if key:
+            cache.save(key, groups, report)
+    splits, rule = resolve_splits(groups, fmt, val_fraction, seed)
+    return FerData(**splits, source=str(path), format=fmt, split_rule=rule, report=report,
+                   from_cache=cached is not None, load_seconds=time.perf_counter() - start)
