@@ -74,5 +74,62 @@ def data_inspect(source: str, as_json: bool, on_bad: str, seed: int, val_fractio
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+
+class _Optional(click.ParamType):
+    """A config value from the command line; an empty string means 'not given' (MLproject defaults)."""
+
+    def __init__(self, name: str, kind: type):
+        self.name, self.kind = name, kind
+
+    def convert(self, value, param, ctx):
+        return None if value == "" else value  # typed and checked by fer_exp.config.coerce
+
+
+def config_options(command):
+    """One ``--option`` per field of :class:`fer_exp.config.Config`, none of them with a default."""
+    import dataclasses
+
+    from fer_exp.config import CHOICES, TYPES, Config
+
+    for f in reversed(dataclasses.fields(Config)):
+        kind = TYPES[f.name]
+        choices = f" [{'|'.join(map(str, CHOICES[f.name]))}]" if f.name in CHOICES else ""
+        help_text = f"{f.metadata['help']}{choices} (default: {f.default!r})"
+        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=_Optional(kind.__name__, kind),
+                               default=None, help=help_text)(command)
+    return command
+
+
+@main.command()
+@click.option("--config", "config_path", default=None, help="Experiment YAML (e.g. experiments/cnn.yaml); CLI options override it.")
+@config_options
+def train(config_path: str | None, **options) -> None:
+    """Train a model and track the run in MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    from fer_exp.config import ConfigError, load_config
+    from fer_exp.data import DataError
+
+    try:
+        cfg = load_config(config_path or None, options)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    from fer_exp.experiment import run_experiment
+    from fer_exp.models import PretrainedWeightsError
+
+    click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
+    try:
+        summary = run_experiment(cfg)
+    except (DataError, PretrainedWeightsError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    r = summary.result
+    t = r.test_metrics
+    click.echo(
+        f"\nrun {summary.run_id} finished: best epoch {r.best_epoch} ({cfg.select_metric} {r.best_value:.4f}), "
+        f"{r.seconds:.0f} s\n"
+        f"test: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
+        f"per class accuracy: " + "  ".join(f"{c} {t[f'test_acc_{c}']:.3f}" for c in CLASS_NAMES) + "\n"
+        f"tracking: {summary.tracking_uri} (experiment id {summary.experiment_id})\n"
+        f"open the UI: mlflow ui --backend-store-uri {summary.tracking_uri}"
+    )
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,7 +36,10 @@ def fingerprint(source: Path, *extra: str) -> str:
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(Path(entry.path))
                 else:
-                    stat = entry.stat()
+                    try:
+                        stat = entry.stat()
+                    except OSError:  # a broken link: key on the link itself; the reader reports it
+                        stat = entry.stat(follow_symlinks=False)
                     entries.append(f"{os.path.relpath(entry.path, source)}|{stat.st_size}|{stat.st_mtime_ns}")
     for line in sorted(entries):
         digest.update(line.encode())

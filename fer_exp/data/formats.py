@@ -50,9 +50,15 @@ def _pixels_to_image(text: str) -> np.ndarray:
         raise ValueError(f"has {len(values)} pixel values, expected {IMAGE_SIZE * IMAGE_SIZE} (48x48)")
     try:
         array = np.array(values, dtype=np.int32)
-    except ValueError:
-        bad = next(v for v in values if not v.lstrip("-").isdigit())
-        raise ValueError(f"has a non-numeric pixel value {bad!r}; expected integers 0-255") from None
+    except (ValueError, OverflowError):  # OverflowError: a number too large for int32, e.g. 3000000000
+        for value in values:
+            try:
+                number = int(value)
+            except ValueError:
+                raise ValueError(f"has a non-numeric pixel value {value!r}; expected integers 0-255") from None
+            if not 0 <= number <= 255:
+                raise ValueError(f"has a pixel value {value} outside 0-255") from None
+        raise
     if array.min() < 0 or array.max() > 255:
         raise ValueError(f"has pixel values outside 0-255 (min {array.min()}, max {array.max()})")
     return array.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
@@ -139,7 +145,7 @@ def list_folder_split(split_dir: Path, root: Path, bad: BadSamples) -> list[tupl
             if entry.name.startswith("."):
                 bad.report.ignored.append(str(path.relative_to(root)))
             elif not entry.is_file():
-                bad(str(path.relative_to(root)), "is not an image file (a folder inside a class folder)")
+                bad(str(path.relative_to(root)), "is not an image file (a folder or a broken link inside a class folder)")
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 bad(str(path.relative_to(root)), f"is not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
             else:

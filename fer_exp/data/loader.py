@@ -48,8 +48,13 @@ def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     index = torch.arange(len(split))
     labels = split.labels.numpy()
     counts = split.class_counts()
+    if len(split) < 2:
+        raise DataError(f"the train split has {len(split)} image(s); at least 2 are needed to hold out a val split")
     stratify = labels if min(c for c in counts if c > 0) >= 2 else None
-    keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed, stratify=stratify)
+    try:
+        keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few samples for every class to appear on both sides: a plain seeded split
+        keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed)
     keep.sort()
     held.sort()
     return split.subset(torch.from_numpy(keep)), split.subset(torch.from_numpy(held))
@@ -97,6 +102,8 @@ def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction
         raise DataError(f"--on-bad must be one of {', '.join(ON_BAD_CHOICES)}, got {on_bad!r}")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if not 0 <= seed < 2**32:  # numpy/scikit-learn seeds; a negative one would end in a traceback
+        raise DataError(f"seed must be an integer from 0 to 2**32 - 1, got {seed}")
     start = time.perf_counter()
     fmt, path = detect_format(source)
     if fmt == "synthetic":

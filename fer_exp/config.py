@@ -1,0 +1,157 @@
+"""One typed configuration object for a training run: defaults, then an experiment YAML, then CLI.
+
+Every field is a CLI option of ``fer-exp train`` (``--batch-size`` for ``batch_size``) and is logged
+with every run. ``load_config`` validates names, types and choices and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CHOICES: dict[str, tuple] = {
+    "model": ("cnn", "resnet18"),
+    "scheduler": ("cosine", "onecycle", "plateau", "none"),
+    "class_weights": ("balanced", "none"),
+    "amp": ("auto", "bf16", "off"),
+    "select_metric": ("val_accuracy", "val_macro_f1", "val_loss"),
+    "on_bad": ("error", "skip"),
+    "input_size": (112, 224),
+    "freeze_depth": (0, 1, 2, 3, 4, 5),
+}
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class Config:
+    # what to train on what
+    model: str = _f("cnn", "Model: cnn (the custom 584,807-parameter CNN) or resnet18 (timm).")
+    data: str = _f("data/fer2013", "FER2013 source: fer2013.csv, the Kaggle image folders, or 'synthetic[:TRAIN,VAL,TEST]'.")
+    val_fraction: float = _f(0.1, "Size of the stratified val hold-out of train, where the source has no val split.")
+    on_bad: str = _f("error", "Bad samples in the source: 'error' stops, 'skip' skips and reports them.")
+    # model
+    input_size: int = _f(112, "resnet18 input size in pixels (faces are resized on the batch): 112 or 224.")
+    freeze_depth: int = _f(0, "resnet18: freeze the first k of stem, layer1, layer2, layer3, layer4 (0-5).")
+    pretrained: str = _f("none", "resnet18 weights: 'imagenet' (timm hub), 'none', or a PATH to a .safetensors/.pth state dict.")
+    dropout: float = _f(0.3, "Dropout before the CNN's classifier.")
+    # optimisation
+    epochs: int = _f(60, "Maximum number of epochs.")
+    batch_size: int = _f(128, "Training batch size.")
+    lr: float = _f(1e-3, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    scheduler: str = _f("cosine", "LR schedule: cosine (with warmup), onecycle, plateau, none.")
+    warmup_epochs: float = _f(1.0, "Linear warmup length for the cosine schedule, in epochs.")
+    class_weights: str = _f("balanced", "Cross-entropy class weights: balanced (n / (classes * count)) or none.")
+    label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.")
+    early_stopping: int = _f(15, "Stop after this many epochs without improvement of select_metric (0: never).")
+    select_metric: str = _f("val_accuracy", "Validation metric that picks the best epoch: val_accuracy, val_macro_f1, val_loss.")
+    # augmentation, applied to whole batches on the training device
+    aug_flip: float = _f(0.5, "Probability of a horizontal flip.")
+    aug_rotation: float = _f(10.0, "Maximum rotation in degrees (uniform in [-r, r]).")
+    aug_brightness: float = _f(0.2, "Brightness jitter: factor uniform in [1-b, 1+b].")
+    aug_contrast: float = _f(0.2, "Contrast jitter: factor uniform in [1-c, 1+c].")
+    aug_erasing: float = _f(0.25, "Probability of random erasing (a rectangle of 2-33% of the image).")
+    # execution
+    seed: int = _f(42, "Seed for data hold-out, initialisation, shuffling and augmentation.")
+    device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
+    amp: str = _f("auto", "bf16 autocast: auto (where the device runs bf16 natively), bf16, off.")
+    channels_last: bool = _f(False, "Use the channels_last memory format for the model and batches.")
+    eval_batch_size: int = _f(1024, "Batch size for validation and test.")
+    # tracking
+    experiment_name: str = _f("fer2013", "MLflow experiment name.")
+    run_name: str = _f("", "MLflow run name (empty: MLflow picks one).")
+    output_dir: str = _f("outputs", "Local folder for checkpoints (also logged to MLflow).")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """An unknown key, a wrong type or a value out of range in a configuration."""
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TYPES = typing.get_type_hints(Config)
+
+
+def coerce(name: str, value, origin: str):
+    """Check and convert one value to the field's type; ``origin`` says where it came from."""
+    if name not in FIELDS:
+        close = [n for n in FIELDS if n.startswith(name[:3])]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"{origin}: unknown config key {name!r}.{hint} Valid keys: {', '.join(FIELDS)}")
+    kind = TYPES[name]
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = value.lower() in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise TypeError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif kind is str:
+            value = "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {name} must be {kind.__name__}, got {value!r}") from None
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{origin}: {name} must be one of {', '.join(map(str, CHOICES[name]))}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field and range checks."""
+    positive = ("epochs", "batch_size", "eval_batch_size", "lr")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("aug_flip", "aug_erasing", "dropout", "label_smoothing"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
+    for name in ("aug_brightness", "aug_contrast"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.weight_decay < 0 or cfg.aug_rotation < 0 or cfg.warmup_epochs < 0 or cfg.early_stopping < 0:
+        raise ConfigError("weight_decay, aug_rotation, warmup_epochs and early_stopping must not be negative")
+    if cfg.model == "cnn" and (cfg.pretrained != "none" or cfg.freeze_depth != 0):
+        raise ConfigError("pretrained and freeze_depth apply to resnet18 only; for model cnn leave them at none and 0")
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (experiment files live in experiments/, e.g. experiments/cnn.yaml)")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys to values, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then the experiment YAML (if any), then ``overrides`` (CLI options; None = not given)."""
+    values: dict = {}
+    if yaml_path:
+        values.update({k: coerce(k, v, str(yaml_path)) for k, v in read_yaml(yaml_path).items()})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = coerce(key, value, f"option --{key.replace('_', '-')}")
+    return validate(Config(**values))

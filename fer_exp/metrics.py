@@ -1,0 +1,59 @@
+"""Classification metrics (scikit-learn) and the confusion-matrix figure."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
+
+from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
+
+LABELS = list(range(NUM_CLASSES))
+
+
+def classification_metrics(labels, predictions, prefix: str = "") -> dict[str, float]:
+    """Accuracy, macro/weighted precision, recall and F1, and per-class accuracy (= recall)."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    out = {"accuracy": accuracy_score(labels, predictions)}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=average, zero_division=0)
+        out |= {f"{average}_precision": p, f"{average}_recall": r, f"{average}_f1": f}
+    _, recall, f1, _ = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=None, zero_division=0)
+    out |= {f"acc_{name}": recall[i] for i, name in enumerate(CLASS_NAMES)}
+    out |= {f"f1_{name}": f1[i] for i, name in enumerate(CLASS_NAMES)}
+    return {f"{prefix}{k}": float(v) for k, v in out.items()}
+
+
+def per_class_table(labels, predictions) -> dict[str, list]:
+    """Per-class precision, recall, F1, support and accuracy, as columns (for ``mlflow.log_table``)."""
+    p, r, f, s = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=None, zero_division=0)
+    return {"class": list(CLASS_NAMES), "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(),
+            "support": s.tolist(), "accuracy": r.tolist()}
+
+
+def report_text(labels, predictions) -> str:
+    return classification_report(labels, predictions, labels=LABELS, target_names=list(CLASS_NAMES), digits=4, zero_division=0)
+
+
+def confusion_figure(labels, predictions, title: str = "Confusion matrix"):
+    """Side-by-side counts and row-normalised (recall) confusion matrices, as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    counts = confusion_matrix(labels, predictions, labels=LABELS)
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), constrained_layout=True)
+    for ax, matrix, name, fmt in ((axes[0], counts, "counts", "d"), (axes[1], normalised, "row-normalised", ".2f")):
+        image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=matrix.max() or 1)
+        ax.set(xticks=LABELS, yticks=LABELS, xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
+               xlabel="predicted", ylabel="true", title=f"{title} ({name})")
+        ax.tick_params(axis="x", rotation=45)
+        threshold = matrix.max() / 2 if matrix.max() else 1
+        for i in LABELS:
+            for j in LABELS:
+                ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=9,
+                        color="white" if matrix[i, j] > threshold else "black")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig

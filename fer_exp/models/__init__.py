@@ -1,0 +1,45 @@
+"""Model zoo: every model maps (N, 1, 48, 48) pixels in [0, 1] to (N, num_classes) logits.
+
+Each model normalises its own input, so callers only divide uint8 pixels by 255.
+"""
+
+from torch import nn
+
+from fer_exp.classes import NUM_CLASSES
+from fer_exp.models.cnn import FerCNN
+from fer_exp.models.resnet import PretrainedWeightsError, TimmResNet18
+
+MODEL_NAMES = ("cnn", "resnet18")
+
+__all__ = ["MODEL_NAMES", "FerCNN", "PretrainedWeightsError", "TimmResNet18", "build_model", "count_parameters"]
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = NUM_CLASSES,
+    input_size: int = 112,
+    freeze_depth: int = 0,
+    pretrained: str = "none",
+    dropout: float = 0.3,
+) -> nn.Module:
+    """Build a model by name. For "cnn", input_size and freeze_depth are ignored (it runs at 48x48)."""
+    if name == "cnn":
+        if (pretrained or "none").strip().lower() != "none":
+            raise ValueError(f"pretrained={pretrained!r}: pretrained weights only apply to resnet18, not cnn")
+        return FerCNN(num_classes=num_classes, dropout=dropout)
+    if name == "resnet18":
+        return TimmResNet18(
+            num_classes=num_classes,
+            input_size=input_size,
+            freeze_depth=freeze_depth,
+            pretrained=pretrained,
+            dropout=dropout,
+        )
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

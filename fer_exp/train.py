@@ -1,0 +1,279 @@
+"""The training loop: in-memory uint8 batches, batch augmentation on the device, AdamW, LR schedule,
+class-weighted cross-entropy, bf16 autocast where native, early stopping, best-on-val checkpoints.
+
+The loop knows nothing of MLflow or Optuna: they plug in as :class:`Callback` objects.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fer_exp.augment import BatchAugment, to_float
+from fer_exp.classes import NUM_CLASSES
+from fer_exp.config import Config
+from fer_exp.data import FerData, Split
+from fer_exp.metrics import classification_metrics
+from fer_exp.models import build_model
+
+
+class Callback:
+    """Hooks into :meth:`Trainer.fit`. Raise from a hook to stop training (e.g. a pruned trial)."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, trainer: "Trainer", result: "FitResult") -> None: ...
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_value: float
+    history: list[dict[str, float]]
+    test_metrics: dict[str, float]
+    test_probabilities: np.ndarray
+    best_checkpoint: Path
+    last_checkpoint: Path
+    stopped_early: bool
+    seconds: float
+    extras: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device auto or cpu")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
+
+
+def class_weight_tensor(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """scikit-learn's 'balanced' weights, n / (classes * count); absent classes get weight 0."""
+    if mode == "none":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels.numpy())
+    weights = np.zeros(NUM_CLASSES, dtype=np.float32)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels.numpy()) * len(present) / NUM_CLASSES
+    return torch.from_numpy(weights)
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """(scheduler, steps per call): 'step' schedulers advance every batch, 'epoch' ones every epoch."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.scheduler == "cosine":
+        warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=cfg.lr * 0.01)
+        if warmup <= 0:
+            return cosine, "step"
+        linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup]), "step"
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total), "step"
+    if cfg.scheduler == "plateau":
+        mode = "min" if cfg.select_metric == "val_loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=3), "epoch"
+    return None, "none"
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:  # fused kernels where this torch has them for the device, else the foreach path
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``data``; ``fit()`` runs the epochs and the final test evaluation."""
+
+    def __init__(self, cfg: Config, data: FerData, checkpoint_dir: str | Path, callbacks=(), progress: bool = True):
+        self.cfg, self.data, self.callbacks, self.progress = cfg, data, list(callbacks), progress
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = build_model(cfg.model, num_classes=NUM_CLASSES, input_size=cfg.input_size,
+                                 freeze_depth=cfg.freeze_depth, pretrained=cfg.pretrained, dropout=cfg.dropout)
+        self.model.to(self.device, memory_format=self.memory_format)
+        # the whole dataset lives on the training device as uint8
+        self.splits = {name: (split.images.to(self.device), split.labels.to(self.device))
+                       for name, split in data.splits().items()}
+        weights = class_weight_tensor(data.train.labels, cfg.class_weights)
+        self.class_weights = None if weights is None else weights.to(self.device)
+        self.augment = BatchAugment.from_config(cfg)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scheduler, self.schedule_unit = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.should_stop = False  # a callback may set it to end training after the current epoch
+
+    # -- one pass -------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on a uint8 batch; returns (loss, number correct) as device tensors."""
+        x = self.augment(images, self.generator).contiguous(memory_format=self.memory_format)
+        with self.autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
+                                   label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.schedule_unit == "step":
+            self.scheduler.step()
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    def train_epoch(self, max_batches: int | None = None) -> dict[str, float]:
+        """One epoch (or its first ``max_batches`` batches) over a fresh seeded shuffle of train."""
+        self.model.train()
+        images, labels = self.splits["train"]
+        n = images.shape[0]
+        order = torch.randperm(n, device=self.device, generator=self.generator)
+        steps = self.steps_per_epoch if max_batches is None else min(max_batches, self.steps_per_epoch)
+        batch = min(self.cfg.batch_size, n)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        start = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="batch",
+                   leave=False, disable=not self.progress or None)
+        for step in bar:
+            index = order[step * batch:(step + 1) * batch]
+            loss, hits = self.train_step(images[index], labels[index])
+            loss_sum += loss
+            correct += hits
+            if step % 20 == 19 or step == steps - 1:
+                bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", acc=f"{correct.item() / ((step + 1) * batch):.3f}")
+        seen = steps * batch
+        seconds = time.perf_counter() - start
+        return {"train_loss": loss_sum.item() / steps, "train_accuracy": correct.item() / seen,
+                "epoch_seconds": seconds, "train_images_per_second": seen / seconds}
+
+    @torch.no_grad()
+    def predict(self, split: str) -> tuple[float, np.ndarray]:
+        """(mean cross-entropy, class probabilities (N, 7)) for one split, in eval mode."""
+        self.model.eval()
+        images, labels = self.splits[split]
+        loss_sum, probabilities = 0.0, []
+        for start in range(0, images.shape[0], self.cfg.eval_batch_size):
+            x = to_float(images[start:start + self.cfg.eval_batch_size]).contiguous(memory_format=self.memory_format)
+            y = labels[start:start + self.cfg.eval_batch_size]
+            with self.autocast():
+                logits = self.model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            probabilities.append(logits.softmax(1).cpu())
+        return loss_sum / images.shape[0], torch.cat(probabilities).numpy()
+
+    def evaluate(self, split: str) -> tuple[dict[str, float], np.ndarray]:
+        loss, probabilities = self.predict(split)
+        metrics = classification_metrics(self.data.splits()[split].labels.numpy(), probabilities.argmax(1), prefix=f"{split}_")
+        metrics[f"{split}_loss"] = loss
+        return metrics, probabilities
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state(self, best_value: float) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "epoch": self.epoch, "best_value": best_value, "history": self.history,
+                "config": self.cfg.to_dict(), "rng": self.generator.get_state()}
+
+    def save(self, name: str, best_value: float) -> Path:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"{name}.pt"
+        torch.save(self.state(best_value), path)
+        return path
+
+    # -- the run -------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        minimise = cfg.select_metric == "val_loss"
+        best_value, best_epoch, stale = (math.inf if minimise else -math.inf), 0, 0
+        best_path = last_path = None
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        for epoch in range(cfg.epochs):
+            self.epoch = epoch + 1
+            metrics = self.train_epoch()
+            val_metrics, _ = self.evaluate("val")
+            metrics |= {k: val_metrics[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")}
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            value = metrics[cfg.select_metric]
+            if self.schedule_unit == "epoch":
+                self.scheduler.step(value)
+            self.history.append({"epoch": self.epoch, **metrics})
+            improved = value < best_value if minimise else value > best_value
+            if improved:
+                best_value, best_epoch, stale = value, self.epoch, 0
+                best_path = self.save("best", best_value)
+            else:
+                stale += 1
+            last_path = self.save("last", best_value)
+            if self.progress:
+                tqdm.write(f"epoch {self.epoch:3d}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
+                           f"train_acc {metrics['train_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                           f"val_acc {metrics['val_accuracy']:.4f}  val_f1 {metrics['val_macro_f1']:.4f}  "
+                           f"{metrics['epoch_seconds']:.1f}s{'  *' if improved else ''}")
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, self.epoch, metrics)
+            if cfg.early_stopping and stale >= cfg.early_stopping:
+                self.should_stop = True
+            if self.should_stop:
+                break
+        # the best epoch, evaluated once on test
+        self.model.load_state_dict(torch.load(best_path, map_location=self.device, weights_only=True)["model"])
+        test_metrics, test_probabilities = self.evaluate("test")
+        result = FitResult(best_epoch, best_value, self.history, test_metrics, test_probabilities, best_path,
+                           last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, result)
+        return result
