@@ -67,7 +67,9 @@ class MLflowCallback(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         cfg, data = trainer.cfg, trainer.data
         trainable, total = count_parameters(trainer.model)
-        mlflow.log_params(cfg.to_dict())
+        # `mlflow run` logs its own -P values under the plain names (an empty one means "not given"),
+        # and MLflow never lets a param change, so the resolved config lives under `config.*`.
+        mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
         mlflow.set_tags({
             "model": cfg.model, "num_params": total, "num_params_trainable": trainable,
             "data_source": data.source, "data_format": data.format, "split_rule": data.split_rule,

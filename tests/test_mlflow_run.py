@@ -1,0 +1,120 @@
+"""End to end: `mlflow run . -P model=cnn` on synthetic data into a fresh sqlite store, read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+TEST_METRICS = ["test_accuracy", "test_macro_f1", "test_weighted_f1", "test_macro_precision", "test_macro_recall",
+                *(f"test_acc_{c}" for c in CLASSES)]
+EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
+ARTIFACTS = ["confusion_matrix.png", "per_class_metrics.json", "classification_report.txt", "config.yaml",
+             "test_predictions.csv", "checkpoints/best.pt", "checkpoints/last.pt"]
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env["FER_EXP_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python first
+    return env
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One `mlflow run` shared by the tests below (it takes about a minute on 2 CPU cores)."""
+    tmp = tmp_path_factory.mktemp("mlflow_run")
+    env = _env(tmp)
+    mlflow_cli = [sys.executable, "-m", "mlflow"]
+    cmd = [*mlflow_cli, "run", str(REPO), "-P", "model=cnn", "-P", "data=synthetic:320,64,64", "-P", "epochs=1",
+           "-P", "batch_size=64", "--env-manager", "local", "--experiment-name", "e2e"]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    yield client, runs[0], tmp, env, proc.stdout + proc.stderr
+    shutil.rmtree(REPO / "outputs" / runs[0].info.run_id, ignore_errors=True)
+
+
+def test_run_finished_with_metrics_in_range(finished_run):
+    client, run, *_ = finished_run
+    assert run.info.status == "FINISHED"
+    for name in TEST_METRICS:
+        assert name in run.data.metrics, name
+        assert 0.0 <= run.data.metrics[name] <= 1.0, (name, run.data.metrics[name])
+    for name in EPOCH_METRICS:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [1], name
+    assert run.data.metrics["train_loss"] > 0 and run.data.metrics["val_loss"] > 0
+    assert 0 < run.data.metrics["lr"] <= 1e-3
+
+
+def test_params_and_tags(finished_run):
+    _, run, *_ = finished_run
+    params, tags = run.data.params, run.data.tags
+    assert params["config.model"] == "cnn" and params["config.epochs"] == "1" and params["config.batch_size"] == "64"
+    assert params["config.data"] == "synthetic:320,64,64"
+    assert params["config.lr"] == "0.001"  # not given: the default
+    assert tags["model"] == "cnn" and tags["num_params"] == "584807" and tags["num_params_trainable"] == "584807"
+    assert tags["data_format"] == "synthetic" and tags["train_size"] == "320" and tags["test_size"] == "64"
+    assert tags["device"] == "cpu" and tags["torch_version"] and tags["timm_version"]
+
+
+def test_artifacts(finished_run):
+    client, run, tmp, *_ = finished_run
+    import pandas as pd
+    import torch
+    import yaml
+
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp / "artifacts")))
+    for name in ARTIFACTS:
+        assert (local / name).is_file(), name
+    assert (local / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((local / "per_class_metrics.json").read_text())
+    assert [row[0] for row in table["data"]] == list(CLASSES)
+    assert "disgust" in (local / "classification_report.txt").read_text()
+    assert yaml.safe_load((local / "config.yaml").read_text())["data"] == "synthetic:320,64,64"
+    predictions = pd.read_csv(local / "test_predictions.csv")
+    assert len(predictions) == 64
+    assert list(predictions.columns[:3]) == ["source", "label", "prediction"]
+    probs = predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    assert abs(probs.sum(axis=1) - 1).max() < 1e-4
+    assert (probs.argmax(axis=1) == predictions["prediction"].to_numpy()).all()
+    checkpoint = torch.load(local / "checkpoints" / "best.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["model"] == "cnn"
+
+
+def test_model_is_logged_for_the_run(finished_run):
+    client, run, *_ = finished_run
+    # MLflow 3 keeps models as logged models linked to the run, not as run artifacts
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [(m.name, m.source_run_id) for m in models] == [("model", run.info.run_id)]
+
+
+def test_logged_model_loads_in_a_fresh_process(finished_run):
+    _, run, tmp, env, _ = finished_run
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        f"model = mlflow.pyfunc.load_model('runs:/{run.info.run_id}/model')\n"
+        "for n in (1, 5):\n"
+        "    x = np.random.default_rng(0).integers(0, 256, (n, 1, 48, 48)).astype(np.float32)\n"
+        "    p = np.asarray(model.predict(x))\n"
+        "    assert p.shape == (n, 7), p.shape\n"
+        "    assert np.allclose(p.sum(1), 1, atol=1e-4) and (p >= 0).all()\n"
+        "print('OK')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
