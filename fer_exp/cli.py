@@ -118,7 +118,7 @@ def train(config_path: str | None, **options) -> None:
     click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
     try:
         summary = run_experiment(cfg)
-    except (DataError, PretrainedWeightsError, ValueError) as exc:
+    except (DataError, PretrainedWeightsError, ConfigError) as exc:
         raise UserError(str(exc)) from None
     r = summary.result
     t = r.test_metrics

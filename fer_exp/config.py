@@ -7,6 +7,8 @@ with every run. ``load_config`` validates names, types and choices and says what
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +88,10 @@ TYPES = typing.get_type_hints(Config)
 
 def coerce(name: str, value, origin: str):
     """Check and convert one value to the field's type; ``origin`` says where it came from."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{origin}: config keys must be names, got {name!r} (quote it in YAML)")
     if name not in FIELDS:
-        close = [n for n in FIELDS if n.startswith(name[:3])]
+        close = difflib.get_close_matches(name, FIELDS, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"{origin}: unknown config key {name!r}.{hint} Valid keys: {', '.join(FIELDS)}")
     kind = TYPES[name]
@@ -105,6 +109,8 @@ def coerce(name: str, value, origin: str):
             if isinstance(value, bool):
                 raise TypeError
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError
         elif kind is str:
             value = "" if value is None else str(value)
     except (TypeError, ValueError):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fer_exp.augment import BatchAugment, to_float
 from fer_exp.classes import NUM_CLASSES
-from fer_exp.config import Config
+from fer_exp.config import Config, ConfigError
 from fer_exp.data import FerData, Split
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
@@ -64,7 +64,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device auto or cpu")
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device auto or cpu")
     return device
 
 
@@ -154,6 +154,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.should_stop = False  # a callback may set it to end training after the current epoch
+        self.created, self.first_step_seconds = time.perf_counter(), None
 
     # -- one pass -------------------------------------------------------------------------------
     def autocast(self):
@@ -161,7 +162,11 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on a uint8 batch; returns (loss, number correct) as device tensors."""
-        x = self.augment(images, self.generator).contiguous(memory_format=self.memory_format)
+        return self.optimize(self.augment(images, self.generator), labels)
+
+    def optimize(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model step alone: forward, weighted loss, backward, AdamW, schedule, on a float batch."""
+        x = x.contiguous(memory_format=self.memory_format)
         with self.autocast():
             logits = self.model(x)
             loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
@@ -191,6 +196,10 @@ class Trainer:
             loss, hits = self.train_step(images[index], labels[index])
             loss_sum += loss
             correct += hits
+            if self.first_step_seconds is None:
+                self.first_step_seconds = time.perf_counter() - self.created
+                if self.progress:
+                    tqdm.write(f"first training step done {self.first_step_seconds:.2f} s after the trainer was built")
             if step % 20 == 19 or step == steps - 1:
                 bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", acc=f"{correct.item() / ((step + 1) * batch):.3f}")
         seen = steps * batch
@@ -235,6 +244,7 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         cfg = self.cfg
+        seed_everything(cfg.seed)  # dropout draws from the global generator: same seed, same run
         start = time.perf_counter()
         minimise = cfg.select_metric == "val_loss"
         best_value, best_epoch, stale = (math.inf if minimise else -math.inf), 0, 0
@@ -251,7 +261,8 @@ class Trainer:
             if self.schedule_unit == "epoch":
                 self.scheduler.step(value)
             self.history.append({"epoch": self.epoch, **metrics})
-            improved = value < best_value if minimise else value > best_value
+            # the first epoch always counts, so a run whose metric is NaN throughout still has a best
+            improved = best_path is None or (value < best_value if minimise else value > best_value)
             if improved:
                 best_value, best_epoch, stale = value, self.epoch, 0
                 best_path = self.save("best", best_value)

@@ -1,0 +1,613 @@
+"""fer_exp.train (the loop, schedules, checkpoints, callbacks) and fer_exp.metrics, plus `fer-exp train` errors.
+
+Every training here is tiny (synthetic faces, 1-3 batches an epoch, CPU). Control-flow tests (early
+stopping, best-epoch selection, callbacks that stop or raise) use ``ScriptedTrainer``, which skips the
+optimisation and reads its validation metrics from a script, so that the outcome is known in advance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+)
+from sklearn.utils.class_weight import compute_class_weight
+
+from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
+from fer_exp.config import load_config
+from fer_exp.data import load_data
+from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table
+from fer_exp.train import (
+    Callback,
+    FitResult,
+    Trainer,
+    class_weight_tensor,
+    cpu_has_native_bf16,
+    make_scheduler,
+    resolve_amp,
+    resolve_device,
+)
+
+DATA = "synthetic:96,32,32"
+SMALL = "synthetic:32,16,16"
+EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr")
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config"}
+TIMING_KEYS = ("epoch_seconds", "train_images_per_second")
+
+
+def config(**overrides):
+    base = dict(data=DATA, epochs=2, batch_size=32, device="cpu", amp="off", early_stopping=0)
+    return load_config(overrides={**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(DATA)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return load_data(SMALL)
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_fit_start(self, trainer):
+        self.events.append(("start", trainer))
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        self.events.append(("epoch", epoch, dict(metrics)))
+
+    def on_fit_end(self, trainer, result):
+        self.events.append(("end", result))
+
+    def kinds(self):
+        return [e[0] for e in self.events]
+
+
+class ScriptedTrainer(Trainer):
+    """No optimisation; epoch k's validation metrics are ``script[k - 1]``; test is evaluated for real."""
+
+    def __init__(self, *args, script, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.script = script
+
+    def train_epoch(self, max_batches=None):
+        return {"train_loss": 1.0, "train_accuracy": 0.5, "epoch_seconds": 0.0, "train_images_per_second": 0.0}
+
+    def evaluate(self, split):
+        if split != "val":
+            return super().evaluate(split)
+        row = self.script[self.epoch - 1]
+        return {"val_loss": row.get("loss", 1.0), "val_accuracy": row.get("acc", 0.5),
+                "val_macro_f1": row.get("f1", 0.5)}, None
+
+
+def scripted(small, tmp_path, script, callbacks=(), **overrides):
+    cfg = config(data=SMALL, batch_size=16, epochs=len(script), **overrides)
+    return ScriptedTrainer(cfg, small, tmp_path, callbacks=callbacks, progress=False, script=script)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ================================================================ metrics
+
+LABELS = [0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 6, 6, 6]
+PREDS = [0, 0, 2, 1, 2, 6, 3, 3, 4, 3, 4, 0, 5, 3, 6, 6, 2]
+
+
+def test_classification_metrics_match_sklearn():
+    m = classification_metrics(LABELS, PREDS)
+    labels = list(range(NUM_CLASSES))
+    assert m["accuracy"] == pytest.approx(accuracy_score(LABELS, PREDS)) == pytest.approx(11 / 17)
+    for average in ("macro", "weighted"):
+        kw = dict(labels=labels, average=average, zero_division=0)
+        assert m[f"{average}_precision"] == pytest.approx(precision_score(LABELS, PREDS, **kw))
+        assert m[f"{average}_recall"] == pytest.approx(recall_score(LABELS, PREDS, **kw))
+        assert m[f"{average}_f1"] == pytest.approx(f1_score(LABELS, PREDS, **kw))
+    recall = recall_score(LABELS, PREDS, labels=labels, average=None, zero_division=0)
+    f1 = f1_score(LABELS, PREDS, labels=labels, average=None, zero_division=0)
+    for i, name in enumerate(CLASS_NAMES):
+        assert m[f"acc_{name}"] == pytest.approx(recall[i])  # per-class accuracy is recall
+        assert m[f"f1_{name}"] == pytest.approx(f1[i])
+    assert m["acc_angry"] == pytest.approx(2 / 3) and m["acc_disgust"] == 1.0 and m["acc_happy"] == 0.75
+    assert all(type(v) is float for v in m.values())
+
+
+def test_classification_metrics_prefix_and_range():
+    m = classification_metrics(np.array(LABELS), np.array(PREDS), prefix="val_")
+    assert set(m) == {f"val_{k}" for k in classification_metrics(LABELS, PREDS)}
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+    perfect = classification_metrics(LABELS, LABELS)
+    assert perfect["accuracy"] == perfect["macro_f1"] == perfect["weighted_f1"] == 1.0
+
+
+def test_per_class_table_has_seven_rows():
+    table = per_class_table(LABELS, PREDS)
+    assert set(table) == {"class", "precision", "recall", "f1", "support", "accuracy"}
+    assert all(len(column) == NUM_CLASSES for column in table.values())
+    assert table["class"] == list(CLASS_NAMES)
+    assert table["accuracy"] == table["recall"]
+    p, r, f, s = precision_recall_fscore_support(LABELS, PREDS, labels=list(range(NUM_CLASSES)), zero_division=0)
+    assert table["support"] == s.tolist() and sum(table["support"]) == len(LABELS)
+    np.testing.assert_allclose(table["precision"], p)
+    np.testing.assert_allclose(table["f1"], f)
+
+
+def test_confusion_figure_two_matrix_axes():
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(LABELS, PREDS, title="T")
+    try:
+        assert isinstance(fig, matplotlib.figure.Figure)
+        matrices = [ax for ax in fig.axes if ax.images]  # the other axes are the two colorbars
+        assert len(matrices) == 2
+        assert [ax.get_title() for ax in matrices] == ["T (counts)", "T (row-normalised)"]
+        counts = np.asarray(matrices[0].images[0].get_array())
+        np.testing.assert_array_equal(counts, confusion_matrix(LABELS, PREDS, labels=list(range(NUM_CLASSES))))
+        normalised = np.asarray(matrices[1].images[0].get_array())
+        np.testing.assert_allclose(normalised.sum(axis=1), np.ones(NUM_CLASSES))
+        assert [t.get_text() for t in matrices[0].get_xticklabels()] == list(CLASS_NAMES)
+    finally:
+        plt.close(fig)
+
+
+# ================================================================ class weights
+
+def test_balanced_class_weights_equal_sklearn_when_all_present():
+    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 5 + [3] * 20 + [4] * 7 + [5] * 3 + [6] * 9)
+    weights = class_weight_tensor(labels, "balanced")
+    assert weights.shape == (NUM_CLASSES,) and weights.dtype == torch.float32
+    expected = compute_class_weight("balanced", classes=np.arange(NUM_CLASSES), y=labels.numpy())
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
+
+
+def test_balanced_class_weights_zero_for_absent_classes():
+    labels = torch.tensor([0] * 6 + [2] * 3 + [3] * 12)
+    weights = class_weight_tensor(labels, "balanced")
+    assert weights[[1, 4, 5, 6]].tolist() == [0.0] * 4
+    n = len(labels)  # the documented n / (classes * count), classes = 7
+    np.testing.assert_allclose(weights[[0, 2, 3]].numpy(), [n / (7 * 6), n / (7 * 3), n / (7 * 12)], rtol=1e-6)
+
+
+def test_class_weights_none():
+    assert class_weight_tensor(torch.tensor([0, 1, 2]), "none") is None
+
+
+# ================================================================ schedules
+
+def run_schedule(scheduler, epochs=3, steps=10, lr=0.01, **overrides):
+    cfg = load_config(overrides=dict(scheduler=scheduler, epochs=epochs, lr=lr, **overrides))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched, unit = make_scheduler(cfg, optimizer, steps)
+    lrs = [optimizer.param_groups[0]["lr"]]  # lrs[i] is the LR of optimisation step i + 1
+    if unit == "step":
+        for _ in range(epochs * steps):
+            optimizer.step()
+            sched.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+    return sched, unit, lrs, optimizer
+
+
+def test_cosine_with_warmup():
+    lr = 0.01
+    _, unit, lrs, _ = run_schedule("cosine", warmup_epochs=1)
+    assert unit == "step"
+    assert lrs[0] == pytest.approx(0.01 * lr)  # warmup starts at 1% of lr ...
+    assert all(b > a for a, b in zip(lrs[:10], lrs[1:11]))  # ... rises ...
+    assert lrs[10] == pytest.approx(lr) and max(lrs) == pytest.approx(lr)  # ... to lr after one epoch
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # then cosine decay ...
+    assert lrs[30] == pytest.approx(0.01 * lr)  # ... to 1% of lr
+    assert lrs[29] < 0.02 * lr and min(lrs) >= 0.01 * lr - 1e-12
+    assert lrs[20] == pytest.approx((lr + 0.01 * lr) / 2, rel=1e-3)  # half way through the cosine
+
+
+def test_cosine_without_warmup_and_with_too_long_warmup():
+    lr = 0.01
+    _, _, lrs, _ = run_schedule("cosine", warmup_epochs=0)
+    assert lrs[0] == pytest.approx(lr)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.01 * lr)
+    _, _, lrs, _ = run_schedule("cosine", warmup_epochs=0.5)
+    assert lrs[0] == pytest.approx(0.01 * lr) and lrs[5] == pytest.approx(lr)
+    _, _, lrs, _ = run_schedule("cosine", warmup_epochs=10)  # longer than training: clipped, no error
+    assert lrs[0] == pytest.approx(0.01 * lr) and max(lrs) == pytest.approx(lr)
+    _, _, lrs, _ = run_schedule("cosine", epochs=1, steps=1)  # a single step
+    assert lrs[0] == pytest.approx(lr)
+
+
+def test_onecycle_peaks_at_lr():
+    lr, total = 0.01, 30
+    _, unit, lrs, _ = run_schedule("onecycle")
+    assert unit == "step"
+    used = lrs[:total]  # the LR of each of the total optimisation steps
+    assert max(used) == pytest.approx(lr)
+    peak = int(np.argmax(used))
+    assert 0.2 * total <= peak <= 0.4 * total
+    assert used[0] == pytest.approx(lr / 25)
+    assert used[-1] < lr / 1000
+    assert all(b >= a for a, b in zip(used[:peak], used[1:peak + 1]))
+    assert all(b <= a for a, b in zip(used[peak:], used[peak + 1:]))
+
+
+@pytest.mark.parametrize("select, mode", [("val_loss", "min"), ("val_accuracy", "max"), ("val_macro_f1", "max")])
+def test_plateau_is_per_epoch_and_follows_select_metric(select, mode):
+    sched, unit, lrs, optimizer = run_schedule("plateau", select_metric=select)
+    assert unit == "epoch" and lrs == [0.01]
+    assert sched.mode == mode
+    for epoch in range(4):  # the first value, then 3 without improvement (patience 3)
+        sched.step(0.5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    sched.step(0.5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    better = 0.1 if mode == "min" else 0.9
+    for _ in range(4):
+        sched.step(better)
+        better = better - 0.1 if mode == "min" else better + 0.01
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_no_scheduler():
+    sched, unit, lrs, _ = run_schedule("none")
+    assert sched is None and unit == "none" and lrs == [0.01]
+
+
+# ================================================================ device and precision
+
+def test_resolve_device_auto_is_cpu_here():
+    if torch.cuda.is_available() or (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        pytest.skip("an accelerator is available")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:1"])
+def test_resolve_device_cuda_without_cuda(name):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device(name)
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_amp("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert resolve_amp("off", torch.device("cuda")) is None
+    assert resolve_amp("auto", torch.device("mps")) is None
+
+
+# ================================================================ end to end
+
+@pytest.fixture(scope="module")
+def fitted(data, tmp_path_factory):
+    """One real 2-epoch run (3 batches an epoch) on synthetic:96,32,32, with a recording callback."""
+    folder = tmp_path_factory.mktemp("fit")
+    cfg = config()
+    recorder = Recorder()
+    trainer = Trainer(cfg, data, folder, callbacks=[recorder], progress=False)
+    result = trainer.fit()
+    return cfg, trainer, result, recorder, folder
+
+
+def test_fit_result_and_history(fitted):
+    cfg, trainer, result, _, _ = fitted
+    assert isinstance(result, FitResult)
+    assert len(result.history) == cfg.epochs == 2
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history is trainer.history
+    for h in result.history:
+        for key in ("train_accuracy", "val_accuracy", "val_macro_f1"):
+            assert 0.0 <= h[key] <= 1.0, key
+        for key in ("train_loss", "val_loss"):
+            assert math.isfinite(h[key]) and h[key] > 0, key
+        assert h["lr"] > 0 and h["epoch_seconds"] > 0 and h["train_images_per_second"] > 0
+    assert not result.stopped_early
+    assert result.seconds > 0
+
+
+def test_fit_lr_follows_the_schedule(fitted):
+    cfg, trainer, result, _, _ = fitted
+    assert trainer.steps_per_epoch == 3
+    # the LR after each epoch: warmup (1 epoch) ends at lr, cosine ends at 1% of lr
+    assert result.history[0]["lr"] == pytest.approx(cfg.lr)
+    assert result.history[1]["lr"] == pytest.approx(0.01 * cfg.lr)
+
+
+def test_fit_best_epoch_is_first_max_of_val_accuracy(fitted):
+    _, _, result, _, _ = fitted
+    values = [h["val_accuracy"] for h in result.history]
+    assert result.best_epoch == 1 + int(np.argmax(values))
+    assert result.best_value == max(values)
+
+
+def test_checkpoints(fitted, data):
+    cfg, trainer, result, _, folder = fitted
+    assert result.best_checkpoint == folder / "best.pt" and result.last_checkpoint == folder / "last.pt"
+    best, last = load_checkpoint(folder / "best.pt"), load_checkpoint(folder / "last.pt")
+    for ckpt in (best, last):
+        assert CHECKPOINT_KEYS <= set(ckpt)
+        assert ckpt["config"] == cfg.to_dict()
+        assert ckpt["scheduler"] is not None
+    assert last["epoch"] == 2 and best["epoch"] == result.best_epoch
+    assert best["best_value"] == result.best_value
+    # the returned model holds the best weights (it was evaluated on test with them)
+    assert same_weights(trainer.model.state_dict(), best["model"])
+    # a fresh trainer can resume from last.pt
+    fresh = Trainer(cfg, data, folder / "fresh", progress=False)
+    fresh.model.load_state_dict(last["model"])
+    fresh.optimizer.load_state_dict(last["optimizer"])
+    fresh.scheduler.load_state_dict(last["scheduler"])
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(result.history[-1]["lr"])
+    fresh.generator.set_state(last["rng"])
+
+
+def test_test_metrics_and_probabilities(fitted, data):
+    _, _, result, _, _ = fitted
+    t = result.test_metrics
+    for key in ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_macro_precision", "test_macro_recall",
+                *(f"test_acc_{c}" for c in CLASS_NAMES)):
+        assert 0.0 <= t[key] <= 1.0, key
+    assert math.isfinite(t["test_loss"]) and t["test_loss"] > 0
+    p = result.test_probabilities
+    assert p.shape == (32, NUM_CLASSES)
+    assert (p >= 0).all()
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert t["test_accuracy"] == pytest.approx(float((p.argmax(1) == data.test.labels.numpy()).mean()))
+
+
+def test_recording_callback(fitted):
+    cfg, trainer, result, recorder, _ = fitted
+    assert recorder.kinds() == ["start", "epoch", "epoch", "end"]
+    assert recorder.events[0][1] is trainer
+    epochs = [e for e in recorder.events if e[0] == "epoch"]
+    assert [e[1] for e in epochs] == [1, 2]
+    for (_, epoch, metrics), h in zip(epochs, result.history):
+        assert set(EPOCH_KEYS) <= set(metrics)
+        assert {k: metrics[k] for k in EPOCH_KEYS} == {k: h[k] for k in EPOCH_KEYS}
+    assert recorder.events[-1][1] is result
+
+
+# ================================================================ reproducibility
+
+@pytest.fixture(scope="module")
+def repeated(small, tmp_path_factory):
+    """Three real 2-epoch runs (1 batch an epoch): seed 0, seed 0 again, seed 1."""
+    runs = []
+    for seed in (0, 0, 1):
+        cfg = config(data=SMALL, batch_size=32, seed=seed)
+        trainer = Trainer(cfg, small, tmp_path_factory.mktemp(f"seed{seed}"), progress=False)
+        runs.append((trainer, trainer.fit()))
+    return runs
+
+
+def history_values(result):
+    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in result.history]
+
+
+def test_same_seed_same_history_and_weights(repeated):
+    (a, ra), (b, rb), _ = repeated
+    assert history_values(ra) == history_values(rb)
+    assert same_weights(a.model.state_dict(), b.model.state_dict())
+    assert same_weights(load_checkpoint(ra.last_checkpoint)["model"], load_checkpoint(rb.last_checkpoint)["model"])
+    np.testing.assert_array_equal(ra.test_probabilities, rb.test_probabilities)
+
+
+def test_other_seed_differs(repeated):
+    (a, ra), _, (c, rc) = repeated
+    assert [h["train_loss"] for h in ra.history] != [h["train_loss"] for h in rc.history]
+    assert not same_weights(load_checkpoint(ra.last_checkpoint)["model"], load_checkpoint(rc.last_checkpoint)["model"])
+
+
+def test_same_seed_repeats_even_when_another_trainer_is_built_in_between(repeated, small, tmp_path):
+    (_, ra), _, _ = repeated
+    trainer = Trainer(config(data=SMALL, batch_size=32, seed=0), small, tmp_path / "a", progress=False)
+    Trainer(config(data=SMALL, batch_size=32, seed=1), small, tmp_path / "b", progress=False)  # e.g. a sweep
+    result = trainer.fit()
+    assert history_values(result) == history_values(ra)
+
+
+# ================================================================ callbacks and early stopping
+
+class StopAt(Callback):
+    def __init__(self, epoch):
+        self.epoch, self.ended = epoch, False
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if epoch == self.epoch:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer, result):
+        self.ended = True
+
+
+class Pruned(Exception):
+    pass
+
+
+class RaiseAt(Callback):
+    def __init__(self, epoch):
+        self.epoch, self.ended = epoch, False
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if epoch == self.epoch:
+            raise Pruned(f"pruned at epoch {epoch}")
+
+    def on_fit_end(self, trainer, result):
+        self.ended = True
+
+
+def test_callback_should_stop_ends_after_that_epoch(small, tmp_path):
+    stop = StopAt(2)
+    trainer = scripted(small, tmp_path, [{}] * 5, callbacks=[stop])
+    result = trainer.fit()
+    assert len(result.history) == 2 and trainer.epoch == 2
+    assert result.stopped_early and stop.ended
+    assert load_checkpoint(result.last_checkpoint)["epoch"] == 2
+
+
+def test_callback_exception_propagates(small, tmp_path):
+    recorder, prune = Recorder(), RaiseAt(2)
+    trainer = scripted(small, tmp_path, [{}] * 5, callbacks=[prune, recorder])
+    with pytest.raises(Pruned, match="pruned at epoch 2"):
+        trainer.fit()
+    assert len(trainer.history) == 2
+    assert not prune.ended and "end" not in recorder.kinds()
+    assert recorder.kinds() == ["start", "epoch"]  # the raising callback came first at epoch 2
+
+
+def test_early_stopping_when_val_never_improves(small, tmp_path):
+    trainer = scripted(small, tmp_path, [{"acc": 0.5}, {"acc": 0.4}, {"acc": 0.9}, {"acc": 0.9}, {"acc": 0.9}],
+                       early_stopping=1)
+    result = trainer.fit()
+    assert len(result.history) == 2 < trainer.cfg.epochs
+    assert result.stopped_early and result.best_epoch == 1 and result.best_value == 0.5
+    assert load_checkpoint(result.best_checkpoint)["epoch"] == 1
+    assert load_checkpoint(result.last_checkpoint)["epoch"] == 2
+
+
+def test_early_stopping_patience_counts_since_last_improvement(small, tmp_path):
+    accs = [0.5, 0.5, 0.7, 0.6, 0.6, 0.9, 0.9]  # equal is not better
+    trainer = scripted(small, tmp_path, [{"acc": a} for a in accs], early_stopping=2)
+    result = trainer.fit()
+    assert [h["val_accuracy"] for h in result.history] == accs[:5]
+    assert result.best_epoch == 3 and result.stopped_early
+
+
+def test_no_early_stopping_when_zero(small, tmp_path):
+    trainer = scripted(small, tmp_path, [{"acc": 0.5}] * 4, early_stopping=0)
+    result = trainer.fit()
+    assert len(result.history) == 4 and not result.stopped_early and result.best_epoch == 1
+
+
+def test_early_stopping_with_real_training(small, tmp_path):
+    """Real training, where val never improves after epoch 1 (the val accuracy is pinned)."""
+
+    class Pinned(Trainer):
+        def evaluate(self, split):
+            metrics, p = super().evaluate(split)
+            if split == "val":
+                metrics["val_accuracy"] = 0.5
+            return metrics, p
+
+    cfg = config(data=SMALL, batch_size=32, epochs=4, early_stopping=1)
+    result = Pinned(cfg, small, tmp_path, progress=False).fit()
+    assert len(result.history) == 2 and result.stopped_early and result.best_epoch == 1
+
+
+@pytest.mark.parametrize(
+    "select, best",
+    [("val_loss", 2), ("val_accuracy", 4), ("val_macro_f1", 3)],
+)
+def test_select_metric_picks_best_epoch_from_history(small, tmp_path, select, best):
+    script = [{"loss": 1.0, "acc": 0.9, "f1": 0.2}, {"loss": 0.6, "acc": 0.1, "f1": 0.3},
+              {"loss": 0.8, "acc": 0.2, "f1": 0.8}, {"loss": 0.7, "acc": 0.95, "f1": 0.4}]
+    trainer = scripted(small, tmp_path, script, select_metric=select)
+    result = trainer.fit()
+    values = [h[select] for h in result.history]
+    expected = 1 + int(np.argmin(values) if select == "val_loss" else np.argmax(values))
+    assert result.best_epoch == expected == best
+    assert result.best_value == values[best - 1]
+    ckpt = load_checkpoint(result.best_checkpoint)
+    assert ckpt["epoch"] == best and ckpt["best_value"] == result.best_value
+
+
+def test_nan_val_loss_gives_a_result_or_a_clear_error(small, tmp_path):
+    trainer = scripted(small, tmp_path, [{"loss": float("nan")}] * 2, select_metric="val_loss")
+    try:
+        result = trainer.fit()
+    except ValueError as exc:  # a clear error is fine too
+        assert "nan" in str(exc).lower()
+    else:
+        assert result.best_checkpoint is not None and result.best_checkpoint.exists()
+
+
+# ================================================================ resnet18 with frozen layers
+
+def test_resnet18_frozen_layers_do_not_change(tmp_path):
+    data = load_data("synthetic:16,8,8")  # one batch: resnet18 at 112 px is the slowest thing here
+    cfg = config(model="resnet18", pretrained="none", input_size=112, freeze_depth=2, data="synthetic:16,8,8",
+                 epochs=1, batch_size=16)
+    trainer = Trainer(cfg, data, tmp_path, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    frozen = ("backbone.conv1.", "backbone.bn1.", "backbone.layer1.")
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and not any(n.startswith(frozen) for n in trainable)
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(trainable)
+    result = trainer.fit()
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
+    after = trainer.model.state_dict()
+    for name, tensor in after.items():
+        if name.startswith(frozen):  # weights and BatchNorm statistics alike
+            assert torch.equal(tensor, before[name]), name
+    assert not torch.equal(after["backbone.fc.weight"], before["backbone.fc.weight"])
+    assert not torch.equal(after["backbone.layer2.0.conv1.weight"], before["backbone.layer2.0.conv1.weight"])
+    assert not torch.equal(after["backbone.layer2.0.bn1.running_mean"], before["backbone.layer2.0.bn1.running_mean"])
+    assert result.test_probabilities.shape == (8, NUM_CLASSES)
+
+
+# ================================================================ `fer-exp train` errors
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    from fer_exp.cli import main
+
+    def invoke(*args):
+        result = CliRunner().invoke(main, ["train", *args])
+        return result, result.output
+
+    return invoke
+
+
+@pytest.mark.parametrize(
+    "args, pieces",
+    [
+        (["--epochs", "abc"], ["epochs must be int", "'abc'"]),
+        (["--epochs", "1.5"], ["epochs must be int"]),
+        (["--model", "vgg"], ["model must be one of cnn, resnet18", "'vgg'"]),
+        (["--input-size", "100"], ["input_size must be one of 112, 224"]),
+        (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
+        (["--lr", "0"], ["lr must be positive"]),
+        (["--model", "cnn", "--pretrained", "imagenet"], ["resnet18 only"]),
+        (["--data", "/no/such/path", "--epochs", "1"], ["/no/such/path"]),
+    ],
+)
+def test_train_user_errors_exit_2_without_traceback(cli, tmp_path, args, pieces):
+    result, output = cli(*args)
+    assert result.exit_code == 2, output
+    assert isinstance(result.exception, SystemExit)
+    assert "Error:" in output
+    for piece in pieces:
+        assert piece in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_train_bad_yaml_exits_2(cli, tmp_path):
+    (tmp_path / "bad.yaml").write_text("epoch: 3\n")
+    result, output = cli("--config", "bad.yaml")
+    assert result.exit_code == 2 and "unknown config key 'epoch'" in output and "Did you mean epochs" in output
