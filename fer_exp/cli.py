@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import click
@@ -85,6 +86,10 @@ class _Optional(click.ParamType):
         return None if value == "" else value  # typed and checked by fer_exp.config.coerce
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def config_options(command):
     """One ``--option`` per field of :class:`fer_exp.config.Config`, none of them with a default."""
     import dataclasses
@@ -116,10 +121,13 @@ def train(config_path: str | None, **options) -> None:
     from fer_exp.models import PretrainedWeightsError
 
     click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
+    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` ends the run as cleanly as Ctrl-C
     try:
         summary = run_experiment(cfg)
     except (DataError, PretrainedWeightsError, ConfigError) as exc:
         raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
     r = summary.result
     t = r.test_metrics
     click.echo(

@@ -102,7 +102,11 @@ def coerce(name: str, value, origin: str):
             elif not isinstance(value, bool):
                 raise TypeError
         elif kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, str):  # "3" or "3.0" (MLproject passes numbers as floats)
+                value = float(value) if value.strip().replace(".", "", 1).isdigit() else value
+            if isinstance(value, float) and not value.is_integer():
                 raise TypeError
             value = int(value)
         elif kind is float:

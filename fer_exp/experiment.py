@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,5 +36,11 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
         mlflow.set_experiment(cfg.experiment_name)
     with mlflow.start_run(run_name=cfg.run_name or None) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is KILLED, last.pt of the last epoch stays
+            mlflow.end_run(status="KILLED")
+            print(f"\ninterrupted: run {run.info.run_id} marked KILLED after {trainer.epoch - 1} complete epoch(s); "
+                  f"checkpoints in {trainer.checkpoint_dir}", file=sys.stderr)
+            raise
     return RunSummary(run.info.run_id, run.info.experiment_id, uri, result)

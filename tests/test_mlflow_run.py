@@ -21,7 +21,8 @@ ARTIFACTS = ["confusion_matrix.png", "per_class_metrics.json", "classification_r
 
 
 def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env["FER_EXP_CACHE_DIR"] = str(tmp_path / "cache")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python first
@@ -118,3 +119,28 @@ def test_logged_model_loads_in_a_fresh_process(finished_run):
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_sigterm_marks_the_run_killed_and_keeps_the_checkpoints(tmp_path):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    env = _env(tmp_path)
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "fer_exp.cli", "train", "--data", "synthetic:64,16,16", "--epochs", "500",
+           "--batch-size", "16", "--experiment-name", "killed", "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch   1/500"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, output
+    assert "marked KILLED" in output
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("killed").experiment_id])[0]
+    assert run.info.status == "KILLED"
+    assert (tmp_path / "out" / run.info.run_id / "checkpoints" / "last.pt").is_file()

@@ -72,10 +72,10 @@ def _draw(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for side in (-1.0, 1.0):
         ex = side * 0.30
         eye = soft(1.0 - np.sqrt(((u - ex) / 0.12) ** 2 + ((v + 0.12) / eye_h) ** 2))
-        brow = soft(0.04 - _segment_distance(u, v, side * 0.10, brow_in, side * 0.46, brow_out))
+        brow = soft(0.05 - _segment_distance(u, v, side * 0.10, brow_in, side * 0.46, brow_out))
         features = np.maximum(features, np.maximum(eye, brow))
     nose = soft(0.025 - _segment_distance(u, v, 0.0, 0.0, 0.0, 0.22)) * 0.5
-    lip = 0.025
+    lip = 0.035
     shape_u = 1.0 - (u / mouth_w) ** 2
     centre = 0.48 + tilt * u / mouth_w * 0.5
     upper = centre + curve * shape_u - opening / 2 - lip
@@ -85,11 +85,11 @@ def _draw(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     skin = rng.uniform(0.35, 0.9, shape)
     background = rng.uniform(0.0, 1.0, shape)
-    contrast = rng.uniform(0.2, 0.5, shape)
+    contrast = rng.uniform(0.45, 0.75, shape)
     image = background + face * (skin - background) - face * features * contrast * skin
     gx, gy = rng.normal(0, 0.12, shape), rng.normal(0, 0.12, shape)
     image = image + gx * x + gy * y
-    image = image + rng.normal(0, 1, image.shape) * rng.uniform(0.01, 0.06, shape)
+    image = image + rng.normal(0, 1, image.shape) * rng.uniform(0.01, 0.04, shape)
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
