@@ -42,7 +42,7 @@ class Config:
     input_size: int = _f(112, "resnet18 input size in pixels (faces are resized on the batch): 112 or 224.")
     freeze_depth: int = _f(0, "resnet18: freeze the first k of stem, layer1, layer2, layer3, layer4 (0-5).")
     pretrained: str = _f("none", "resnet18 weights: 'imagenet' (timm hub), 'none', or a PATH to a .safetensors/.pth state dict.")
-    dropout: float = _f(0.3, "Dropout before the CNN's classifier.")
+    dropout: float = _f(0.3, "Dropout before the classifier (the CNN's block 4, ResNet18's head).")
     # optimisation
     epochs: int = _f(60, "Maximum number of epochs.")
     batch_size: int = _f(128, "Training batch size.")

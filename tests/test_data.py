@@ -443,6 +443,43 @@ def test_folder_holdout_on_a_tiny_train_split_does_not_crash(tmp_path):
     assert inspect(root).exit_code == 0
 
 
+def test_tiny_holdout_rule_says_it_is_not_stratified(tmp_path):
+    root = make_folders(tmp_path / "faces", train=3, test=1)
+    assert "random (too few per class to stratify) 10% hold-out" in load_data(str(root)).split_rule
+
+
+def test_test_file_prefixes_match_in_any_case(tmp_path):
+    root = make_folders(tmp_path / "faces", train=10, test=2, test_prefix="publictest_")
+    make_folders(root, train=None, test=3, test_prefix="PRIVATETEST_")
+    data = load_data(str(root))
+    assert len(data.val) == 14 and len(data.test) == 21
+    assert "val = test/PublicTest_*" in data.split_rule
+
+
+def test_unreadable_folder_is_a_data_error(tmp_path, monkeypatch):
+    root = make_folders(tmp_path / "faces", train=3, test=1)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "train":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DataError, match="train: cannot be read"):
+        load_data(str(root), use_cache=False)
+
+
+def test_16_bit_gray_images_are_scaled_not_clipped(tmp_path):
+    root = make_folders(tmp_path / "faces", train=10, test=1)
+    path = root / "train" / "happy" / "deep.png"
+    Image.fromarray(np.full((48, 48), 32896, dtype=np.uint16)).save(path)  # mid-grey in 16 bits
+    assert Image.open(path).mode.startswith("I;16")
+    data = load_data(str(root))
+    everything = {s: img for split in data.splits().values() for s, img in zip(split.sources, split.images)}
+    assert int(everything["train/happy/deep.png"].float().mean()) == 128
+
+
 def test_folder_needs_more_than_one_train_image_for_a_holdout(tmp_path):
     root = tmp_path / "faces"
     write_image(root / "train" / "happy" / "a.png", CLASS_VALUE[3])

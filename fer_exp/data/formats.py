@@ -159,7 +159,9 @@ def _decode(path: Path) -> tuple[np.ndarray | None, str | None, bool, bool]:
         with Image.open(io.BytesIO(path.read_bytes())) as image:
             image.load()
             converted = image.mode != "L"
-            if converted:
+            if image.mode.startswith("I;16"):  # 16-bit gray: scale to 8 bits rather than clip at 255
+                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0 + 0.5).astype(np.uint8))
+            elif converted:
                 image = image.convert("L")
             resized = image.size != (IMAGE_SIZE, IMAGE_SIZE)
             if resized:
@@ -194,6 +196,13 @@ def decode_files(files: list[tuple[Path, int]], root: Path, bad: BadSamples, des
 def read_folders(root: Path, on_bad: str = "error") -> tuple[dict[str, Split], DecodeReport]:
     """Read the Kaggle layout into groups: train, val (a val/validation folder), and the test folder's
     files grouped by name prefix into public / private / test (files with neither prefix)."""
+    try:
+        return _read_folders(root, on_bad)
+    except PermissionError as exc:
+        raise DataError(f"{exc.filename}: cannot be read (permission denied); fix its permissions") from None
+
+
+def _read_folders(root: Path, on_bad: str) -> tuple[dict[str, Split], DecodeReport]:
     report = DecodeReport()
     bad = BadSamples(on_bad, report)
     train_dir = find_split_dir(root, ("train",))
@@ -205,7 +214,7 @@ def read_folders(root: Path, on_bad: str = "error") -> tuple[dict[str, Split], D
         listed["val"] = list_folder_split(val_dir, root, bad)
     if test_dir is not None:
         for path, label in list_folder_split(test_dir, root, bad):
-            group = next((g for prefix, g in TEST_PREFIXES.items() if path.name.startswith(prefix)), "test")
+            group = next((g for prefix, g in TEST_PREFIXES.items() if path.name.lower().startswith(prefix.lower())), "test")
             listed.setdefault(group, []).append((path, label))
     groups = {name: decode_files(files, root, bad, name) for name, files in listed.items() if files}
     return groups, report

@@ -41,8 +41,8 @@ def detect_format(source: str) -> tuple[str, Path | None]:
     raise DataError(f"{source}: unknown layout (found {found}). {LAYOUT_HELP}")
 
 
-def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """A stratified, seeded hold-out: (rest, held_out)."""
+def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split, bool]:
+    """A seeded hold-out, stratified where every class allows it: (rest, held_out, stratified)."""
     from sklearn.model_selection import train_test_split
 
     index = torch.arange(len(split))
@@ -54,10 +54,11 @@ def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     try:
         keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError:  # too few samples for every class to appear on both sides: a plain seeded split
+        stratify = None
         keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed)
     keep.sort()
     held.sort()
-    return split.subset(torch.from_numpy(keep)), split.subset(torch.from_numpy(held))
+    return split.subset(torch.from_numpy(keep)), split.subset(torch.from_numpy(held)), stratify is not None
 
 
 def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed: int) -> tuple[dict[str, Split], str]:
@@ -81,10 +82,10 @@ def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed
                 "train = train/; val = test/PublicTest_*; test = test/PrivateTest_*")
     else:
         tests = [groups[g] for g in ("public", "private", "test") if g in groups]
-        train, val = holdout(groups["train"], val_fraction, seed)
+        train, val, stratified = holdout(groups["train"], val_fraction, seed)
         splits = {"train": train, "val": val, "test": Split.concat(tests) if tests else Split.empty()}
         test_name = {"csv": "the PublicTest/PrivateTest rows present", "folder": "test/"}[fmt]
-        rule = f"train = {100 - round(val_fraction * 100)}% of train; val = stratified {round(val_fraction * 100)}% hold-out of train (seed {seed}); test = {test_name}"
+        rule = f"train = {100 - round(val_fraction * 100)}% of train; val = {'stratified' if stratified else 'random (too few per class to stratify)'} {round(val_fraction * 100)}% hold-out of train (seed {seed}); test = {test_name}"
     for name in SPLIT_NAMES:
         if len(splits[name]) == 0:
             what = "PublicTest/PrivateTest rows" if fmt == "csv" else f"images in {name}/"
