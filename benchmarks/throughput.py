@@ -240,6 +240,8 @@ def cold_start(data: str, repeats: int = 2) -> list[float]:
     """Seconds from launching ``fer-exp train`` to its first training step (cache warm, store exists)."""
     import subprocess
 
+    if not data.startswith("synthetic"):
+        data = str(Path(data).resolve())  # the launches run in a temp folder
     load_data(data)  # warm the decode cache
     tmp = Path(tempfile.mkdtemp(prefix="fer-cold-"))
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1")
@@ -255,7 +257,7 @@ def cold_start(data: str, repeats: int = 2) -> list[float]:
         proc.kill()
         proc.wait()
     if len(seconds) != repeats + 1:
-        raise RuntimeError("fer-exp train never reported its first training step")
+        raise RuntimeError(f"fer-exp train never reported its first training step: {' '.join(cmd)}")
     return seconds[1:]
 
 

@@ -100,7 +100,9 @@ def config_options(command):
         kind = TYPES[f.name]
         choices = f" [{'|'.join(map(str, CHOICES[f.name]))}]" if f.name in CHOICES else ""
         help_text = f"{f.metadata['help']}{choices} (default: {f.default!r})"
-        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=_Optional(kind.__name__, kind),
+        # `mlflow run -P early_stopping=5` passes undeclared params as --early_stopping: accept both
+        spellings = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        command = click.option(*spellings, f.name, type=_Optional(kind.__name__, kind),
                                default=None, help=help_text)(command)
     return command
 

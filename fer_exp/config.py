@@ -138,9 +138,31 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.weight_decay < 0 or cfg.aug_rotation < 0 or cfg.warmup_epochs < 0 or cfg.early_stopping < 0:
         raise ConfigError("weight_decay, aug_rotation, warmup_epochs and early_stopping must not be negative")
+    if cfg.device != "auto":
+        check_device(cfg.device)
     if cfg.model == "cnn" and (cfg.pretrained != "none" or cfg.freeze_depth != 0):
         raise ConfigError("pretrained and freeze_depth apply to resnet18 only; for model cnn leave them at none and 0")
     return cfg
+
+
+def check_device(name: str) -> None:
+    """A device the config may name: cpu, cuda, cuda:N (N present here) or mps (where available)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r} asked for, but this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {name!r} asked for, but MPS is not available here; use --device auto or cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 def read_yaml(path: str | Path) -> dict:

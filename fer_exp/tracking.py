@@ -3,6 +3,7 @@ figures, tables, checkpoints and the model, loadable with ``mlflow.pyfunc.load_m
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import tempfile
 from pathlib import Path
@@ -75,7 +76,7 @@ class MLflowCallback(Callback):
             "data_source": data.source, "data_format": data.format, "split_rule": data.split_rule,
             **{f"{name}_size": len(split) for name, split in data.splits().items()},
             "device": str(trainer.device), "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
-            "torch_version": torch.__version__, "timm_version": __import__("timm").__version__,
+            "torch_version": torch.__version__, "timm_version": importlib.metadata.version("timm"),
             "pretrained_load": getattr(trainer.model, "load_report", None) or "",
         })
         mlflow.log_text(cfg.to_yaml(), "config.yaml")

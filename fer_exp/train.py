@@ -7,7 +7,9 @@ The loop knows nothing of MLflow or Optuna: they plug in as :class:`Callback` ob
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fer_exp.augment import BatchAugment, to_float
 from fer_exp.classes import NUM_CLASSES
-from fer_exp.config import Config, ConfigError
+from fer_exp.config import Config, check_device
 from fer_exp.data import FerData, Split
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
@@ -62,10 +64,8 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device auto or cpu")
-    return device
+    check_device(name)
+    return torch.device(name)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -146,7 +146,8 @@ class Trainer:
         weights = class_weight_tensor(data.train.labels, cfg.class_weights)
         self.class_weights = None if weights is None else weights.to(self.device)
         self.augment = BatchAugment.from_config(cfg)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # a stream of its own, apart from the global one that initialises weights and drives dropout
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scheduler, self.schedule_unit = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
@@ -197,14 +198,17 @@ class Trainer:
             loss_sum += loss
             correct += hits
             if self.first_step_seconds is None:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 self.first_step_seconds = time.perf_counter() - self.created
                 if self.progress:
                     tqdm.write(f"first training step done {self.first_step_seconds:.2f} s after the trainer was built")
-            if step % 20 == 19 or step == steps - 1:
+            if self.progress and (step % 20 == 19 or step == steps - 1):  # .item() syncs the device
                 bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", acc=f"{correct.item() / ((step + 1) * batch):.3f}")
         seen = steps * batch
+        train_loss = loss_sum.item() / steps  # waits for the device, so the time below is real
         seconds = time.perf_counter() - start
-        return {"train_loss": loss_sum.item() / steps, "train_accuracy": correct.item() / seen,
+        return {"train_loss": train_loss, "train_accuracy": correct.item() / seen,
                 "epoch_seconds": seconds, "train_images_per_second": seen / seconds}
 
     @torch.no_grad()
@@ -212,15 +216,15 @@ class Trainer:
         """(mean cross-entropy, class probabilities (N, 7)) for one split, in eval mode."""
         self.model.eval()
         images, labels = self.splits[split]
-        loss_sum, probabilities = 0.0, []
+        loss_sum, probabilities = torch.zeros((), device=self.device), []
         for start in range(0, images.shape[0], self.cfg.eval_batch_size):
             x = to_float(images[start:start + self.cfg.eval_batch_size]).contiguous(memory_format=self.memory_format)
             y = labels[start:start + self.cfg.eval_batch_size]
             with self.autocast():
                 logits = self.model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
             probabilities.append(logits.softmax(1).cpu())
-        return loss_sum / images.shape[0], torch.cat(probabilities).numpy()
+        return loss_sum.item() / images.shape[0], torch.cat(probabilities).numpy()
 
     def evaluate(self, split: str) -> tuple[dict[str, float], np.ndarray]:
         loss, probabilities = self.predict(split)
@@ -238,7 +242,9 @@ class Trainer:
     def save(self, name: str, best_value: float) -> Path:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"{name}.pt"
-        torch.save(self.state(best_value), path)
+        partial = path.with_suffix(".pt.partial")
+        torch.save(self.state(best_value), partial)
+        os.replace(partial, path)  # an interruption never leaves a truncated checkpoint
         return path
 
     # -- the run -------------------------------------------------------------------------------------
@@ -265,10 +271,13 @@ class Trainer:
             improved = best_path is None or (value < best_value if minimise else value > best_value)
             if improved:
                 best_value, best_epoch, stale = value, self.epoch, 0
-                best_path = self.save("best", best_value)
             else:
                 stale += 1
             last_path = self.save("last", best_value)
+            if improved:  # the same state: copy rather than serialise twice
+                best_path = self.checkpoint_dir / "best.pt"
+                shutil.copyfile(last_path, best_path.with_suffix(".pt.partial"))
+                os.replace(best_path.with_suffix(".pt.partial"), best_path)
             if self.progress:
                 tqdm.write(f"epoch {self.epoch:3d}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
                            f"train_acc {metrics['train_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "

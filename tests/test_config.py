@@ -297,3 +297,27 @@ def test_experiment_files_load(path):
 
 def test_there_are_experiment_files():
     assert {p.name for p in EXPERIMENTS} >= {"cnn.yaml", "resnet18.yaml"}
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu:0", "cuda:99"])
+def test_bad_or_absent_devices_are_config_errors(device):
+    import torch
+
+    if device == "cuda:99" and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    with pytest.raises(ConfigError, match="device"):
+        load_config(overrides={"device": device})
+
+
+def test_cpu_device_is_accepted():
+    assert load_config(overrides={"device": "cpu"}).device == "cpu"
+
+
+def test_underscore_spelling_of_options_is_accepted(store):
+    """`mlflow run -P early_stopping=3` arrives as --early_stopping 3."""
+    from click.testing import CliRunner
+
+    from fer_exp.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--early_stopping", "abc"])
+    assert result.exit_code == 2 and "early_stopping must be int" in result.output, result.output

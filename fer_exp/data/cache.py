@@ -67,6 +67,7 @@ def load(key: str) -> tuple[dict[str, Split], DecodeReport] | None:
 
 def save(key: str, groups: dict[str, Split], report: DecodeReport) -> None:
     path = _path(key)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {
@@ -78,8 +79,10 @@ def save(key: str, groups: dict[str, Split], report: DecodeReport) -> None:
                 "ignored": report.ignored,
             },
         }
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(blob, tmp)
         os.replace(tmp, path)
-    except OSError:  # a read-only cache location costs speed, never correctness
-        pass
+    except (OSError, RuntimeError):  # a read-only or full cache location costs speed, never correctness
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
