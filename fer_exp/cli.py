@@ -79,8 +79,8 @@ def data_inspect(source: str, as_json: bool, on_bad: str, seed: int, val_fractio
 class _Optional(click.ParamType):
     """A config value from the command line; an empty string means 'not given' (MLproject defaults)."""
 
-    def __init__(self, name: str, kind: type):
-        self.name, self.kind = name, kind
+    def __init__(self, name: str):
+        self.name = name  # shown as the option's metavar
 
     def convert(self, value, param, ctx):
         return None if value == "" else value  # typed and checked by fer_exp.config.coerce
@@ -102,7 +102,7 @@ def config_options(command):
         help_text = f"{f.metadata['help']}{choices} (default: {f.default!r})"
         # `mlflow run -P early_stopping=5` passes undeclared params as --early_stopping: accept both
         spellings = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        command = click.option(*spellings, f.name, type=_Optional(kind.__name__, kind),
+        command = click.option(*spellings, f.name, type=_Optional(kind.__name__),
                                default=None, help=help_text)(command)
     return command
 

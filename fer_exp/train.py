@@ -51,6 +51,13 @@ class FitResult:
     extras: dict = field(default_factory=dict)
 
 
+def write_atomically(path: Path, write) -> None:
+    """``write(partial_path)``, then rename: an interruption never leaves a truncated file at ``path``."""
+    partial = path.with_suffix(path.suffix + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -242,9 +249,7 @@ class Trainer:
     def save(self, name: str, best_value: float) -> Path:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"{name}.pt"
-        partial = path.with_suffix(".pt.partial")
-        torch.save(self.state(best_value), partial)
-        os.replace(partial, path)  # an interruption never leaves a truncated checkpoint
+        write_atomically(path, lambda partial: torch.save(self.state(best_value), partial))
         return path
 
     # -- the run -------------------------------------------------------------------------------------
@@ -269,15 +274,13 @@ class Trainer:
             self.history.append({"epoch": self.epoch, **metrics})
             # the first epoch always counts, so a run whose metric is NaN throughout still has a best
             improved = best_path is None or (value < best_value if minimise else value > best_value)
+            stale = 0 if improved else stale + 1
             if improved:
-                best_value, best_epoch, stale = value, self.epoch, 0
-            else:
-                stale += 1
+                best_value, best_epoch = value, self.epoch
             last_path = self.save("last", best_value)
             if improved:  # the same state: copy rather than serialise twice
                 best_path = self.checkpoint_dir / "best.pt"
-                shutil.copyfile(last_path, best_path.with_suffix(".pt.partial"))
-                os.replace(best_path.with_suffix(".pt.partial"), best_path)
+                write_atomically(best_path, lambda partial: shutil.copyfile(last_path, partial))
             if self.progress:
                 tqdm.write(f"epoch {self.epoch:3d}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
                            f"train_acc {metrics['train_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
