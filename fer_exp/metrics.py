@@ -1,9 +1,11 @@
-"""Classification metrics (scikit-learn) and the confusion-matrix figure."""
+"""Classification metrics (scikit-learn) and the confusion-matrix figure.
+
+scikit-learn is imported where it is used, not at module import: the first evaluation pays its
+~2 s import, a training start does not."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
 
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 
@@ -12,6 +14,8 @@ LABELS = list(range(NUM_CLASSES))
 
 def classification_metrics(labels, predictions, prefix: str = "") -> dict[str, float]:
     """Accuracy, macro/weighted precision, recall and F1, and per-class accuracy (= recall)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     out = {"accuracy": accuracy_score(labels, predictions)}
     for average in ("macro", "weighted"):
@@ -25,12 +29,16 @@ def classification_metrics(labels, predictions, prefix: str = "") -> dict[str, f
 
 def per_class_table(labels, predictions) -> dict[str, list]:
     """Per-class precision, recall, F1, support and accuracy, as columns (for ``mlflow.log_table``)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     p, r, f, s = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=None, zero_division=0)
     return {"class": list(CLASS_NAMES), "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(),
             "support": s.tolist(), "accuracy": r.tolist()}
 
 
 def report_text(labels, predictions) -> str:
+    from sklearn.metrics import classification_report
+
     return classification_report(labels, predictions, labels=LABELS, target_names=list(CLASS_NAMES), digits=4, zero_division=0)
 
 
@@ -40,6 +48,8 @@ def confusion_figure(labels, predictions, title: str = "Confusion matrix"):
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
+    from sklearn.metrics import confusion_matrix
 
     counts = confusion_matrix(labels, predictions, labels=LABELS)
     rows = counts.sum(axis=1, keepdims=True)

@@ -98,14 +98,16 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def class_weight_tensor(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
-    """scikit-learn's 'balanced' weights, n / (classes * count); absent classes get weight 0."""
+    """scikit-learn's 'balanced' weights, n / (classes * count), over the classes present (absent
+    classes get weight 0), rescaled by present/7. Computed here rather than by
+    ``sklearn.utils.class_weight`` so a training start does not pay scikit-learn's 2 s import;
+    tests check it against scikit-learn."""
     if mode == "none":
         return None
-    from sklearn.utils.class_weight import compute_class_weight
-
-    present = np.unique(labels.numpy())
+    counts = np.bincount(labels.numpy(), minlength=NUM_CLASSES).astype(np.float64)
+    present = counts > 0
     weights = np.zeros(NUM_CLASSES, dtype=np.float32)
-    weights[present] = compute_class_weight("balanced", classes=present, y=labels.numpy()) * len(present) / NUM_CLASSES
+    weights[present] = counts.sum() / (present.sum() * counts[present]) * present.sum() / NUM_CLASSES
     return torch.from_numpy(weights)
 
 

@@ -434,6 +434,35 @@ def test_folder_holdout_is_stratified_seeded_and_reported(tmp_path):
     assert "stratified 20% hold-out" in wider.split_rule
 
 
+def test_holdout_is_cached_so_a_warm_start_skips_scikit_learn(tmp_path, monkeypatch):
+    from fer_exp.data import loader
+
+    root = make_folders(tmp_path / "faces", train=STRATA, test=1)
+    first = load_data(str(root), seed=0)
+    calls = []
+    real_split = loader._stratified_or_plain_split
+    monkeypatch.setattr(loader, "_stratified_or_plain_split", lambda *a: calls.append(a) or real_split(*a))
+    again = load_data(str(root), seed=0)
+    assert calls == []  # hold-out read from the cache
+    assert again.val.sources == first.val.sources and again.split_rule == first.split_rule
+    load_data(str(root), seed=3)  # another seed is another split: drawn, then cached
+    load_data(str(root), seed=0, val_fraction=0.2)
+    assert len(calls) == 2
+    load_data(str(root), seed=0, use_cache=False)  # --no-cache draws everything again
+    assert len(calls) == 3
+    holdouts = sorted(p.name for p in data_cache.cache_dir().glob("holdout-*.pt"))
+    assert len(holdouts) == 3
+
+
+def test_corrupt_holdout_cache_is_drawn_again(tmp_path):
+    root = make_folders(tmp_path / "faces", train=STRATA, test=1)
+    first = load_data(str(root), seed=0)
+    for path in data_cache.cache_dir().glob("holdout-*.pt"):
+        path.write_bytes(b"not a torch file")
+    again = load_data(str(root), seed=0)
+    assert again.val.sources == first.val.sources
+
+
 def test_folder_holdout_on_a_tiny_train_split_does_not_crash(tmp_path):
     # 3 images per class: 10% is 3 images, too few for all 7 classes (scikit-learn refuses to stratify)
     root = make_folders(tmp_path / "faces", train=3, test=1)

@@ -189,6 +189,19 @@ def test_balanced_class_weights_zero_for_absent_classes():
     np.testing.assert_allclose(weights[[0, 2, 3]].numpy(), [n / (7 * 6), n / (7 * 3), n / (7 * 12)], rtol=1e-6)
 
 
+def test_starting_a_run_does_not_import_scikit_learn():
+    # scikit-learn's import costs ~2 s of every start; it is imported at the first evaluation
+    import subprocess
+    import sys
+
+    code = ("import sys, fer_exp.experiment, fer_exp.train, fer_exp.tracking, fer_exp.cli; "
+            "from fer_exp.train import class_weight_tensor; import torch; "
+            "class_weight_tensor(torch.tensor([0, 1, 1]), 'balanced'); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
 def test_class_weights_none():
     assert class_weight_tensor(torch.tensor([0, 1, 2]), "none") is None
 

@@ -47,42 +47,56 @@ def fingerprint(source: Path, *extra: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def _path(key: str) -> Path:
-    return cache_dir() / f"decoded-{key}.pt"
+def _path(key: str, kind: str = "decoded") -> Path:
+    return cache_dir() / f"{kind}-{key}.pt"
 
 
-def load(key: str) -> tuple[dict[str, Split], DecodeReport] | None:
-    path = _path(key)
+def load_blob(key: str, kind: str) -> dict | None:
+    """A saved blob of plain tensors/lists, or None when absent or unreadable."""
+    path = _path(key, kind)
     if not path.exists():
         return None
     try:
-        blob = torch.load(path, weights_only=True)
-        groups = {name: Split(g["images"], g["labels"], g["sources"]) for name, g in blob["groups"].items()}
-        report = DecodeReport(**blob["report"])
-        report.skipped = [tuple(s) for s in report.skipped]
-        return groups, report
-    except Exception:  # a truncated or foreign file: decode again rather than fail
+        return torch.load(path, weights_only=True)
+    except Exception:  # a truncated or foreign file: compute again rather than fail
         return None
 
 
-def save(key: str, groups: dict[str, Split], report: DecodeReport) -> None:
-    path = _path(key)
+def save_blob(key: str, kind: str, blob: dict) -> None:
+    """Write atomically; a read-only or full cache location costs speed, never correctness."""
+    path = _path(key, kind)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {
-            "groups": {n: {"images": s.images, "labels": s.labels, "sources": s.sources} for n, s in groups.items()},
-            "report": {
-                "converted_to_gray": report.converted_to_gray,
-                "resized": report.resized,
-                "skipped": [list(s) for s in report.skipped],
-                "ignored": report.ignored,
-            },
-        }
         torch.save(blob, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError):  # a read-only or full cache location costs speed, never correctness
+    except (OSError, RuntimeError):
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def load(key: str) -> tuple[dict[str, Split], DecodeReport] | None:
+    blob = load_blob(key, "decoded")
+    if blob is None:
+        return None
+    try:
+        groups = {name: Split(g["images"], g["labels"], g["sources"]) for name, g in blob["groups"].items()}
+        report = DecodeReport(**blob["report"])
+        report.skipped = [tuple(s) for s in report.skipped]
+        return groups, report
+    except Exception:  # a foreign layout: decode again rather than fail
+        return None
+
+
+def save(key: str, groups: dict[str, Split], report: DecodeReport) -> None:
+    save_blob(key, "decoded", {
+        "groups": {n: {"images": s.images, "labels": s.labels, "sources": s.sources} for n, s in groups.items()},
+        "report": {
+            "converted_to_gray": report.converted_to_gray,
+            "resized": report.resized,
+            "skipped": [list(s) for s in report.skipped],
+            "ignored": report.ignored,
+        },
+    })

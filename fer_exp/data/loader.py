@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fer_exp.classes import CLASS_NAMES
@@ -41,27 +44,53 @@ def detect_format(source: str) -> tuple[str, Path | None]:
     raise DataError(f"{source}: unknown layout (found {found}). {LAYOUT_HELP}")
 
 
-def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split, bool]:
-    """A seeded hold-out, stratified where every class allows it: (rest, held_out, stratified)."""
+def _stratified_or_plain_split(labels, fraction: float, seed: int):
+    """scikit-learn's seeded ``train_test_split`` of the indices, stratified where every class allows it."""
     from sklearn.model_selection import train_test_split
 
-    index = torch.arange(len(split))
-    labels = split.labels.numpy()
-    counts = split.class_counts()
-    if len(split) < 2:
-        raise DataError(f"the train split has {len(split)} image(s); at least 2 are needed to hold out a val split")
-    stratify = labels if min(c for c in counts if c > 0) >= 2 else None
+    index = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
     try:
-        keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed, stratify=stratify)
+        keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError:  # too few samples for every class to appear on both sides: a plain seeded split
         stratify = None
-        keep, held = train_test_split(index.numpy(), test_size=fraction, random_state=seed)
-    keep.sort()
-    held.sort()
-    return split.subset(torch.from_numpy(keep)), split.subset(torch.from_numpy(held)), stratify is not None
+        keep, held = train_test_split(index, test_size=fraction, random_state=seed)
+    return np.sort(keep), np.sort(held), stratify is not None
 
 
-def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed: int) -> tuple[dict[str, Split], str]:
+def holdout(split: Split, fraction: float, seed: int, use_cache: bool = True) -> tuple[Split, Split, bool]:
+    """A seeded hold-out, stratified where every class allows it: (rest, held_out, stratified).
+
+    The split is a pure function of the label sequence, the fraction, the seed and scikit-learn's
+    version, so it is cached under a hash of those: a warm start does not import scikit-learn.
+    """
+    if len(split) < 2:
+        raise DataError(f"the train split has {len(split)} image(s); at least 2 are needed to hold out a val split")
+    labels = split.labels.numpy()
+    digest = hashlib.sha256(labels.astype(np.int64).tobytes())
+    digest.update(f"|{fraction!r}|{seed}|scikit-learn {_sklearn_version()}".encode())
+    key = digest.hexdigest()[:24]
+    blob = cache.load_blob(key, "holdout") if use_cache else None
+    if blob is not None and {"keep", "held", "stratified"} <= blob.keys():
+        keep, held, stratified = blob["keep"], blob["held"], bool(blob["stratified"])
+    else:
+        keep, held, stratified = _stratified_or_plain_split(labels, fraction, seed)
+        keep, held = torch.from_numpy(keep), torch.from_numpy(held)
+        if use_cache:
+            cache.save_blob(key, "holdout", {"keep": keep, "held": held, "stratified": stratified})
+    return split.subset(keep), split.subset(held), stratified
+
+
+def _sklearn_version() -> str:
+    try:
+        return importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed: int,
+                   use_cache: bool = True) -> tuple[dict[str, Split], str]:
     """Turn the source's groups into train/val/test and say which rule did it."""
     if "train" not in groups:
         where = "Training rows" if fmt == "csv" else "train/ folder"
@@ -82,7 +111,7 @@ def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed
                 "train = train/; val = test/PublicTest_*; test = test/PrivateTest_*")
     else:
         tests = [groups[g] for g in ("public", "private", "test") if g in groups]
-        train, val, stratified = holdout(groups["train"], val_fraction, seed)
+        train, val, stratified = holdout(groups["train"], val_fraction, seed, use_cache)
         splits = {"train": train, "val": val, "test": Split.concat(tests) if tests else Split.empty()}
         test_name = {"csv": "the PublicTest/PrivateTest rows present", "folder": "test/"}[fmt]
         rule = f"train = {100 - round(val_fraction * 100)}% of train; val = {'stratified' if stratified else 'random (too few per class to stratify)'} {round(val_fraction * 100)}% hold-out of train (seed {seed}); test = {test_name}"
@@ -125,6 +154,6 @@ def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction
         groups, report = read_csv(path, on_bad) if fmt == "csv" else read_folders(path, on_bad)
         if key:
             cache.save(key, groups, report)
-    splits, rule = resolve_splits(groups, fmt, val_fraction, seed)
+    splits, rule = resolve_splits(groups, fmt, val_fraction, seed, use_cache)
     return FerData(**splits, source=str(path), format=fmt, split_rule=rule, report=report,
                    from_cache=cached is not None, load_seconds=time.perf_counter() - start)
