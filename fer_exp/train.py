@@ -146,6 +146,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if self.device.type == "cuda":  # every batch has the same shape: let cuDNN pick its fastest kernels once
+            torch.backends.cudnn.benchmark = True
         self.model = build_model(cfg.model, num_classes=NUM_CLASSES, input_size=cfg.input_size,
                                  freeze_depth=cfg.freeze_depth, pretrained=cfg.pretrained, dropout=cfg.dropout)
         self.model.to(self.device, memory_format=self.memory_format)

@@ -27,3 +27,89 @@ def test_throughput_benchmark_smoke(tmp_path):
             "resnet18@112 train fer-exp/compute bound"} <= set(results["ratios"])
     assert all(v > 0 for v in results["ratios"].values())
     assert len(results["cold_start_seconds"]) == 1 and all(0 < s < 120 for s in results["cold_start_seconds"])
+
+
+def test_full_training_benchmark_reports_speed_and_accuracy(tmp_path):
+    env = dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "full_training.py"), "--config", str(REPO / "experiments" / "cnn.yaml"),
+           "--data", "synthetic:96,32,32", "--set", "epochs=2", "--set", "batch_size=16", "--set", "early_stopping=0",
+           "--set", "eval_batch_size=16", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result == json.loads(proc.stdout)
+    assert result["config"]["epochs"] == 2 and result["config"]["batch_size"] == 16 and result["config"]["lr"] == 0.001
+    assert result["epochs_run"] == 2 and len(result["epoch_seconds"]) == 2 and all(s > 0 for s in result["epoch_seconds"])
+    assert result["fit_seconds"] >= sum(result["epoch_seconds"]) * 0.99
+    assert result["train_images"] == 96 - 0 and result["test_images"] == 32
+    assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["test_macro_f1"] <= 1
+    assert all(0 <= a <= 1 for a in result["val_accuracy"]) and result["amp"] in ("fp32", "bfloat16")
+    assert "epoch 2/2" in proc.stderr  # one progress line per epoch
+
+
+def test_full_training_benchmark_rejects_a_bad_override(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "full_training.py"), "--data", "synthetic:32,8,8", "--set", "epochz=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown config key 'epochz'" in proc.stderr and "epochs" in proc.stderr
+
+
+def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
+    # the one prepared script a GPU session runs; here on the CPU with tiny sizes, so a GPU session
+    # never spends its device minutes on a broken script
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+               FER_GPU_DATA="synthetic:64,16,16", FER_GPU_EPOCHS="1", FER_GPU_RESNET_EPOCHS="1", FER_GPU_BATCHES="1",
+               FER_GPU_WORKERS="0", FER_GPU_SET="batch_size=16 eval_batch_size=16",
+               FER_GPU_THROUGHPUT_ARGS="--batch-size 16 --eval-batch-size 16 --rounds 1 --resnet-batches 1 "
+                                       "--resnet-batch-size 4 --skip-ablations")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    names = {p.name for p in out.iterdir()}
+    assert names == {"log.txt", "throughput.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json"}
+    assert json.loads((out / "cnn_fp32.json").read_text())["amp"] == "fp32"
+    assert json.loads((out / "resnet18_224.json").read_text())["config"]["input_size"] == 224
+    assert json.loads((out / "throughput.json").read_text())["images_per_second"]["cnn"]["conventional"]["train"] > 0
+    for line in ("ratio cnn train fer-exp/conventional", "cnn_bf16: cpu amp", "resnet18_224: cpu"):
+        assert line in proc.stdout
+    assert "exit 0" in (out / "log.txt").read_text() and "exit 1" not in proc.stdout
+
+
+def test_gpu_check_packs_real_layout_data_and_trains_from_the_tarball(tmp_path):
+    from PIL import Image
+
+    from fer_exp.classes import CLASS_NAMES
+
+    root = tmp_path / "somewhere" / "faces"
+    for split, n in (("train", 6), ("test", 2)):
+        for label, name in enumerate(CLASS_NAMES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(n):
+                Image.new("L", (48, 48), 30 * label + k).save(folder / f"{split}_{k}.png")
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    tarball = tmp_path / "pack" / "fer2013.tar"
+    packed = subprocess.run(["bash", script, "pack", str(root), str(tarball)], capture_output=True, text=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr
+    assert tarball.stat().st_size > 0
+
+    missing = subprocess.run(["bash", script, "pack", str(tmp_path / "nope"), str(tmp_path / "x.tar")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no train/ and test/ folders" in missing.stderr
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+               FER_GPU_TAR=str(tarball), FER_GPU_EPOCHS="1", FER_GPU_SET="batch_size=8 eval_batch_size=8")
+    env.pop("FER_GPU_DATA", None)
+    proc = subprocess.run(["bash", script, "run", "cnn-bf16"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "cnn_bf16.json").read_text())
+    assert result["config"]["data"].endswith("/fer2013") and result["train_images"] + result["val_images"] == 42
+    assert result["test_images"] == 14
+    assert {p.name for p in out.iterdir()} == {"log.txt", "cnn_bf16.json"}
+
+    wrong = subprocess.run(["bash", script, "run", "cnn-fp16"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and "unknown step cnn-fp16" in wrong.stdout + wrong.stderr

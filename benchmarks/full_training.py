@@ -1,0 +1,114 @@
+"""Time one complete training run: the real ``Trainer.fit`` (every epoch, the val evaluation after
+each, checkpoints, the final test evaluation of the best epoch), without MLflow.
+
+    python benchmarks/full_training.py --config experiments/cnn.yaml --data ../shared/fer2013
+    python benchmarks/full_training.py --data ../shared/fer2013 --set epochs=60 --set amp=off --json out.json
+
+``--set NAME=VALUE`` overrides any config field, as ``fer-exp train --NAME VALUE`` would. The result
+(JSON) holds the resolved config, the device, wall-clock seconds for data loading, model building and
+the fit, seconds and train images/s per epoch, the val curve and the test metrics, so two runs that
+differ in one lever (``amp=off`` against ``amp=bf16``, say) can be compared for both speed and accuracy.
+MLflow is left out on purpose: this measures the training path; ``fer-exp train`` adds its logging
+(per-epoch metrics, then artifacts and the model export at the end) on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fer_exp.config import ConfigError, load_config
+from fer_exp.data import DataError, load_data
+from fer_exp.train import Callback, Trainer
+
+
+class EpochClock(Callback):
+    """Prints one line per epoch (stderr) so a long run shows progress."""
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        print(f"[{trainer.cfg.model} amp={trainer.amp_dtype or 'fp32'}] epoch {epoch}/{trainer.cfg.epochs} "
+              f"{metrics['epoch_seconds']:.2f}s  {metrics['train_images_per_second']:.0f} img/s  "
+              f"val_acc {metrics['val_accuracy']:.4f}", file=sys.stderr, flush=True)
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--set takes NAME=VALUE, got {pair!r}")
+        overrides[name.strip().replace("-", "_")] = value
+    return overrides
+
+
+def run(config: str | None, data_source: str | None, sets: list[str]) -> dict:
+    overrides = parse_sets(sets)
+    if data_source:
+        overrides["data"] = data_source
+    cfg = load_config(config, overrides)
+    begin = time.perf_counter()
+    data = load_data(cfg.data, on_bad=cfg.on_bad, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    loaded = time.perf_counter()
+    trainer = Trainer(cfg, data, checkpoint_dir=tempfile.mkdtemp(prefix="fer-full-"), callbacks=[EpochClock()],
+                      progress=False)
+    built = time.perf_counter()
+    result = trainer.fit()
+    done = time.perf_counter()
+    epoch_seconds = [h["epoch_seconds"] for h in result.history]
+    device = trainer.device
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32",
+        "config": cfg.to_dict(),
+        "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
+        "load_seconds": round(loaded - begin, 2),
+        "build_seconds": round(built - loaded, 2),
+        "first_step_seconds": round(trainer.first_step_seconds, 2),
+        "fit_seconds": round(done - built, 2),
+        "total_seconds": round(done - begin, 2),
+        "epochs_run": len(result.history),
+        "epoch_seconds": [round(s, 3) for s in epoch_seconds],
+        "median_epoch_seconds": round(statistics.median(epoch_seconds), 3),
+        "median_train_images_per_second": round(statistics.median(h["train_images_per_second"] for h in result.history), 1),
+        "best_epoch": result.best_epoch,
+        "best_val": {cfg.select_metric: result.best_value},
+        "val_accuracy": [round(h["val_accuracy"], 4) for h in result.history],
+        "val_macro_f1": [round(h["val_macro_f1"], 4) for h in result.history],
+        "test_accuracy": result.test_metrics["test_accuracy"],
+        "test_macro_f1": result.test_metrics["test_macro_f1"],
+        "stopped_early": result.stopped_early,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_config = Path(__file__).resolve().parents[1] / "experiments" / "cnn.yaml"
+    parser.add_argument("--config", default=str(default_config), help="experiment YAML ('' for the defaults)")
+    parser.add_argument("--data", default=None, help="FER2013 source; overrides the config's data")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config field")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args.config or None, args.data, args.set)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The speed checks that need a GPU, as one prepared script (README "Speed").
+#
+#   benchmarks/gpu_check.sh pack [FER2013_FOLDER [TAR]]  # here, once: the real data -> .gpu/fer2013.tar (git-ignored)
+#   benchmarks/gpu_check.sh run [STEP ...]          # on the GPU machine, from the repo root
+#
+# STEPs, in the default order (all of them when none is named):
+#   throughput  benchmarks/throughput.py: conventional vs fer-exp vs compute bound, CNN and ResNet18@112
+#   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto
+#   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
+#   cnn-fp32    the same CNN training as cnn-bf16 with amp off: the bf16-vs-fp32 accuracy check
+# Results: one JSON per step and log.txt in $OUT (or ./gpu-check-out), then a summary table.
+# Knobs (environment): FER_GPU_EPOCHS (60), FER_GPU_RESNET_EPOCHS (2), FER_GPU_BATCHES (50),
+# FER_GPU_WORKERS (8), FER_GPU_TAR (.gpu/fer2013.tar), FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config
+# overrides for every training), FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_*_LIMIT.
+# The machine needs torch, torchvision, timm, numpy, pillow, pyyaml, click, tqdm, safetensors and
+# scikit-learn; not mlflow or optuna (the training path runs without tracking here).
+# Without .gpu/fer2013.tar the data is synthetic faces of FER2013's size: timings hold, accuracies do not.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "pack" ]]; then
+    src="${2:-../shared/fer2013}" tarball="${3:-.gpu/fer2013.tar}"
+    [[ -d "$src/train" && -d "$src/test" ]] || { echo "error: $src has no train/ and test/ folders (the Kaggle FER2013 layout)" >&2; exit 2; }
+    mkdir -p "$(dirname "$tarball")"
+    tar -cf "$tarball" -C "$(dirname "$src")" --transform "s,^$(basename "$src"),fer2013," "$(basename "$src")/train" "$(basename "$src")/test" || exit 1
+    ls -l "$tarball"
+    echo "carry [\".gpu\"] in the device run; command: bash benchmarks/gpu_check.sh run"
+    exit 0
+fi
+if [[ "${1:-}" != "run" ]]; then
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+shift
+steps=("$@")
+[[ ${#steps[@]} -eq 0 ]] && steps=(throughput cnn-bf16 resnet cnn-fp32)
+for s in "${steps[@]}"; do  # a typo must not cost device minutes: check before any work
+    case "$s" in throughput|cnn-bf16|resnet|cnn-fp32) ;; *) echo "unknown step $s (throughput, cnn-bf16, resnet, cnn-fp32)" >&2; exit 2 ;; esac
+done
+
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+EPOCHS="${FER_GPU_EPOCHS:-60}"
+RESNET_EPOCHS="${FER_GPU_RESNET_EPOCHS:-2}"
+BATCHES="${FER_GPU_BATCHES:-50}"
+WORKERS="${FER_GPU_WORKERS:-8}"
+read -ra THROUGHPUT_EXTRA <<< "${FER_GPU_THROUGHPUT_ARGS:-}"  # e.g. "--rounds 1" (later options win)
+EXTRA_SETS=()
+for pair in ${FER_GPU_SET:-}; do EXTRA_SETS+=(--set "$pair"); done  # e.g. "batch_size=16 eval_batch_size=16"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FER_EXP_CACHE_DIR="${FER_EXP_CACHE_DIR:-/tmp/fer-exp-cache}"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+if [[ -n "${FER_GPU_DATA:-}" ]]; then
+    DATA="$FER_GPU_DATA"
+elif [[ -f "${FER_GPU_TAR:-.gpu/fer2013.tar}" ]]; then
+    unpacked="$(mktemp -d)"
+    tar -xf "${FER_GPU_TAR:-.gpu/fer2013.tar}" -C "$unpacked" || exit 1
+    DATA="$unpacked/fer2013"
+else
+    DATA="synthetic:28709,3589,3589"
+fi
+echo "== $(date -u +%FT%TZ) data=$DATA epochs=$EPOCHS steps=${steps[*]}"
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+
+# step name, seconds allowed, command...
+step() {
+    local name="$1" limit="$2"; shift 2
+    echo "== $name (limit ${limit}s): $*" >&2  # stderr: the step's stdout may be its result file
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    echo "== $name exit $? after $((SECONDS - start)) s" >&2
+}
+full() {  # json name, seconds allowed, full_training.py arguments...
+    local name="$1" limit="$2"; shift 2
+    step "$name" "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$OUT/$name.json" "$@" "${EXTRA_SETS[@]}" >/dev/null
+}
+
+for s in "${steps[@]}"; do
+    case "$s" in
+        throughput)
+            step throughput "${FER_GPU_THROUGHPUT_LIMIT:-150}" "$PY" benchmarks/throughput.py --data "$DATA" \
+                --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 "${THROUGHPUT_EXTRA[@]}" --json > "$OUT/throughput.json" ;;
+        cnn-bf16)
+            full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" --config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0 --set amp=auto ;;
+        cnn-fp32)
+            full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" --config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0 --set amp=off ;;
+        resnet)
+            for size in 112 224; do
+                full "resnet18_$size" "${FER_GPU_RESNET_LIMIT:-120}" --config experiments/resnet18.yaml --set pretrained=none \
+                    --set input_size="$size" --set epochs="$RESNET_EPOCHS" --set early_stopping=0
+            done ;;
+    esac
+done
+
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    path = out / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+t = load("throughput")
+if t:
+    print(f"throughput on {t['device']} (batch {t['batch_size']}), images/s:")
+    for group, methods in t["images_per_second"].items():
+        for method, phases in methods.items():
+            print(f"  {group:14s} {method:28s} " + "  ".join(f"{k} {v:>10.1f}" for k, v in phases.items()))
+    for k, v in t["ratios"].items():
+        print(f"  ratio {k}: {v}")
+for name in ("cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):
+    r = load(name)
+    if r:
+        print(f"{name}: {r['device_name']} amp {r['amp']}, {r['epochs_run']} epochs, fit {r['fit_seconds']} s "
+              f"(total {r['total_seconds']} s), median epoch {r['median_epoch_seconds']} s, "
+              f"{r['median_train_images_per_second']} train img/s, best val acc {max(r['val_accuracy']):.4f}, "
+              f"final val acc {r['val_accuracy'][-1]:.4f}, test acc {r['test_accuracy']:.4f}, test macro-F1 {r['test_macro_f1']:.4f}")
+    else:
+        print(f"{name}: no result")
+EOF
+sleep 1  # let tee write the last lines to log.txt
