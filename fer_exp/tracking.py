@@ -56,7 +56,10 @@ def log_pytorch_model(model: torch.nn.Module, example_images: torch.Tensor):
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(CLASS_NAMES)))]),
     )
-    return mlflow.pytorch.log_model(wrapped, name="model", signature=signature, input_example=example)
+    # the flavour's own pinned requirements (torch); inferring them instead re-imports the model in a
+    # subprocess, ~11 s of every run's end on a 2-core machine
+    return mlflow.pytorch.log_model(wrapped, name="model", signature=signature, input_example=example,
+                                    pip_requirements=mlflow.pytorch.get_default_pip_requirements())
 
 
 class MLflowCallback(Callback):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -103,6 +104,13 @@ def test_model_is_logged_for_the_run(finished_run):
     # MLflow 3 keeps models as logged models linked to the run, not as run artifacts
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [(m.name, m.source_run_id) for m in models] == [("model", run.info.run_id)]
+    # pinned, not inferred (inference re-imports the model in a subprocess at every run's end)
+    import mlflow
+
+    folder = Path(mlflow.artifacts.download_artifacts(models[0].artifact_location, tracking_uri=client.tracking_uri))
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert any(r.startswith("mlflow==") for r in requirements)
 
 
 def test_logged_model_loads_in_a_fresh_process(finished_run):
