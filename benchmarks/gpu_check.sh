@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed checks that need a GPU, as one prepared script (README "Speed").
 #
-#   benchmarks/gpu_check.sh pack [FER2013_FOLDER [TAR]]  # here, once: the real data -> .gpu/fer2013.tar (git-ignored)
+#   benchmarks/gpu_check.sh pack [FER2013_FOLDER [TAR]]  # here, once: the real data -> .gpu/fer2013.tar.gz (git-ignored)
 #   benchmarks/gpu_check.sh run [STEP ...]          # on the GPU machine, from the repo root
 #
 # STEPs, in the default order (all of them when none is named):
@@ -11,25 +11,28 @@
 #   cnn-fp32    the same CNN training as cnn-bf16 with amp off: the bf16-vs-fp32 accuracy check
 # Results: one JSON per step and log.txt in $OUT (or ./gpu-check-out), then a summary table.
 # Knobs (environment): FER_GPU_EPOCHS (60), FER_GPU_RESNET_EPOCHS (2), FER_GPU_BATCHES (50),
-# FER_GPU_WORKERS (8), FER_GPU_TAR (.gpu/fer2013.tar), FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config
+# FER_GPU_WORKERS (8), FER_GPU_TAR (.gpu/fer2013.tar.gz), FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config
 # overrides for every training), FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_*_LIMIT.
 # The machine needs torch, torchvision, timm, numpy, pillow, pyyaml, click, tqdm, safetensors and
 # scikit-learn; not mlflow or optuna (the training path runs without tracking here).
-# Without .gpu/fer2013.tar the data is synthetic faces of FER2013's size: timings hold, accuracies do not.
+# Without .gpu/fer2013.tar.gz the data is synthetic faces of FER2013's size: timings hold, accuracies do not.
+# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu"],
+# timeout_s=590). If the GPU goals hold every step takes 1-2 min (about 6 min in all); each step has
+# its own time limit, so a slow one cannot eat the rest; a second call can name the steps left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "pack" ]]; then
-    src="${2:-../shared/fer2013}" tarball="${3:-.gpu/fer2013.tar}"
+    src="${2:-../shared/fer2013}" tarball="${3:-.gpu/fer2013.tar.gz}"
     [[ -d "$src/train" && -d "$src/test" ]] || { echo "error: $src has no train/ and test/ folders (the Kaggle FER2013 layout)" >&2; exit 2; }
     mkdir -p "$(dirname "$tarball")"
-    tar -cf "$tarball" -C "$(dirname "$src")" --transform "s,^$(basename "$src"),fer2013," "$(basename "$src")/train" "$(basename "$src")/test" || exit 1
+    tar -czf "$tarball" -C "$(dirname "$src")" --transform "s,^$(basename "$src"),fer2013," "$(basename "$src")/train" "$(basename "$src")/test" || exit 1
     ls -l "$tarball"
     echo "carry [\".gpu\"] in the device run; command: bash benchmarks/gpu_check.sh run"
     exit 0
 fi
 if [[ "${1:-}" != "run" ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 shift
@@ -54,9 +57,9 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 
 if [[ -n "${FER_GPU_DATA:-}" ]]; then
     DATA="$FER_GPU_DATA"
-elif [[ -f "${FER_GPU_TAR:-.gpu/fer2013.tar}" ]]; then
+elif [[ -f "${FER_GPU_TAR:-.gpu/fer2013.tar.gz}" ]]; then
     unpacked="$(mktemp -d)"
-    tar -xf "${FER_GPU_TAR:-.gpu/fer2013.tar}" -C "$unpacked" || exit 1
+    tar -xzf "${FER_GPU_TAR:-.gpu/fer2013.tar.gz}" -C "$unpacked" || exit 1
     DATA="$unpacked/fer2013"
 else
     DATA="synthetic:28709,3589,3589"

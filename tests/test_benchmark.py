@@ -89,7 +89,7 @@ def test_gpu_check_packs_real_layout_data_and_trains_from_the_tarball(tmp_path):
             for k in range(n):
                 Image.new("L", (48, 48), 30 * label + k).save(folder / f"{split}_{k}.png")
     script = str(REPO / "benchmarks" / "gpu_check.sh")
-    tarball = tmp_path / "pack" / "fer2013.tar"
+    tarball = tmp_path / "pack" / "fer2013.tar.gz"
     packed = subprocess.run(["bash", script, "pack", str(root), str(tarball)], capture_output=True, text=True, timeout=120)
     assert packed.returncode == 0, packed.stderr
     assert tarball.stat().st_size > 0
