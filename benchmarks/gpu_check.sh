@@ -2,25 +2,29 @@
 # The speed checks that need a GPU, as one prepared script (README "Speed").
 #
 #   benchmarks/gpu_check.sh pack [FER2013_FOLDER [TAR]]  # here, once: the real data -> .gpu/fer2013.tar.gz (git-ignored)
-#   benchmarks/gpu_check.sh run [STEP ...]          # on the GPU machine, from the repo root
+#   benchmarks/gpu_check.sh run [STEP ...]               # on the GPU machine, from the repo root
 #
-# STEPs, in the default order (all of them when none is named):
-#   throughput  benchmarks/throughput.py: conventional vs fer-exp vs compute bound, CNN and ResNet18@112
+# STEPs, in the default order (all of them when none is named; most important first):
+#   throughput  benchmarks/throughput.py: conventional vs fer-exp vs compute bound, ablations, ResNet18@112
 #   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto
+#   cnn-fp32    the same CNN training with amp off: the bf16-vs-fp32 accuracy check
 #   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
-#   cnn-fp32    the same CNN training as cnn-bf16 with amp off: the bf16-vs-fp32 accuracy check
+#   compile     throughput.py again with torch.compile (modes $FER_GPU_COMPILE) beside the eager path
 # Results: one JSON per step and log.txt in $OUT (or ./gpu-check-out), then a summary table.
+# Time: every step has its own limit and the whole run a deadline ($FER_GPU_DEADLINE s, 570): a step
+# that cannot start with 30 s left is skipped and said so, so one call of the device tool always
+# returns what it measured; a second call can name the steps left.
 # Knobs (environment): FER_GPU_EPOCHS (60), FER_GPU_RESNET_EPOCHS (2), FER_GPU_BATCHES (50),
-# FER_GPU_WORKERS (8), FER_GPU_TAR (.gpu/fer2013.tar.gz), FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config
-# overrides for every training), FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_*_LIMIT.
+# FER_GPU_WORKERS (8), FER_GPU_COMPILE ("default reduce-overhead"), FER_GPU_TAR (.gpu/fer2013.tar.gz),
+# FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config overrides for every training),
+# FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_DEADLINE, FER_GPU_<STEP>_LIMIT.
 # The machine needs torch, torchvision, timm, numpy, pillow, pyyaml, click, tqdm, safetensors and
 # scikit-learn; not mlflow or optuna (the training path runs without tracking here).
 # Without .gpu/fer2013.tar.gz the data is synthetic faces of FER2013's size: timings hold, accuracies do not.
-# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu"],
-# timeout_s=590). If the GPU goals hold every step takes 1-2 min (about 6 min in all); each step has
-# its own time limit, so a slow one cannot eat the rest; a second call can name the steps left.
+# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu"], timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ALL_STEPS=(throughput cnn-bf16 cnn-fp32 resnet compile)
 
 if [[ "${1:-}" == "pack" ]]; then
     src="${2:-../shared/fer2013}" tarball="${3:-.gpu/fer2013.tar.gz}"
@@ -32,14 +36,14 @@ if [[ "${1:-}" == "pack" ]]; then
     exit 0
 fi
 if [[ "${1:-}" != "run" ]]; then
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 shift
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(throughput cnn-bf16 resnet cnn-fp32)
+[[ ${#steps[@]} -eq 0 ]] && steps=("${ALL_STEPS[@]}")
 for s in "${steps[@]}"; do  # a typo must not cost device minutes: check before any work
-    case "$s" in throughput|cnn-bf16|resnet|cnn-fp32) ;; *) echo "unknown step $s (throughput, cnn-bf16, resnet, cnn-fp32)" >&2; exit 2 ;; esac
+    [[ " ${ALL_STEPS[*]} " == *" $s "* ]] || { echo "unknown step $s (${ALL_STEPS[*]})" >&2; exit 2; }
 done
 
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -49,6 +53,8 @@ EPOCHS="${FER_GPU_EPOCHS:-60}"
 RESNET_EPOCHS="${FER_GPU_RESNET_EPOCHS:-2}"
 BATCHES="${FER_GPU_BATCHES:-50}"
 WORKERS="${FER_GPU_WORKERS:-8}"
+DEADLINE="${FER_GPU_DEADLINE:-570}"
+read -ra COMPILE_MODES <<< "${FER_GPU_COMPILE-default reduce-overhead}"  # set but empty: eager only
 read -ra THROUGHPUT_EXTRA <<< "${FER_GPU_THROUGHPUT_ARGS:-}"  # e.g. "--rounds 1" (later options win)
 EXTRA_SETS=()
 for pair in ${FER_GPU_SET:-}; do EXTRA_SETS+=(--set "$pair"); done  # e.g. "batch_size=16 eval_batch_size=16"
@@ -64,14 +70,19 @@ elif [[ -f "${FER_GPU_TAR:-.gpu/fer2013.tar.gz}" ]]; then
 else
     DATA="synthetic:28709,3589,3589"
 fi
-echo "== $(date -u +%FT%TZ) data=$DATA epochs=$EPOCHS steps=${steps[*]}"
+echo "== $(date -u +%FT%TZ) data=$DATA epochs=$EPOCHS steps=${steps[*]} deadline=${DEADLINE}s"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
-# step name, seconds allowed, command...
-step() {
+step() {  # name, seconds allowed, command... (stdout is the caller's: it may be the result file)
     local name="$1" limit="$2"; shift 2
-    echo "== $name (limit ${limit}s): $*" >&2  # stderr: the step's stdout may be its result file
+    local left=$((DEADLINE - SECONDS))
+    if (( left < 30 )); then
+        echo "== $name skipped: ${left} s left before the ${DEADLINE} s deadline" >&2
+        return
+    fi
+    (( limit > left )) && limit=$left
+    echo "== $name (limit ${limit}s): $*" >&2
     local start=$SECONDS
     timeout "$limit" "$@"
     echo "== $name exit $? after $((SECONDS - start)) s" >&2
@@ -80,21 +91,25 @@ full() {  # json name, seconds allowed, full_training.py arguments...
     local name="$1" limit="$2"; shift 2
     step "$name" "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$OUT/$name.json" "$@" "${EXTRA_SETS[@]}" >/dev/null
 }
+cnn_args=(--config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0)
 
 for s in "${steps[@]}"; do
     case "$s" in
         throughput)
             step throughput "${FER_GPU_THROUGHPUT_LIMIT:-150}" "$PY" benchmarks/throughput.py --data "$DATA" \
-                --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 "${THROUGHPUT_EXTRA[@]}" --json > "$OUT/throughput.json" ;;
-        cnn-bf16)
-            full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" --config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0 --set amp=auto ;;
-        cnn-fp32)
-            full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" --config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0 --set amp=off ;;
+                --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 "${THROUGHPUT_EXTRA[@]}" \
+                --json > "$OUT/throughput.json" ;;
+        cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto ;;
+        cnn-fp32) full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=off ;;
         resnet)
             for size in 112 224; do
                 full "resnet18_$size" "${FER_GPU_RESNET_LIMIT:-120}" --config experiments/resnet18.yaml --set pretrained=none \
                     --set input_size="$size" --set epochs="$RESNET_EPOCHS" --set early_stopping=0
             done ;;
+        compile)
+            step compile "${FER_GPU_COMPILE_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
+                --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --skip-resnet --skip-ablations "${THROUGHPUT_EXTRA[@]}" \
+                --compile "${COMPILE_MODES[@]}" --json > "$OUT/compile.json" ;;
     esac
 done
 
@@ -103,19 +118,22 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 def load(name):
-    path = out / f"{name}.json"
     try:
-        return json.loads(path.read_text())
+        return json.loads((out / f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
-t = load("throughput")
-if t:
-    print(f"throughput on {t['device']} (batch {t['batch_size']}), images/s:")
+for name in ("throughput", "compile"):
+    t = load(name)
+    if not t:
+        continue
+    print(f"{name} on {t['device']} (batch {t['batch_size']}), images/s:")
     for group, methods in t["images_per_second"].items():
         for method, phases in methods.items():
             print(f"  {group:14s} {method:28s} " + "  ".join(f"{k} {v:>10.1f}" for k, v in phases.items()))
     for k, v in t["ratios"].items():
         print(f"  ratio {k}: {v}")
+    for k, v in t.get("compile", {}).items():
+        print(f"  {k}: {v}")
 for name in ("cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):
     r = load(name)
     if r:

@@ -9,8 +9,9 @@ Methods, timed in interleaved rounds in this one process so machine noise hits a
                 random erasing), DataLoader workers; plain fp32 model step (the public-repo way)
   fer-exp       ``Trainer.train_epoch`` / ``Trainer.predict``: the code ``fer-exp train`` runs
   compute bound the same ``Trainer.optimize`` model step on one pre-made batch, no data work
-plus fer-exp ablations (channels_last off, fused AdamW off, bf16 on/off) that show what each
-lever contributes, and ResNet18 at 112 px for fer-exp and its compute bound.
+plus fer-exp ablations (channels_last off, fused AdamW off, bf16 on/off, and with ``--compile MODE``
+torch.compile) that show what each lever contributes, and ResNet18 at 112 px for fer-exp and its
+compute bound.
 """
 
 from __future__ import annotations
@@ -115,6 +116,33 @@ class Conventional:
         return seen
 
 
+def compiled_train(cfg, data, args, mode: str, notes: dict):
+    """fer-exp's training path with ``torch.compile(model, mode=mode)``; the untimed warm-up call
+    compiles (its seconds go to ``notes``). A compile that fails is reported, not fatal."""
+    trainer = fer_exp_trainer(cfg, data)
+    trainer.model = torch.compile(trainer.model, mode=mode)
+    key = f"torch.compile {mode}"
+    state = {"failed": False}
+
+    def train():
+        if state["failed"]:
+            return 0
+        if key not in notes:
+            start = time.perf_counter()
+            try:
+                trainer.train_epoch(max_batches=args.batches)
+            except Exception as exc:  # noqa: BLE001 - any backend failure is a result to report
+                state["failed"] = True
+                notes[key] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                return 0
+            notes[key] = f"first call (compile + {args.batches} batches) {time.perf_counter() - start:.1f} s"
+            return args.batches * cfg.batch_size
+        trainer.train_epoch(max_batches=args.batches)
+        return args.batches * cfg.batch_size
+
+    return train
+
+
 def timed(fn, device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -185,6 +213,7 @@ def run(args) -> dict:
     folder = image_folder_of(data, args.data, tmp)
 
     groups = {"cnn": methods_for(cfg, data, folder, args, device)}
+    compile_notes: dict[str, str] = {}
     ablations = {"channels_last off": {"channels_last": False}, "fused AdamW off (foreach)": {},
                  "bf16 autocast": {"amp": "bf16"}, "fp32 (amp off)": {"amp": "off"}}
     if not args.skip_ablations:
@@ -197,6 +226,8 @@ def run(args) -> dict:
             batches = args.batches if name != "bf16 autocast" or device.type == "cuda" or trainer.amp_dtype is None else max(1, args.batches // 8)
             groups.setdefault("cnn ablations", {})[name] = (
                 lambda t=trainer, n=batches, bs=acfg.batch_size: (t.train_epoch(max_batches=n), n * bs)[1], None)
+    for mode in args.compile:
+        groups.setdefault("cnn ablations", {})[f"torch.compile {mode}"] = (compiled_train(cfg, data, args, mode, compile_notes), None)
     if not args.skip_resnet:
         rcfg = load_config(overrides=base | {"model": "resnet18", "input_size": 112,
                                              "batch_size": args.resnet_batch_size, "eval_batch_size": args.resnet_batch_size})
@@ -233,6 +264,8 @@ def run(args) -> dict:
                 ratios[f"{group} {phase} fer-exp/conventional"] = round(fer / ips[group]["conventional"][phase], 2)
             ratios[f"{group} {phase} fer-exp/compute bound"] = round(fer / ips[group]["compute bound"][phase], 2)
     results["ratios"] = ratios
+    if compile_notes:
+        results["compile"] = compile_notes
     return results
 
 
@@ -275,6 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resnet-batch-size", type=int, default=64)
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--skip-ablations", action="store_true")
+    parser.add_argument("--compile", nargs="*", default=[], choices=["default", "reduce-overhead", "max-autotune"],
+                        help="also time fer-exp's path with torch.compile in these modes (compile time reported apart)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--cold-start", action="store_true",
@@ -295,6 +330,8 @@ def main(argv=None) -> int:
     print()
     for name, value in results["ratios"].items():
         print(f"{name:<48}{value:>6.2f}x")
+    for name, note in results.get("compile", {}).items():
+        print(f"{name}: {note}")
     if "cold_start_seconds" in results:
         print(f"cold start, launch to first training step: {results['cold_start_seconds']} s")
     return 0

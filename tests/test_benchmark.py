@@ -60,14 +60,16 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
                FER_GPU_DATA="synthetic:64,16,16", FER_GPU_EPOCHS="1", FER_GPU_RESNET_EPOCHS="1", FER_GPU_BATCHES="1",
-               FER_GPU_WORKERS="0", FER_GPU_SET="batch_size=16 eval_batch_size=16",
+               FER_GPU_WORKERS="0", FER_GPU_SET="batch_size=16 eval_batch_size=16", FER_GPU_COMPILE="",
                FER_GPU_THROUGHPUT_ARGS="--batch-size 16 --eval-batch-size 16 --rounds 1 --resnet-batches 1 "
                                        "--resnet-batch-size 4 --skip-ablations")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     names = {p.name for p in out.iterdir()}
-    assert names == {"log.txt", "throughput.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json"}
+    assert names == {"log.txt", "throughput.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
+                     "compile.json"}
+    assert json.loads((out / "compile.json").read_text())["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
     assert json.loads((out / "cnn_fp32.json").read_text())["amp"] == "fp32"
     assert json.loads((out / "resnet18_224.json").read_text())["config"]["input_size"] == 224
     assert json.loads((out / "throughput.json").read_text())["images_per_second"]["cnn"]["conventional"]["train"] > 0
@@ -113,3 +115,39 @@ def test_gpu_check_packs_real_layout_data_and_trains_from_the_tarball(tmp_path):
     wrong = subprocess.run(["bash", script, "run", "cnn-fp16"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode == 2 and "unknown step cnn-fp16" in wrong.stdout + wrong.stderr
+
+
+def test_a_failing_torch_compile_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("backend exploded\nmore lines")
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(mode) or Broken())
+    monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = throughput.main(["--data", "synthetic:64,16,16", "--batches", "1", "--batch-size", "16", "--eval-batch-size", "16",
+                            "--rounds", "1", "--workers", "0", "--skip-resnet", "--skip-ablations",
+                            "--compile", "default", "reduce-overhead", "--json"])
+    assert code == 0 and compiled == ["default", "reduce-overhead"]
+    results = json.loads(capsys.readouterr().out)
+    assert results["compile"] == {"torch.compile default": "failed: RuntimeError: backend exploded",
+                                  "torch.compile reduce-overhead": "failed: RuntimeError: backend exploded"}
+    assert results["images_per_second"]["cnn ablations"]["torch.compile default"]["train"] == 0
+    assert results["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
+
+
+def test_gpu_check_skips_what_the_deadline_leaves_no_time_for(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_GPU_DATA="synthetic:64,16,16", FER_GPU_DEADLINE="0")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("throughput", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224", "compile"):
+        assert f"== {name} skipped" in proc.stdout
+    assert "cnn_bf16: no result" in proc.stdout
