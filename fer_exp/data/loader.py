@@ -72,7 +72,7 @@ def holdout(split: Split, fraction: float, seed: int, use_cache: bool = True) ->
     digest.update(f"|{fraction!r}|{seed}|scikit-learn {_sklearn_version()}".encode())
     key = digest.hexdigest()[:24]
     blob = cache.load_blob(key, "holdout") if use_cache else None
-    if blob is not None and {"keep", "held", "stratified"} <= blob.keys():
+    if isinstance(blob, dict) and {"keep", "held", "stratified"} <= blob.keys():
         keep, held, stratified = blob["keep"], blob["held"], bool(blob["stratified"])
     else:
         keep, held, stratified = _stratified_or_plain_split(labels, fraction, seed)
