@@ -98,16 +98,15 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def class_weight_tensor(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
-    """scikit-learn's 'balanced' weights, n / (classes * count), over the classes present (absent
-    classes get weight 0), rescaled by present/7. Computed here rather than by
-    ``sklearn.utils.class_weight`` so a training start does not pay scikit-learn's 2 s import;
-    tests check it against scikit-learn."""
+    """n / (7 * count): scikit-learn's 'balanced' weights when every class is present; absent
+    classes get weight 0. Computed here rather than by ``sklearn.utils.class_weight`` so a training
+    start does not pay scikit-learn's import; tests check it against scikit-learn."""
     if mode == "none":
         return None
     counts = np.bincount(labels.numpy(), minlength=NUM_CLASSES).astype(np.float64)
     present = counts > 0
     weights = np.zeros(NUM_CLASSES, dtype=np.float32)
-    weights[present] = counts.sum() / (present.sum() * counts[present]) * present.sum() / NUM_CLASSES
+    weights[present] = counts.sum() / (NUM_CLASSES * counts[present])
     return torch.from_numpy(weights)
 
 
