@@ -90,21 +90,44 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def config_options(command):
-    """One ``--option`` per field of :class:`fer_exp.config.Config`, none of them with a default."""
+def dataclass_options(schema):
+    """A decorator adding one ``--option`` per field of the dataclass ``schema`` (:class:`Config` or
+    :class:`StudyConfig`), none of them with a default: an option not given leaves the value to the
+    experiment file, then the defaults."""
     import dataclasses
 
-    from fer_exp.config import CHOICES, TYPES, Config
+    from fer_exp.config import CHOICES
 
-    for f in reversed(dataclasses.fields(Config)):
-        kind = TYPES[f.name]
-        choices = f" [{'|'.join(map(str, CHOICES[f.name]))}]" if f.name in CHOICES else ""
-        help_text = f"{f.metadata['help']}{choices} (default: {f.default!r})"
-        # `mlflow run -P early_stopping=5` passes undeclared params as --early_stopping: accept both
-        spellings = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        command = click.option(*spellings, f.name, type=_Optional(kind.__name__),
-                               default=None, help=help_text)(command)
-    return command
+    def decorate(command):
+        import typing
+
+        types = typing.get_type_hints(schema)
+        for f in reversed(dataclasses.fields(schema)):
+            kind = types[f.name]
+            choices = f" [{'|'.join(map(str, CHOICES[f.name]))}]" if f.name in CHOICES else ""
+            help_text = f"{f.metadata['help']}{choices} (default: {f.default!r})"
+            # `mlflow run -P early_stopping=5` passes undeclared params as --early_stopping: accept both
+            spellings = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+            extra = {"is_flag": False, "flag_value": "true"} if kind is bool else {}  # `--retrain-best` alone: true
+            command = click.option(*spellings, f.name, type=_Optional(kind.__name__), default=None, help=help_text,
+                                   **extra)(command)
+        return command
+
+    return decorate
+
+
+def config_options(command):
+    """One ``--option`` per field of :class:`fer_exp.config.Config`."""
+    from fer_exp.config import Config
+
+    return dataclass_options(Config)(command)
+
+
+def study_options(command):
+    """One ``--option`` per field of :class:`fer_exp.config.StudyConfig`."""
+    from fer_exp.config import StudyConfig
+
+    return dataclass_options(StudyConfig)(command)
 
 
 @main.command()
@@ -140,6 +163,43 @@ def train(config_path: str | None, **options) -> None:
         f"tracking: {summary.tracking_uri} (experiment id {summary.experiment_id})\n"
         f"open the UI: mlflow ui --backend-store-uri {summary.tracking_uri}"
     )
+
+
+
+@main.command()
+@click.option("--config", "config_path", default=None,
+              help="Study file: a training config with study and search_space blocks (default: experiments/tune_<model>.yaml).")
+@study_options
+@config_options
+def tune(config_path: str | None, **options) -> None:
+    """Tune hyper-parameters with an Optuna study; every trial is a child MLflow run of the study's run.
+
+    Every `fer-exp train` option is accepted too: it fixes that field for all trials (and takes it out
+    of the search space). The same --study-name resumes a study; --workers runs several processes."""
+    from fer_exp.config import STUDY_FIELDS, ConfigError
+    from fer_exp.data import DataError
+    from fer_exp.models import PretrainedWeightsError
+    from fer_exp.tune import StudyError, plan_study
+    from fer_exp.tune import tune as run_study
+
+    study_options = {k: v for k, v in options.items() if k in STUDY_FIELDS}
+    config_values = {k: v for k, v in options.items() if k not in STUDY_FIELDS}
+    try:
+        plan = plan_study(config_path, config_values, study_options)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = run_study(plan)
+    except (DataError, PretrainedWeightsError, ConfigError, StudyError) as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if result.parent_run_id:
+        from fer_exp.tracking import tracking_uri
+
+        click.echo(f"study run {result.parent_run_id}; open the UI: mlflow ui --backend-store-uri {tracking_uri()}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

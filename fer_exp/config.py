@@ -22,9 +22,15 @@ CHOICES: dict[str, tuple] = {
     "amp": ("auto", "bf16", "off"),
     "select_metric": ("val_accuracy", "val_macro_f1", "val_loss"),
     "on_bad": ("error", "skip"),
-    "input_size": (112, 224),
+    # StudyConfig (fer-exp tune)
+    "sampler": ("tpe", "random", "gp"),
+    "pruner": ("median", "hyperband", "none"),
     "freeze_depth": (0, 1, 2, 3, 4, 5),
 }
+# Input sizes each model accepts (faces are resized on the batch); the first is its default, which
+# ``input_size: 0`` stands for. The CNN ends in global average pooling, so larger inputs are valid.
+INPUT_SIZES: dict[str, tuple[int, ...]] = {"cnn": (48, 64, 96), "resnet18": (112, 224)}
+CHOICES["input_size"] = (0, *sorted({size for sizes in INPUT_SIZES.values() for size in sizes}))
 
 
 def _f(default, help: str, **kw):
@@ -39,7 +45,7 @@ class Config:
     val_fraction: float = _f(0.1, "Size of the stratified val hold-out of train, where the source has no val split.")
     on_bad: str = _f("error", "Bad samples in the source: 'error' stops, 'skip' skips and reports them.")
     # model
-    input_size: int = _f(112, "resnet18 input size in pixels (faces are resized on the batch): 112 or 224.")
+    input_size: int = _f(0, "Input size in pixels, faces resized on the batch: cnn 48, 64 or 96; resnet18 112 or 224; 0: the model's default (cnn 48, resnet18 112).")
     freeze_depth: int = _f(0, "resnet18: freeze the first k of stem, layer1, layer2, layer3, layer4 (0-5).")
     pretrained: str = _f("none", "resnet18 weights: 'imagenet' (timm hub), 'none', or a PATH to a .safetensors/.pth state dict.")
     dropout: float = _f(0.3, "Dropout before the classifier (the CNN's block 4, ResNet18's head).")
@@ -78,23 +84,54 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+@dataclass
+class StudyConfig:
+    """How an Optuna study runs: the ``study:`` block of a study file (experiments/tune_*.yaml),
+    then ``fer-exp tune`` options. The trials' training config is a :class:`Config`."""
+
+    study_name: str = _f("", "Optuna study name; the same name resumes the study ('': the study file's name, e.g. tune_cnn).")
+    storage: str = _f("", "Optuna storage URL ('': sqlite optuna.db beside the MLflow sqlite store, else in the working directory; postgresql://USER:PASSWORD@HOST/DB for several machines).")
+    n_trials: int = _f(20, "Trials this command adds to the study (finished: complete or pruned; a failed one is retried or replaced).")
+    total_trials: int = _f(0, "Instead of n_trials: run until the study holds this many finished trials, counting every process on every machine (0: off).")
+    timeout: float = _f(0.0, "Start no trial after this many seconds (0: no limit); running trials finish.")
+    sampler: str = _f("tpe", "Optuna sampler: tpe, random or gp, seeded by --seed.")
+    sampler_startup_trials: int = _f(5, "Random trials before tpe or gp model the results.")
+    pruner: str = _f("median", "Pruner on the per-epoch val metric: median, hyperband or none.")
+    pruner_startup_trials: int = _f(3, "median: finished trials before any trial may be pruned.")
+    pruner_warmup_epochs: int = _f(1, "median: epochs a trial always runs before it may be pruned.")
+    workers: int = _f(1, "Worker processes on this machine on the study (several share one GPU well).")
+    heartbeat: int = _f(30, "Seconds between a running trial's heartbeats; a trial silent for 3 times this (its worker killed) is failed and retried.")
+    enqueue: str = _f("", "Trials to run first when the study is new, as 'lr=0.001,weight_decay=0.0001; lr=0.003' (e.g. the known recipe).")
+    retrain_best: bool = _f(False, "After the trials, train the best configuration for retrain_epochs, test it once and log the model.")
+    retrain_epochs: int = _f(0, "Epochs of the --retrain-best run (0: as many as a trial).")
+    tracking: bool = _f(True, "Track the study and its trials in MLflow (false: the Optuna storage only, e.g. where MLflow is not installed).")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 class ConfigError(ValueError):
     """An unknown key, a wrong type or a value out of range in a configuration."""
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 TYPES = typing.get_type_hints(Config)
+STUDY_FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+_SCHEMAS = {Config: (FIELDS, TYPES, "config key"),
+            StudyConfig: (STUDY_FIELDS, typing.get_type_hints(StudyConfig), "study setting")}
 
 
-def coerce(name: str, value, origin: str):
-    """Check and convert one value to the field's type; ``origin`` says where it came from."""
+def coerce(name: str, value, origin: str, schema: type = Config):
+    """Check and convert one value to the field's type; ``origin`` says where it came from.
+    ``schema`` is the dataclass the field belongs to (:class:`Config` or :class:`StudyConfig`)."""
+    fields, types, what = _SCHEMAS[schema]
     if not isinstance(name, str):
-        raise ConfigError(f"{origin}: config keys must be names, got {name!r} (quote it in YAML)")
-    if name not in FIELDS:
-        close = difflib.get_close_matches(name, FIELDS, n=3, cutoff=0.6)
+        raise ConfigError(f"{origin}: {what}s must be names, got {name!r} (quote it in YAML)")
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"{origin}: unknown config key {name!r}.{hint} Valid keys: {', '.join(FIELDS)}")
-    kind = TYPES[name]
+        raise ConfigError(f"{origin}: unknown {what} {name!r}.{hint} Valid {what}s: {', '.join(fields)}")
+    kind = types[name]
     try:
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -124,6 +161,25 @@ def coerce(name: str, value, origin: str):
     return value
 
 
+def build_study_config(values: dict | None = None, origin: str = "study", overrides: dict | None = None) -> StudyConfig:
+    """Defaults, then a study file's ``study:`` block (``values``), then ``overrides`` (CLI; None = not given)."""
+    if not isinstance(values or {}, dict):
+        raise ConfigError(f"{origin}: the study block must be a mapping of study settings, got {type(values).__name__}")
+    typed = {k: coerce(k, v, origin, StudyConfig) for k, v in (values or {}).items()}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            typed[key] = coerce(key, value, f"option --{key.replace('_', '-')}", StudyConfig)
+    sc = StudyConfig(**typed)
+    for name in ("n_trials", "total_trials", "timeout", "sampler_startup_trials", "pruner_startup_trials",
+                 "pruner_warmup_epochs", "retrain_epochs"):
+        if getattr(sc, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(sc, name)}")
+    for name in ("workers", "heartbeat"):
+        if getattr(sc, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(sc, name)}")
+    return sc
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field and range checks."""
     positive = ("epochs", "batch_size", "eval_batch_size", "lr")
@@ -142,6 +198,12 @@ def validate(cfg: Config) -> Config:
         check_device(cfg.device)
     if cfg.model == "cnn" and (cfg.pretrained != "none" or cfg.freeze_depth != 0):
         raise ConfigError("pretrained and freeze_depth apply to resnet18 only; for model cnn leave them at none and 0")
+    sizes = INPUT_SIZES[cfg.model]
+    if cfg.input_size == 0:
+        cfg = dataclasses.replace(cfg, input_size=sizes[0])
+    elif cfg.input_size not in sizes:
+        raise ConfigError(f"input_size for model {cfg.model} must be one of {', '.join(map(str, sizes))} "
+                          f"(0: {sizes[0]}), got {cfg.input_size}")
     return cfg
 
 
@@ -178,12 +240,49 @@ def read_yaml(path: str | Path) -> dict:
     return loaded
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Defaults, then the experiment YAML (if any), then ``overrides`` (CLI options; None = not given)."""
+# Blocks of a study file (experiments/tune_*.yaml) that `fer-exp tune` reads beside the config keys.
+STUDY_SECTIONS = ("study", "search_space")
+
+
+def read_experiment(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    """(config values, study sections) of an experiment file, checked and typed.
+
+    ``base: OTHER.yaml`` (a path relative to the file) starts from another experiment file's values,
+    which the file's own keys then override, so a study or a variant restates only what it changes.
+    """
+    path = Path(path)
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: `base:` files form a cycle ({' -> '.join(str(p) for p in (*_chain, path.resolve()))})")
+    raw = read_yaml(path)
+    sections = {name: raw.pop(name) for name in STUDY_SECTIONS if name in raw}
     values: dict = {}
-    if yaml_path:
-        values.update({k: coerce(k, v, str(yaml_path)) for k, v in read_yaml(yaml_path).items()})
+    base = raw.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base must be the path of another experiment file, got {base!r}")
+        values, base_sections = read_experiment(path.parent / base, (*_chain, path.resolve()))
+        if base_sections:
+            raise ConfigError(f"{path}: its base {base} is a study file ({', '.join(base_sections)}); "
+                              "a base holds config keys only")
+    values.update({k: coerce(k, v, str(path)) for k, v in raw.items()})
+    return values, sections
+
+
+def build_config(values: dict | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then ``values`` (typed, from an experiment file), then ``overrides`` (CLI options; None = not given)."""
+    values = dict(values or {})
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = coerce(key, value, f"option --{key.replace('_', '-')}")
     return validate(Config(**values))
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then the experiment YAML (if any), then ``overrides`` (CLI options; None = not given)."""
+    values: dict = {}
+    if yaml_path:
+        values, sections = read_experiment(yaml_path)
+        if sections:
+            raise ConfigError(f"{yaml_path} is a study file (it has {' and '.join(sections)}): "
+                              f"run it with `fer-exp tune --config {yaml_path}`")
+    return build_config(values, overrides)

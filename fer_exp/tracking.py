@@ -63,10 +63,11 @@ def log_pytorch_model(model: torch.nn.Module, example_images: torch.Tensor):
 
 
 class MLflowCallback(Callback):
-    """Logs a :class:`~fer_exp.train.Trainer` run to the active MLflow run."""
+    """Logs a :class:`~fer_exp.train.Trainer` run to the active MLflow run: the test evaluation's
+    metrics, figure and tables when the fit made one, the checkpoints and the model when asked."""
 
-    def __init__(self, log_model: bool = True):
-        self.log_model = log_model
+    def __init__(self, log_model: bool = True, log_checkpoints: bool = True):
+        self.log_model, self.log_checkpoints = log_model, log_checkpoints
 
     def on_fit_start(self, trainer: Trainer) -> None:
         cfg, data = trainer.cfg, trainer.data
@@ -89,11 +90,21 @@ class MLflowCallback(Callback):
         mlflow.log_metrics({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=epoch)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        mlflow.log_metrics({"best_epoch": result.best_epoch, f"best_{trainer.cfg.select_metric}": result.best_value,
+                            "epochs_run": trainer.epoch, "fit_seconds": result.seconds})
+        if result.test_metrics:
+            self.log_test_evaluation(trainer, result)
+        if self.log_checkpoints:
+            mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
+            mlflow.log_artifact(str(result.last_checkpoint), "checkpoints")
+        if self.log_model:
+            log_pytorch_model(trainer.model, trainer.data.val.images)
+
+    @staticmethod
+    def log_test_evaluation(trainer: Trainer, result: FitResult) -> None:
         test = trainer.data.test
         labels, predictions = test.labels.numpy(), result.test_probabilities.argmax(1)
-        mlflow.log_metrics({k: result.test_metrics[k] for k in TEST_METRICS} |
-                           {"best_epoch": result.best_epoch, f"best_{trainer.cfg.select_metric}": result.best_value,
-                            "epochs_run": trainer.epoch, "fit_seconds": result.seconds})
+        mlflow.log_metrics({k: result.test_metrics[k] for k in TEST_METRICS})
         figure = confusion_figure(labels, predictions, title=f"{trainer.cfg.model} test")
         mlflow.log_figure(figure, "confusion_matrix.png")
         import matplotlib.pyplot as plt
@@ -110,7 +121,3 @@ class MLflowCallback(Callback):
             path = Path(tmp) / "test_predictions.csv"
             frame.to_csv(path, index=False)
             mlflow.log_artifact(str(path))
-        mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
-        mlflow.log_artifact(str(result.last_checkpoint), "checkpoints")
-        if self.log_model:
-            log_pytorch_model(trainer.model, trainer.data.val.images)

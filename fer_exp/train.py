@@ -28,7 +28,9 @@ from fer_exp.models import build_model
 
 
 class Callback:
-    """Hooks into :meth:`Trainer.fit`. Raise from a hook to stop training (e.g. a pruned trial)."""
+    """Hooks into :meth:`Trainer.fit`. Raise :class:`StopTraining` from a hook to end the run early
+    without a result (a pruned tuning trial, say); set ``trainer.should_stop`` to end it after this
+    epoch with a result."""
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
 
@@ -37,13 +39,22 @@ class Callback:
     def on_fit_end(self, trainer: "Trainer", result: "FitResult") -> None: ...
 
 
+class StopTraining(Exception):
+    """Raised by a callback to end :meth:`Trainer.fit` at once, on purpose: no test evaluation, no
+    result. ``reason`` says why (e.g. "pruned at epoch 3"); the tracking layer marks the run KILLED."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class FitResult:
     best_epoch: int
     best_value: float
     history: list[dict[str, float]]
-    test_metrics: dict[str, float]
-    test_probabilities: np.ndarray
+    test_metrics: dict[str, float]  # empty when fit() left the test split alone
+    test_probabilities: np.ndarray | None
     best_checkpoint: Path
     last_checkpoint: Path
     stopped_early: bool
@@ -256,7 +267,10 @@ class Trainer:
         return path
 
     # -- the run -------------------------------------------------------------------------------------
-    def fit(self) -> FitResult:
+    def fit(self, evaluate_test: bool = True) -> FitResult:
+        """Train for ``cfg.epochs`` (or until early stopping), selecting the best epoch on val; then,
+        with ``evaluate_test``, evaluate that epoch once on test. Tuning trials pass False: they
+        select on val and never look at the test split."""
         cfg = self.cfg
         seed_everything(cfg.seed)  # dropout draws from the global generator: same seed, same run
         start = time.perf_counter()
@@ -295,9 +309,10 @@ class Trainer:
                 self.should_stop = True
             if self.should_stop:
                 break
-        # the best epoch, evaluated once on test
-        self.model.load_state_dict(torch.load(best_path, map_location=self.device, weights_only=True)["model"])
-        test_metrics, test_probabilities = self.evaluate("test")
+        test_metrics, test_probabilities = {}, None
+        if evaluate_test:  # the best epoch, evaluated once on test
+            self.model.load_state_dict(torch.load(best_path, map_location=self.device, weights_only=True)["model"])
+            test_metrics, test_probabilities = self.evaluate("test")
         result = FitResult(best_epoch, best_value, self.history, test_metrics, test_probabilities, best_path,
                            last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start)
         for cb in self.callbacks:

@@ -1,5 +1,13 @@
 """Shared fixtures."""
 
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 
 
@@ -13,3 +21,55 @@ def store(tmp_path, monkeypatch):
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of initdb/pg_ctl: on PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL server on 127.0.0.1, started for the test session and stopped after it.
+
+    Needs Debian's `postgresql` package (`.ci/run` installs it). Skipped where it is absent, unless
+    FER_EXP_REQUIRE_POSTGRES=1 (set by .ci/run), where it fails instead."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        if os.environ.get("FER_EXP_REQUIRE_POSTGRES") == "1":
+            pytest.fail("FER_EXP_REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="fer-exp-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the server as the package's postgres user
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+
+    def run(*cmd):
+        return subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "start",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=100")
+    try:
+        run(str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
+            "CREATE ROLE fer LOGIN PASSWORD 'pg-secret-7f3a'")
+        run(str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
+            "CREATE DATABASE fer_test OWNER fer")
+        yield f"postgresql://fer:pg-secret-7f3a@127.0.0.1:{port}/fer_test"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)

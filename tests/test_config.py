@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_exp.config import CHOICES, Config, ConfigError, coerce, load_config
+from fer_exp.config import CHOICES, INPUT_SIZES, STUDY_SECTIONS, Config, ConfigError, coerce, load_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -23,13 +23,50 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 
 
 def test_defaults_without_yaml_or_overrides():
-    assert load_config() == Config()
-    assert load_config(None, {}) == Config()
+    assert load_config() == validate(Config())
+    assert load_config(None, {}) == validate(Config())
 
 
 def test_empty_yaml_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
-    assert load_config(write(tmp_path, "# only a comment\n", "c.yaml")) == Config()
+    assert load_config(write(tmp_path, "")) == validate(Config())
+    assert load_config(write(tmp_path, "# only a comment\n", "c.yaml")) == validate(Config())
+
+
+@pytest.mark.parametrize("model", INPUT_SIZES)
+def test_input_size_zero_is_the_models_default_and_each_model_has_its_sizes(model):
+    assert Config().input_size == 0
+    assert load_config(overrides={"model": model}).input_size == INPUT_SIZES[model][0]
+    for size in INPUT_SIZES[model]:
+        assert load_config(overrides={"model": model, "input_size": size}).input_size == size
+    other = next(s for m, sizes in INPUT_SIZES.items() if m != model for s in sizes)
+    with pytest.raises(ConfigError, match=f"input_size for model {model} must be one of"):
+        load_config(overrides={"model": model, "input_size": other})
+
+
+def test_base_file_values_come_first_and_the_file_overrides_them(tmp_path):
+    write(tmp_path, "epochs: 5\nlr: 0.01\nmodel: resnet18\n", "base.yaml")
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path, "base: ../base.yaml\nlr: 0.002\n", "sub/variant.yaml")
+    cfg = load_config(path, {"epochs": 7})
+    assert (cfg.model, cfg.lr, cfg.epochs) == ("resnet18", 0.002, 7)
+
+
+def test_base_errors_name_the_file(tmp_path):
+    write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(write(tmp_path, "base: nowhere.yaml\n", "c.yaml"))
+    write(tmp_path, "epochs: abc\n", "bad.yaml")
+    with pytest.raises(ConfigError, match="bad.yaml: epochs must be int"):
+        load_config(write(tmp_path, "base: bad.yaml\n", "d.yaml"))
+
+
+def test_a_study_file_is_not_a_training_config(tmp_path):
+    path = write(tmp_path, "epochs: 3\nsearch_space:\n  lr: {type: float, low: 0.001, high: 0.01}\n")
+    with pytest.raises(ConfigError, match="fer-exp tune --config"):
+        load_config(path)
 
 
 def test_yaml_overrides_defaults_and_cli_overrides_yaml(tmp_path):
@@ -64,7 +101,7 @@ def test_path_may_be_str_or_path(tmp_path):
         ("channels_last", "1", True),
         ("channels_last", "false", False),
         ("channels_last", "0", False),
-        ("input_size", "224", 224),
+        ("input_size", "96", 96),
         ("freeze_depth", "3", 3),
         ("model", "resnet18", "resnet18"),
     ],
@@ -96,7 +133,7 @@ def test_unknown_yaml_key_names_key_file_and_suggests(tmp_path):
     message = str(err.value)
     assert "'epoch'" in message and str(path) in message
     assert "Did you mean epochs" in message
-    assert "Valid keys" in message
+    assert "Valid config keys" in message
 
 
 def test_unknown_override_key_names_option():
@@ -128,7 +165,7 @@ def test_non_string_yaml_key_is_config_error(tmp_path, text):
         ("channels_last: maybe\n", ["channels_last must be bool", "'maybe'"]),
         ("channels_last: 1\n", ["channels_last must be bool"]),
         ("model: vgg\n", ["model must be one of cnn, resnet18", "'vgg'"]),
-        ("input_size: 100\n", ["input_size must be one of 112, 224", "100"]),
+        ("input_size: 100\n", ["input_size must be one of 0, 48, 64, 96, 112, 224", "100"]),
         ("model: resnet18\nfreeze_depth: 7\n", ["freeze_depth must be one of 0, 1, 2, 3, 4, 5", "7"]),
         ("scheduler: step\n", ["scheduler must be one of"]),
         ("amp: fp16\n", ["amp must be one of"]),
@@ -284,7 +321,10 @@ def test_to_yaml_round_trips(tmp_path, overrides):
     assert again.to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+TRAINING_FILES = [p for p in EXPERIMENTS if not set(STUDY_SECTIONS) & set(yaml.safe_load(p.read_text()))]
+
+
+@pytest.mark.parametrize("path", TRAINING_FILES, ids=[p.name for p in TRAINING_FILES])
 def test_experiment_files_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)

@@ -38,6 +38,27 @@ def test_cnn_parameter_count_and_shapes():
     assert "mean" not in model.state_dict()  # normalisation buffers are not checkpointed
 
 
+@pytest.mark.parametrize("size,block4", [(64, (256, 8, 8)), (96, (256, 12, 12))])
+def test_cnn_at_a_larger_input_size_upsamples_with_the_same_parameters(size, block4):
+    model = build_model("cnn", input_size=size).eval()
+    assert count_parameters(model) == (584_807, 584_807)
+    seen = {}
+    model.block4.register_forward_hook(lambda module, inputs, out: seen.__setitem__("block4", tuple(out.shape[1:])))
+    with torch.no_grad():
+        out = model(faces(2))  # 48x48 in, resized inside
+    assert out.shape == (2, NUM_CLASSES) and seen["block4"] == block4
+    native = build_model("cnn").eval()
+    native.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(native(faces(2)), out)  # the size really changes what the model sees
+
+
+@pytest.mark.parametrize("size", [0, 20, 7])
+def test_cnn_rejects_bad_input_sizes(size):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        build_model("cnn", input_size=size)
+
+
 def test_cnn_rejects_pretrained():
     with pytest.raises(ValueError, match="resnet18"):
         build_model("cnn", pretrained="imagenet")

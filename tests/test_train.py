@@ -598,7 +598,7 @@ def cli(store):
         (["--epochs", "abc"], ["epochs must be int", "'abc'"]),
         (["--epochs", "1.5"], ["epochs must be int"]),
         (["--model", "vgg"], ["model must be one of cnn, resnet18", "'vgg'"]),
-        (["--input-size", "100"], ["input_size must be one of 112, 224"]),
+        (["--input-size", "100"], ["input_size must be one of 0, 48, 64, 96, 112, 224"]),
         (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
         (["--lr", "0"], ["lr must be positive"]),
         (["--model", "cnn", "--pretrained", "imagenet"], ["resnet18 only"]),

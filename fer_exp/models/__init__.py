@@ -18,20 +18,21 @@ def build_model(
     name: str,
     *,
     num_classes: int = NUM_CLASSES,
-    input_size: int = 112,
+    input_size: int | None = None,
     freeze_depth: int = 0,
     pretrained: str = "none",
     dropout: float = 0.3,
 ) -> nn.Module:
-    """Build a model by name. For "cnn", input_size and freeze_depth are ignored (it runs at 48x48)."""
+    """Build a model by name; ``input_size`` None is the model's default (cnn 48, resnet18 112).
+    freeze_depth applies to resnet18 only."""
     if name == "cnn":
         if (pretrained or "none").strip().lower() != "none":
             raise ValueError(f"pretrained={pretrained!r}: pretrained weights only apply to resnet18, not cnn")
-        return FerCNN(num_classes=num_classes, dropout=dropout)
+        return FerCNN(num_classes=num_classes, dropout=dropout, input_size=48 if input_size is None else input_size)
     if name == "resnet18":
         return TimmResNet18(
             num_classes=num_classes,
-            input_size=input_size,
+            input_size=112 if input_size is None else input_size,
             freeze_depth=freeze_depth,
             pretrained=pretrained,
             dropout=dropout,

@@ -1,6 +1,7 @@
 """A small VGG-style CNN for 48x48 grayscale faces (584,807 parameters)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fer_exp.classes import NUM_CLASSES
@@ -21,11 +22,16 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
 class FerCNN(nn.Module):
     """(N, 1, 48, 48) pixels in [0, 1] -> (N, num_classes) logits.
 
-    block1 32x24x24 -> block2 64x12x12 -> block3 128x6x6 -> block4 256x6x6 -> GAP -> Linear.
+    block1 32x24x24 -> block2 64x12x12 -> block3 128x6x6 -> block4 256x6x6 -> GAP -> Linear (at 48 px).
+    With ``input_size`` above 48 the faces are upsampled first (bilinear); global average pooling
+    makes the same 584,807 parameters work at any size.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.3):
+    def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.3, input_size: int = 48):
         super().__init__()
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 16 or input_size % 8:
+            raise ValueError(f"input_size must be a multiple of 8, at least 16 (e.g. 48, 64 or 96), got {input_size!r}")
+        self.input_size = input_size
         self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 1, 1, 1), persistent=False)
         self.block1 = conv_block(1, 32)
@@ -37,6 +43,8 @@ class FerCNN(nn.Module):
         self.load_report: str | None = None  # no pretrained weights for this model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
         x = self.block4(self.block3(self.block2(self.block1(x))))
         return self.fc(self.pool(x).flatten(1))

@@ -1,0 +1,840 @@
+"""Optuna studies over the training configuration, each trial a nested MLflow run.
+
+A study file (``experiments/tune_<model>.yaml``) holds a training config (optionally on top of a
+``base:`` experiment file), a ``study:`` block (:class:`~fer_exp.config.StudyConfig`) and a
+``search_space:`` block (:mod:`fer_exp.search_space`). :func:`tune` then:
+
+- opens the study in an Optuna RDB storage (sqlite beside the MLflow store by default, PostgreSQL
+  for many machines), with heartbeats: a trial whose worker was killed is failed and queued again;
+- creates one parent MLflow run per study (its id kept in the study, so a resumed study reopens it);
+- runs trials in ``workers`` processes; each trial is a normal training run (``run_experiment``)
+  nested under the parent with ``parent_run_id``, selecting on val and never touching test; an
+  Optuna pruner stops bad trials through a training-loop callback (the run ends KILLED);
+- counts trials exactly: a worker claims a trial only while the study holds fewer finished-or-running
+  trials than the target, so ``n_trials`` finished trials are added, none twice;
+- logs best value, best params, the trials table and Optuna's figures to the parent run, and with
+  ``retrain_best`` trains the best configuration, tests it once and logs the model.
+
+MLflow is imported only when ``tracking`` is on, so studies also run where it is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from fer_exp.config import (
+    STUDY_SECTIONS,
+    Config,
+    ConfigError,
+    StudyConfig,
+    build_config,
+    build_study_config,
+    read_experiment,
+    validate,
+)
+from fer_exp.search_space import Param, parse_enqueue, parse_space, space_spec
+from fer_exp.train import Callback, StopTraining
+
+MAX_RETRIES = 2  # a trial whose worker dies is run again at most this often
+STALE_AFTER = 3  # heartbeats missed before a running trial counts as lost
+FINISHED = ("COMPLETE", "PRUNED")
+CLAIMED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+# config fields that may differ when a study is resumed (where and how it runs, not what it trains)
+RESUMABLE_DIFFERENCES = ("data", "device", "output_dir", "run_name", "experiment_name", "eval_batch_size", "channels_last")
+REPO_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+class StudyError(RuntimeError):
+    """The study cannot run as asked (storage, resume mismatch, tracking store); says how to fix it."""
+
+
+def _optuna():
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    # fer-exp runs the heartbeat itself around ask/tell (Heartbeat, fail_stale_trials in Worker.claim)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+# ================================================================== the study file
+
+
+@dataclass
+class StudyPlan:
+    """Everything a study needs, resolved and checked before any trial starts."""
+
+    path: str
+    config: Config  # the trials' config before the searched values
+    space: tuple[Param, ...]
+    study: StudyConfig
+    fixed_by_cli: tuple[str, ...] = ()
+    enqueued: tuple[dict, ...] = ()
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.config.select_metric == "val_loss" else "maximize"
+
+    def trial_config(self, params: dict) -> Config:
+        return validate(dataclasses.replace(self.config, **params))
+
+
+def find_study_file(model: str | None) -> Path:
+    """experiments/tune_<model>.yaml, in the working directory or beside the package (a checkout)."""
+    name = f"tune_{model or 'cnn'}.yaml"
+    for folder in (Path("experiments"), REPO_EXPERIMENTS):
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(f"no study file given and no experiments/{name} found; pass --config FILE, a study file "
+                      "with a search_space block (see experiments/tune_cnn.yaml in the fer-exp repository)")
+
+
+def plan_study(path: str | Path | None, config_overrides: dict | None = None,
+               study_overrides: dict | None = None) -> StudyPlan:
+    """Read a study file and the command-line values: the base config, the space, the study settings.
+
+    A config field given on the command line is fixed for every trial and leaves the space."""
+    config_overrides = {k: v for k, v in (config_overrides or {}).items() if v is not None}
+    path = Path(path) if path else find_study_file(config_overrides.get("model"))
+    values, sections = read_experiment(path)
+    if "search_space" not in sections:
+        raise ConfigError(f"{path}: a study file needs a search_space block (see experiments/tune_cnn.yaml)")
+    config = build_config(values, config_overrides)
+    study = build_study_config(sections.get("study"), f"{path}: study", study_overrides)
+    if not study.study_name:
+        study = dataclasses.replace(study, study_name=path.stem)
+    block = dict(sections["search_space"]) if isinstance(sections["search_space"], dict) else sections["search_space"]
+    fixed = tuple(name for name in (block if isinstance(block, dict) else {}) if name in config_overrides)
+    for name in fixed:
+        del block[name]
+    space = parse_space(block, str(path), config)
+    enqueued = tuple(parse_enqueue(study.enqueue, space, fixed=fixed)) if study.enqueue else ()
+    return StudyPlan(str(path), config, space, study, fixed, enqueued)
+
+
+# ================================================================== storage
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by *** (for logs, tags and the console)."""
+    return re.sub(r"(://[^:/@\s]*:)[^@/\s]+@", r"\1***@", url)
+
+
+def default_storage_url(tracking: bool) -> str:
+    """sqlite optuna.db beside the MLflow sqlite store, else in the working directory."""
+    if tracking:
+        from fer_exp.tracking import tracking_uri
+
+        uri = tracking_uri()
+        if uri.startswith("sqlite:///"):
+            return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).parent / "optuna.db")
+    return "sqlite:///optuna.db"
+
+
+def make_storage(url: str, heartbeat: int, on_stale=None):
+    """An Optuna RDB storage with heartbeats, so killed workers' trials are failed and retried."""
+    optuna = _optuna()
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    driver_url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)  # psycopg 3, the `postgres` extra
+    try:
+        return optuna.storages.RDBStorage(driver_url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                          grace_period=STALE_AFTER * heartbeat, heartbeat_stale_trial_callback=on_stale)
+    except Exception as exc:  # bad URL, server down, missing driver: say which storage and why
+        hint = " (install the driver: pip install 'fer-exp[postgres]')" if isinstance(exc, ImportError) else ""
+        raise StudyError(f"cannot open the Optuna storage {mask_url(url)}: {type(exc).__name__}: "
+                         f"{mask_url(str(exc)).splitlines()[0]}{hint}") from None
+
+
+def make_sampler(sc: StudyConfig, seed: int):
+    optuna = _optuna()
+    if sc.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sc.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=sc.sampler_startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sc.sampler_startup_trials, multivariate=True)
+
+
+def make_pruner(sc: StudyConfig, epochs: int):
+    optuna = _optuna()
+    if sc.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=sc.pruner_startup_trials,
+                                           n_warmup_steps=sc.pruner_warmup_epochs)
+    if sc.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def count_states(study, states) -> int:
+    return sum(t.state.name in states for t in study.get_trials(deepcopy=False))
+
+
+# ================================================================== tracking of trials
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+class LostTrialHandler:
+    """Heartbeat-stale trial callback: the dead worker's MLflow run becomes FAILED (never left
+    RUNNING), then the trial is queued again (at most ``MAX_RETRIES`` times)."""
+
+    def __init__(self, tracking: bool):
+        self.tracking = tracking
+
+    def __call__(self, study, trial) -> None:
+        optuna = _optuna()
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if self.tracking and run_id:
+            with contextlib.suppress(Exception):  # the store may be briefly busy: the trial must still be retried
+                client = _client()
+                client.set_tag(run_id, "trial_state", "FAIL")
+                client.set_tag(run_id, "stop_reason", "its worker stopped sending heartbeats (killed or lost)")
+                client.set_terminated(run_id, "FAILED")
+        retries = len(trial.system_attrs.get("retry_history", []))
+        queued = retries < MAX_RETRIES
+        print(f"trial {trial.number}: its worker is gone (no heartbeat); marked FAIL"
+              + (", queued again" if queued else f", not retried ({MAX_RETRIES} retries used)"), flush=True)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+
+
+class PruningCallback(Callback):
+    """Reports the selection metric to Optuna after each epoch; a pruned trial stops at once."""
+
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric, self.epochs, self.last_value = trial, metric, 0, float("nan")
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        value = metrics[self.metric]
+        self.epochs, self.last_value = epoch, value
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise StopTraining(f"pruned by Optuna at epoch {epoch} ({self.metric} {value:.4f})")
+
+
+class Heartbeat:
+    """Records a running trial's heartbeat every ``interval`` seconds in a thread."""
+
+    def __init__(self, storage, trial_id: int, interval: int):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # one missed beat is not fatal; three are (STALE_AFTER)
+                self.storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# ================================================================== workers
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker process needs (picklable: the spawn start method sends it)."""
+
+    plan: StudyPlan
+    storage_url: str
+    target: int  # finished trials the study must hold when the workers are done
+    deadline: float | None  # time.time() after which no trial starts
+    sampler_seed: int
+    worker: int
+    workers: int
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+
+
+def format_params(params: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+class Worker:
+    """Claims trials of the study until it holds ``target`` finished ones, and runs them."""
+
+    def __init__(self, spec: WorkerSpec, lock=None, data=None, on_trial_end=None):
+        optuna = _optuna()
+        self.spec, self.plan, self.lock = spec, spec.plan, lock or contextlib.nullcontext()
+        self.tracking = spec.plan.study.tracking
+        self.storage = make_storage(spec.storage_url, spec.plan.study.heartbeat, LostTrialHandler(self.tracking))
+        self.study = optuna.load_study(study_name=spec.plan.study.study_name, storage=self.storage,
+                                       sampler=make_sampler(spec.plan.study, spec.sampler_seed),
+                                       pruner=make_pruner(spec.plan.study, spec.plan.config.epochs))
+        self.data = {} if data is None else {self.data_key(spec.plan.config): data}
+        self.on_trial_end = on_trial_end
+        self.prefix = f"[worker {spec.worker}] " if spec.workers > 1 else ""
+        self.failures_in_a_row = 0
+
+    @staticmethod
+    def data_key(cfg: Config) -> tuple:
+        return cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction
+
+    def load(self, cfg: Config):
+        key = self.data_key(cfg)
+        if key not in self.data:  # decoded once per worker (and read from the cache after the first)
+            from fer_exp.experiment import load_run_data
+
+            self.data[key] = load_run_data(cfg)
+        return self.data[key]
+
+    def say(self, text: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.prefix + text)
+        sys.stdout.flush()
+
+    # -- claiming ------------------------------------------------------------------------------
+    def claim(self):
+        """The next trial to run, or None when the study has its target of finished trials (or the
+        deadline passed). Waits while the remaining trials run elsewhere: one may still fail."""
+        optuna = _optuna()
+        poll = min(self.plan.study.heartbeat, 5)
+        while True:
+            if self.spec.deadline is not None and time.time() >= self.spec.deadline:
+                return None
+            optuna.storages.fail_stale_trials(self.study)  # a killed worker's trial: FAIL, queued again
+            with self.lock:
+                trials = self.study.get_trials(deepcopy=False)
+                finished = sum(t.state.name in FINISHED for t in trials)
+                if finished >= self.spec.target:
+                    return None
+                claimed = sum(t.state.name in CLAIMED for t in trials)
+                if claimed < self.spec.target or any(t.state.name == "WAITING" for t in trials):
+                    trial = self.study.ask()
+                    # another machine may have asked at the same moment: the lower trial numbers win
+                    ahead = sum(t.state.name in CLAIMED and t.number < trial.number
+                                for t in self.study.get_trials(deepcopy=False))
+                    if ahead < self.spec.target:
+                        return trial
+                    trial.set_user_attr("surplus", True)
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+            time.sleep(poll)
+
+    def run(self) -> None:
+        while self.failures_in_a_row < 3:
+            trial = self.claim()
+            if trial is None:
+                return
+            self.run_trial(trial)
+        self.say("3 trials failed in a row: this worker stops (see the errors above)")
+
+    # -- one trial -------------------------------------------------------------------------------
+    def run_trial(self, trial) -> None:
+        optuna = _optuna()
+        plan, started = self.plan, time.perf_counter()
+        params = {p.name: p.suggest(trial) for p in plan.space}
+        retry_of = self.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        trial.set_user_attr("worker", self.spec.worker)
+        pruning = PruningCallback(trial, plan.config.select_metric)
+        run_ids: list[str] = []
+        state, value, error, result = "FAIL", None, None, None
+        with Heartbeat(self.storage, trial._trial_id, plan.study.heartbeat):
+            try:
+                cfg = plan.trial_config(params)
+                cfg = dataclasses.replace(cfg, run_name=f"{plan.study.study_name} #{trial.number}")
+                data = self.load(cfg)
+                self.say(f"trial {trial.number} started: {format_params(params)}"
+                         + (f" (retry of trial {retry_of})" if retry_of is not None else ""))
+                result = self.fit(cfg, data, trial, pruning, run_ids, retry_of)
+                value = result.best_value
+                state = "COMPLETE" if math.isfinite(value) else "FAIL"
+                if state == "FAIL":
+                    error = f"{cfg.select_metric} is {value} (the training diverged)"
+            except StopTraining as stop:
+                state, error = "PRUNED", stop.reason
+            except KeyboardInterrupt:
+                self.finish(trial, "FAIL", None, run_ids, "interrupted (Ctrl-C or SIGTERM)", pruning.epochs)
+                raise
+            except Exception as exc:  # a config that breaks training fails its trial, not the study
+                error = f"{type(exc).__name__}: {exc}"
+        self.finish(trial, state, value, run_ids, error, pruning.epochs)
+        seconds = time.perf_counter() - started
+        self.failures_in_a_row = self.failures_in_a_row + 1 if state == "FAIL" else 0
+        try:
+            best = self.study.best_trial
+            best_text = f"best {best.value:.4f} (#{best.number})"
+        except ValueError:
+            best, best_text = None, "no complete trial yet"
+        shown = f"{value:.4f}" if value is not None and math.isfinite(value) else "-"
+        if state == "PRUNED":
+            shown = f"{pruning.last_value:.4f}"
+        self.say(f"trial {trial.number} {state:8s} {plan.config.select_metric} {shown}  {best_text}  "
+                 f"{format_params(params)}  [{pruning.epochs} epochs, {seconds:.0f} s]"
+                 + (f"  ({error})" if error and state != "PRUNED" else ""))
+        if self.tracking and best is not None and self.spec.parent_run_id:
+            with contextlib.suppress(Exception):
+                _client().log_metric(self.spec.parent_run_id, f"best_{plan.config.select_metric}", best.value,
+                                     step=trial.number)
+        if self.on_trial_end is not None:
+            self.on_trial_end(state)
+
+    def fit(self, cfg: Config, data, trial, pruning: PruningCallback, run_ids: list, retry_of):
+        """Train one trial: a nested MLflow run when tracking, else the bare training loop."""
+        if not self.tracking:
+            from fer_exp.train import Trainer
+
+            with tempfile.TemporaryDirectory(prefix="fer-trial-") as folder:
+                return Trainer(cfg, data, folder, callbacks=[pruning], progress=False).fit(evaluate_test=False)
+        from fer_exp.experiment import run_experiment
+
+        tags = {"study": self.plan.study.study_name, "trial": str(trial.number), "trial_state": "RUNNING",
+                "fer_exp.role": "trial", "worker": str(self.spec.worker)}
+        if retry_of is not None:
+            tags["retry_of_trial"] = str(retry_of)
+
+        def started(run_id: str) -> None:
+            run_ids.append(run_id)
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        summary = run_experiment(cfg, [pruning], progress=False, log_model=False, data=data,
+                                 parent_run_id=self.spec.parent_run_id, experiment_id=self.spec.experiment_id,
+                                 tags=tags, evaluate_test=False, log_checkpoints=False, on_run_start=started)
+        shutil.rmtree(Path(cfg.output_dir) / summary.run_id, ignore_errors=True)  # trials keep no weights
+        return summary.result
+
+    def finish(self, trial, state: str, value, run_ids: list, error: str | None, epochs: int) -> None:
+        """Tell Optuna the outcome and make the MLflow run say the same."""
+        optuna = _optuna()
+        trial.set_user_attr("epochs_run", epochs)
+        if error:
+            trial.set_user_attr("error", error[:500])
+        try:
+            if state == "COMPLETE":
+                self.study.tell(trial, value)
+            else:
+                self.study.tell(trial, state=getattr(optuna.trial.TrialState, state))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            state, error = "FAIL", "declared lost (no heartbeat) while it still ran; its result is dropped"
+            self.say(f"trial {trial.number}: {error}")
+        if self.tracking and run_ids:
+            client = _client()
+            client.set_tag(run_ids[0], "trial_state", state)
+            if error:
+                client.set_tag(run_ids[0], "stop_reason" if state == "PRUNED" else "error", error[:5000])
+            if state == "FAIL" and client.get_run(run_ids[0]).info.status in ("RUNNING", "FINISHED"):
+                client.set_terminated(run_ids[0], "FAILED")
+
+
+def worker_main(spec: WorkerSpec, lock) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    if spec.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(spec.tracking_uri)
+    _share_cpu(spec.workers)
+    try:
+        Worker(spec, lock).run()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _share_cpu(workers: int) -> None:
+    """Workers on one CPU split its cores rather than each taking all of them."""
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+# ================================================================== the study's parent run
+
+
+class ParentRun:
+    """The study's MLflow run: created once, reopened on resume, summarised at the end."""
+
+    def __init__(self, plan: StudyPlan, study, storage_url: str):
+        import mlflow
+
+        from fer_exp.tracking import tracking_uri
+
+        self.plan, self.study = plan, study
+        self.uri = tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient()
+        # `mlflow run -e tune` made a run for this launch; children must not adopt it through the env
+        launch = os.environ.pop("MLFLOW_RUN_ID", None)
+        known = study.user_attrs.get("mlflow_parent_run_id")
+        if known:
+            try:
+                run = self.client.get_run(known)
+            except Exception:
+                raise StudyError(
+                    f"study {plan.study.study_name!r} keeps its runs under parent run {known}, which the tracking "
+                    f"store {mask_url(self.uri)} does not have. Point MLFLOW_TRACKING_URI at the store the study "
+                    "started with, or use a new --study-name.") from None
+            self.run_id, self.experiment_id = known, run.info.experiment_id
+            self.client.update_run(known, status="RUNNING")
+            if launch and launch != known:  # keep the launch as a small record under the study's run
+                self.client.set_tag(launch, "mlflow.parentRunId", known)
+                self.client.set_tag(launch, "fer_exp.role", "launch")
+                self.client.set_tag(launch, "study", plan.study.study_name)
+                self.client.set_tag(launch, "mlflow.note.content",
+                                    f"Resumed study {plan.study.study_name}; its trials are under run {known}.")
+            return
+        if launch:
+            run = self.client.get_run(launch)
+            self.run_id, self.experiment_id = launch, run.info.experiment_id
+        else:
+            self.experiment_id = mlflow.set_experiment(plan.config.experiment_name).experiment_id
+            self.run_id = self.client.create_run(self.experiment_id, run_name=plan.study.study_name).info.run_id
+        study.set_user_attr("mlflow_parent_run_id", self.run_id)
+        study.set_user_attr("mlflow_experiment_id", self.experiment_id)
+        self.log_study_definition(storage_url)
+
+    def log_study_definition(self, storage_url: str) -> None:
+        import yaml
+
+        plan, client, run_id = self.plan, self.client, self.run_id
+        searched = {p.name for p in plan.space}
+        params = {f"config.{k}": v for k, v in plan.config.to_dict().items() if k not in searched}
+        params |= {f"space.{p.name}": p.describe() for p in plan.space}
+        params |= {"study.sampler": plan.study.sampler, "study.pruner": plan.study.pruner,
+                   "study.direction": plan.direction}
+        client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+        client.set_tag(run_id, "study", plan.study.study_name)
+        client.set_tag(run_id, "fer_exp.role", "study")
+        client.set_tag(run_id, "model", plan.config.model)
+        client.set_tag(run_id, "study_storage", mask_url(storage_url))
+        client.set_tag(run_id, "select_metric", plan.config.select_metric)
+        client.set_tag(run_id, "mlflow.note.content", (
+            f"Optuna study **{plan.study.study_name}** ({Path(plan.path).name}): {plan.config.model}, "
+            f"{plan.direction} {plan.config.select_metric} over " + ", ".join(f"{p.name} ({p.describe()})" for p in plan.space)
+            + ". Each trial is a child run; the best is tagged `best_run_id`."))
+        client.log_text(run_id, plan.config.to_yaml(), "config.yaml")
+        client.log_text(run_id, yaml.safe_dump(space_spec(plan.space), sort_keys=False), "search_space.yaml")
+
+    def summarise(self, status: str) -> dict:
+        """Best trial, counts, trials table and figures on the parent run; returns the summary."""
+        summary = study_summary(self.study, self.plan)
+        client, run_id = self.client, self.run_id
+        tags = {"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
+                "trials_failed": summary["failed"]}
+        metrics = {"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
+                   "trials_failed": summary["failed"], "epochs_spent": summary["epochs_spent"]}
+        best = summary.get("best")
+        if best:
+            tags |= {"best_trial": best["number"], "best_value": f"{best['value']:.6g}",
+                     "best_params": json.dumps(best["params"]), "best_run_id": best.get("mlflow_run_id", "")}
+            metrics[f"best_{self.plan.config.select_metric}"] = best["value"]
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+        client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            table = Path(tmp) / "trials.csv"
+            trials_frame(self.study).to_csv(table, index=False)
+            client.log_artifact(run_id, str(table))
+            for name, figure in study_figures(self.study, self.plan):
+                client.log_figure(run_id, figure, f"figures/{name}.png")
+                import matplotlib.pyplot as plt
+
+                plt.close(figure)
+        client.set_terminated(run_id, status)
+        return summary
+
+
+def _param(key, value):
+    from mlflow.entities import Param as MlflowParam
+
+    return MlflowParam(key, str(value))
+
+
+def _metric(key, value):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+# ================================================================== tables and figures
+
+
+def trials_frame(study):
+    """One row per trial: number, state, value, epochs, seconds, params, run id, worker, retry of."""
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+                     "epochs_run": t.user_attrs.get("epochs_run"),
+                     "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+                     if t.datetime_complete and t.datetime_start else None,
+                     **{f"params_{k}": v for k, v in t.params.items()},
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""), "worker": t.user_attrs.get("worker"),
+                     "retry_of": t.system_attrs.get("failed_trial"), "error": t.user_attrs.get("error", "")})
+    return pd.DataFrame(rows)
+
+
+def study_summary(study, plan: StudyPlan) -> dict:
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    states = [t.state.name for t in trials]
+    summary = {"study": plan.study.study_name, "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
+               "failed": states.count("FAIL"), "epochs_spent": sum(t.user_attrs.get("epochs_run") or 0 for t in trials),
+               "epochs_possible": plan.config.epochs * (states.count("COMPLETE") + states.count("PRUNED")),
+               "direction": plan.direction, "metric": plan.config.select_metric}
+    try:
+        best = study.best_trial
+        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                           "mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")}
+    except ValueError:
+        pass
+    return summary
+
+
+FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+
+
+def study_figures(study, plan: StudyPlan):
+    """Optuna's matplotlib figures; one that the study cannot draw yet (too few trials) is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import optuna.visualization.matplotlib as vis
+
+    _optuna()
+    for name in FIGURES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = getattr(vis, f"plot_{name}")(study)
+        except Exception as exc:  # e.g. importances need 2 complete trials with varying params
+            print(f"figure {name} skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        axes = axes.flat[0] if hasattr(axes, "flat") else axes
+        figure = axes.get_figure()
+        figure.set_size_inches(10, 6)
+        figure.tight_layout()
+        yield name, figure
+
+
+def format_table(study, plan: StudyPlan) -> str:
+    """The trials as an aligned text table (the console's final report)."""
+    frame = trials_frame(study)
+    if frame.empty:
+        return "(no trials)"
+    names = [p.name for p in plan.space]
+    header = ["#", "state", plan.config.select_metric, "epochs", "seconds", *names, "run"]
+    lines = [header] + [
+        [str(row["number"]), row["state"], _cell(row["value"], ".4f"), _cell(row["epochs_run"], ".0f"),
+         _cell(row["seconds"], ".0f"), *(_cell(row.get(f"params_{n}"), ".3g") for n in names),
+         _cell(row["mlflow_run_id"], "")[:12]]
+        for row in frame.to_dict("records")]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt) if isinstance(value, (int, float)) and fmt else str(value)
+
+
+# ================================================================== the command
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    summary: dict
+    parent_run_id: str | None
+    retrain_run_id: str | None = None
+    retrain_test: dict | None = None
+
+
+def open_study(plan: StudyPlan, storage_url: str):
+    """Create the study, or load it and check it is the same study (config and space)."""
+    optuna = _optuna()
+    storage = make_storage(storage_url, plan.study.heartbeat)
+    name = plan.study.study_name
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        study = None
+    definition = {"config": plan.config.to_dict(), "search_space": space_spec(plan.space),
+                  "select_metric": plan.config.select_metric}
+    if study is None:
+        study = optuna.create_study(study_name=name, storage=storage, direction=plan.direction, load_if_exists=True)
+        if "definition" not in study.user_attrs:
+            study.set_user_attr("definition", definition)
+            for params in plan.enqueued:
+                study.enqueue_trial(params)
+        return study, False
+    known = study.user_attrs.get("definition")
+    if known:
+        changed = [k for k in definition["config"] if k not in RESUMABLE_DIFFERENCES
+                   and known["config"].get(k) != definition["config"][k]]
+        if known["search_space"] != definition["search_space"]:
+            changed.append("search_space")
+        if changed:
+            detail = ", ".join(f"{k}: {known['config'].get(k)!r} -> {definition['config'][k]!r}" if k != "search_space"
+                               else "search_space" for k in changed)
+            raise StudyError(f"study {name!r} in {mask_url(storage_url)} was made with another configuration "
+                             f"({detail}); its trials would not compare. Resume it unchanged, or use a new --study-name.")
+    return study, True
+
+
+def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
+    """Run (or resume) the study of ``plan``; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from fer_exp.experiment import load_run_data
+
+    sc = plan.study
+    storage_url = sc.storage or default_storage_url(sc.tracking)
+    if storage_url.startswith("sqlite:///"):
+        Path(storage_url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    data = load_run_data(plan.config)  # bad data fails here, once, and the decode cache is warm for the workers
+    study, resumed = open_study(plan, storage_url)
+    finished_before = count_states(study, FINISHED)
+    target = sc.total_trials or finished_before + sc.n_trials
+    parent = ParentRun(plan, study, storage_url) if sc.tracking else None
+    print(f"study {sc.study_name} ({'resumed, ' + str(finished_before) + ' finished trials' if resumed else 'new'}) "
+          f"in {mask_url(storage_url)}: {plan.config.model}, {plan.direction} {plan.config.select_metric}, "
+          f"sampler {sc.sampler}, pruner {sc.pruner}, {plan.config.epochs} epochs a trial, "
+          f"{max(target - finished_before, 0)} trial(s) to run on {sc.workers} worker(s)")
+    print("searching: " + "; ".join(f"{p.name} {p.describe()}" for p in plan.space)
+          + (f" (fixed by the command line: {', '.join(plan.fixed_by_cli)})" if plan.fixed_by_cli else ""))
+    if parent:
+        print(f"parent run {parent.run_id} (experiment {parent.experiment_id}) in {mask_url(parent.uri)}")
+    sys.stdout.flush()
+    base_seed = plan.config.seed * 1000 + len(study.trials)  # a resumed study does not replay its first proposals
+    deadline = time.time() + sc.timeout if sc.timeout else None
+    specs = [WorkerSpec(plan, storage_url, target, deadline, base_seed + w, w, sc.workers,
+                        parent.run_id if parent else None, parent.experiment_id if parent else None,
+                        parent.uri if parent else None) for w in range(sc.workers)]
+    bar = tqdm(total=target, initial=min(finished_before, target), desc=f"study {sc.study_name}", unit="trial",
+               disable=not progress or None, dynamic_ncols=True)
+    status = "FINISHED"
+    try:
+        if sc.workers == 1:
+            Worker(specs[0], data=data, on_trial_end=lambda state: bar.update(int(state in FINISHED))).run()
+        else:
+            status = run_worker_processes(specs, study, bar)
+    except KeyboardInterrupt:
+        status = "KILLED"
+    finally:
+        bar.close()
+    summary = study_summary(study, plan)
+    print("\n" + format_table(study, plan))
+    result = TuneResult(sc.study_name, mask_url(storage_url), summary, parent.run_id if parent else None)
+    if "best" in summary:
+        best = summary["best"]
+        print(f"\nbest trial #{best['number']}: {summary['metric']} {best['value']:.4f}  {format_params(best['params'])}"
+              + (f"  run {best['mlflow_run_id']}" if best["mlflow_run_id"] else ""))
+    spent, possible = summary["epochs_spent"], summary["epochs_possible"]
+    if possible:
+        print(f"epochs spent: {spent} of {possible} ({100 * (1 - spent / possible):.0f}% saved by pruning and early stopping)")
+    if status == "KILLED":
+        if parent:
+            parent.summarise("KILLED")
+        print(f"interrupted: resume with the same command (study {sc.study_name}, storage {mask_url(storage_url)})",
+              file=sys.stderr)
+        raise KeyboardInterrupt
+    if sc.retrain_best and "best" in summary:
+        result.retrain_run_id, result.retrain_test = retrain_best(plan, summary["best"], data, parent)
+    elif sc.retrain_best:
+        print("--retrain-best: no complete trial to retrain", file=sys.stderr)
+    if parent:
+        parent.summarise(status)
+        if result.retrain_run_id:
+            parent.client.set_tag(parent.run_id, "result_run_id", result.retrain_run_id)
+            parent.client.log_batch(parent.run_id, metrics=[_metric(f"result_{k}", v) for k, v in result.retrain_test.items()
+                                                            if k in ("test_accuracy", "test_macro_f1")])
+    return result
+
+
+def run_worker_processes(specs: list[WorkerSpec], study, bar) -> str:
+    """``len(specs)`` spawned worker processes; the bar follows the study's finished trials."""
+    context = multiprocessing.get_context("spawn")  # no fork: torch and its threads do not survive one
+    lock = context.Lock()
+    processes = [context.Process(target=worker_main, args=(spec, lock), name=f"fer-exp worker {spec.worker}")
+                 for spec in specs]
+    for process in processes:
+        process.start()
+        print(f"worker {process.name.split()[-1]} started (pid {process.pid})", flush=True)
+    reported = set()
+    try:
+        while any(p.is_alive() for p in processes):
+            time.sleep(1)
+            bar.n = min(count_states(study, FINISHED), bar.total)
+            bar.refresh()
+            for i, p in enumerate(processes):
+                if not p.is_alive() and p.exitcode not in (0, None) and i not in reported:
+                    reported.add(i)
+                    print(f"worker {i} (pid {p.pid}) ended with exit code {p.exitcode}; a trial it was running is "
+                          f"failed and retried by the others after {STALE_AFTER * specs[0].plan.study.heartbeat} s "
+                          "without heartbeat", flush=True)
+    except KeyboardInterrupt:
+        for p in processes:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker ends its run KILLED and its trial FAIL
+        for p in processes:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+        raise
+    bar.n = min(count_states(study, FINISHED), bar.total)
+    bar.refresh()
+    return "FINISHED" if any(p.exitcode == 0 for p in processes) else "FAILED"
+
+
+def retrain_best(plan: StudyPlan, best: dict, data, parent: ParentRun | None):
+    """The best configuration trained with the full budget, tested once, its model logged."""
+    cfg = plan.trial_config(best["params"])
+    epochs = plan.study.retrain_epochs or cfg.epochs
+    cfg = dataclasses.replace(cfg, epochs=epochs, run_name=f"{plan.study.study_name} best (trial #{best['number']})")
+    print(f"\nretraining trial #{best['number']}'s configuration for {epochs} epochs, then testing it once")
+    if parent is None:
+        from fer_exp.train import Trainer
+
+        with tempfile.TemporaryDirectory(prefix="fer-retrain-") as folder:
+            result = Trainer(cfg, data, folder).fit()
+        run_id = None
+    else:
+        from fer_exp.experiment import run_experiment
+
+        tags = {"study": plan.study.study_name, "fer_exp.role": "retrain", "study_result": "true",
+                "best_trial": str(best["number"])}
+        summary = run_experiment(cfg, data=data, parent_run_id=parent.run_id, experiment_id=parent.experiment_id,
+                                 tags=tags)
+        result, run_id = summary.result, summary.run_id
+    t = result.test_metrics
+    print(f"retrained{' run ' + run_id if run_id else ''}: best epoch {result.best_epoch}, test accuracy "
+          f"{t['test_accuracy']:.4f}, macro-F1 {t['test_macro_f1']:.4f}")
+    return run_id, t

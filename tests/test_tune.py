@@ -1,0 +1,430 @@
+"""`fer-exp tune`: Optuna studies as nested MLflow runs, on synthetic data, end to end.
+
+Real studies in real storages: sqlite (the default) and a real PostgreSQL server (conftest's
+``postgres_url``); real worker processes, real signals. Trials are tiny CNN trainings on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from fer_exp.cli import main
+from fer_exp.config import CHOICES
+from fer_exp.tune import FIGURES, make_pruner, make_sampler, mask_url, plan_study
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY_FILE = """\
+model: cnn
+data: {data}
+epochs: {epochs}
+batch_size: 32
+eval_batch_size: 256
+early_stopping: 0
+device: cpu
+study:
+  sampler: tpe
+  sampler_startup_trials: 1
+search_space:
+  lr: {{type: float, low: 1.0e-7, high: 1.0e-2, log: true}}
+"""
+
+
+def env_for(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "FER_EXP_CACHE_DIR": str(tmp / "cache"),
+            "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return env
+
+
+def fer_exp(tmp: Path, *args, timeout=600) -> subprocess.CompletedProcess:
+    """`fer-exp ARGS` in a fresh process, in ``tmp``, with its own MLflow store and cache."""
+    return subprocess.run([sys.executable, "-m", "fer_exp.cli", *args], cwd=tmp, env=env_for(tmp),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def runs_of(tmp: Path, experiment="fer2013"):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return client, runs
+
+
+def by_role(runs, role):
+    return [r for r in runs if r.data.tags.get("fer_exp.role") == role]
+
+
+def load_study(tmp: Path, name: str, storage: str | None = None):
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{tmp / 'optuna.db'}")
+
+
+# ================================================================ the study file and its errors
+
+
+@pytest.mark.parametrize("model", CHOICES["model"])
+def test_shipped_study_files_plan(model):
+    plan = plan_study(REPO / "experiments" / f"tune_{model}.yaml", {"pretrained": "none" if model == "resnet18" else None})
+    names = {p.name for p in plan.space}
+    assert {"lr", "weight_decay", "input_size"} <= names
+    lr = next(p for p in plan.space if p.name == "lr")
+    assert (lr.low, lr.high, lr.log) == (1e-5, 1e-2, True)
+    sizes = next(p for p in plan.space if p.name == "input_size").choices
+    assert sizes == ((48, 64, 96) if model == "cnn" else (112, 224))
+    assert ("freeze_depth" in names) == (model == "resnet18")
+    assert plan.config.model == model and plan.study.study_name == f"tune_{model}"
+    assert plan.enqueued and all(len(trial) == len(plan.space) for trial in plan.enqueued)  # the recipe, complete
+
+
+def test_command_line_fixes_a_field_for_all_trials_and_takes_it_out_of_the_space():
+    plan = plan_study(REPO / "experiments" / "tune_resnet18.yaml", {"pretrained": "none", "input_size": "112"},
+                      {"n_trials": "3"})
+    assert "input_size" not in {p.name for p in plan.space} and plan.fixed_by_cli == ("input_size",)
+    assert plan.config.input_size == 112 and plan.config.pretrained == "none" and plan.study.n_trials == 3
+    assert all("input_size" not in trial for trial in plan.enqueued)
+
+
+@pytest.mark.parametrize(
+    "space, pieces",
+    [
+        ("  lrr: {type: float, low: 0.1, high: 0.2}", ["unknown config field 'lrr'", "Did you mean lr"]),
+        ("  lr: {type: float, low: 0.01, high: 0.001}", ["search_space.lr", "empty range"]),
+        ("  lr: {type: float, low: 0, high: 0.1, log: true}", ["log range needs low > 0"]),
+        ("  lr: {type: float, low: -1, high: 0.1}", ["value -1.0 is not valid", "lr must be positive"]),
+        ("  freeze_depth: {type: int, low: 0, high: 2}", ["value 2 is not valid", "resnet18 only"]),
+        ("  input_size: {type: categorical, choices: [48, 112]}", ["value 112 is not valid", "input_size for model cnn"]),
+        ("  epochs: {type: float, low: 1, high: 3}", ["epochs is a int field"]),
+        ("  lr: {type: uniform, low: 0.1, high: 0.2}", ["type must be one of float, int, categorical"]),
+        ("  lr: {type: float, low: 0.1}", ["needs low and high"]),
+        ("  lr: {type: float, low: 0.001, high: 0.01, steps: 3}", ["unknown key(s) steps"]),
+        ("  model: {type: categorical, choices: [cnn, resnet18]}", ["model is fixed for a whole study"]),
+        ("  scheduler: {type: categorical, choices: [cosine, linear]}", ["scheduler must be one of"]),
+        ("  lr: [0.1, 0.2]", ["search_space.lr must be a mapping"]),
+        ("  {}", ["search_space must be a non-empty mapping"]),
+    ],
+)
+def test_a_wrong_search_space_exits_2_before_any_trial(tmp_path, store, space, pieces):
+    path = tmp_path / "study.yaml"
+    path.write_text(f"model: cnn\ndata: synthetic:32,16,16\nsearch_space:\n{space}\n")
+    result = CliRunner().invoke(main, ["tune", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "Error:" in result.output
+    for piece in pieces:
+        assert piece in result.output, result.output
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args, piece",
+    [
+        (["--sampler", "cmaes"], "sampler must be one of tpe, random, gp"),
+        (["--workers", "0"], "workers must be at least 1"),
+        (["--n-trials", "-1"], "n_trials must not be negative"),
+        (["--enqueue", "lr=5"], "lr=5 is outside the search space"),
+        (["--enqueue", "momentum=0.9"], "'momentum=0.9' must be NAME=VALUE"),
+        (["--storage", "nosuchdb://x"], "cannot open the Optuna storage nosuchdb://x"),
+        (["--data", "/no/such/folder"], "/no/such/folder: no such file or folder"),
+    ],
+)
+def test_bad_study_options_exit_2(tmp_path, store, args, piece):
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
+    result = CliRunner().invoke(main, ["tune", "--config", str(path), *args])
+    assert result.exit_code == 2 and piece in result.output and "Traceback" not in result.output, result.output
+
+
+def test_no_study_file_for_the_model_says_how_to_give_one(tmp_path, store, monkeypatch):
+    monkeypatch.setattr("fer_exp.tune.REPO_EXPERIMENTS", tmp_path / "nowhere")
+    result = CliRunner().invoke(main, ["tune", "--model", "resnet18"])
+    assert result.exit_code == 2 and "experiments/tune_resnet18.yaml" in result.output and "--config" in result.output
+
+
+def test_passwords_are_masked():
+    assert mask_url("postgresql://fer:s3cret@db.example:5432/optuna") == "postgresql://fer:***@db.example:5432/optuna"
+    assert mask_url("sqlite:///optuna.db") == "sqlite:///optuna.db"
+    assert mask_url("postgresql://fer@host/db") == "postgresql://fer@host/db"
+
+
+def test_every_sampler_and_pruner_choice_is_built():
+    plan = plan_study(REPO / "experiments" / "tune_cnn.yaml")
+    kinds = {name: type(make_sampler(plan.study.__class__(sampler=name), 0)).__name__ for name in CHOICES["sampler"]}
+    assert kinds == {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler"}
+    kinds = {name: type(make_pruner(plan.study.__class__(pruner=name), 5)).__name__ for name in CHOICES["pruner"]}
+    assert kinds == {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
+
+
+# ================================================================ one study, resumed, on the default storage
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A 3-trial study (two learning trials, one that cannot learn), then resumed with one more trial
+    and --retrain-best. Runs in-process through the CLI; about a minute on 2 CPU cores."""
+    tmp = tmp_path_factory.mktemp("study")
+    path = tmp / "tune_small.yaml"
+    path.write_text(STUDY_FILE.format(data="synthetic:800,100,20", epochs=3))
+    common = ["tune", "--config", str(path), "--pruner", "median", "--pruner-startup-trials", "2",
+              "--pruner-warmup-epochs", "2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        for name, value in env_for(tmp).items():
+            mp.setenv(name, value)
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(name, raising=False)
+        # the same learning recipe twice (same seed: the same curve), then lr 1e-7, which cannot learn
+        first = CliRunner().invoke(main, [*common, "--n-trials", "3", "--enqueue", "lr=0.003; lr=0.003; lr=1e-7"])
+        assert first.exit_code == 0, first.output + repr(first.exception)
+        client, runs_first = runs_of(tmp)
+        resumed = CliRunner().invoke(main, [*common, "--n-trials", "1", "--retrain-best", "--retrain-epochs", "1"])
+        assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+        client, runs = runs_of(tmp)
+        yield {"tmp": tmp, "client": client, "runs_first": runs_first, "runs": runs, "first": first.output,
+               "resumed": resumed.output, "study": load_study(tmp, "tune_small")}
+
+
+def test_one_parent_and_a_child_per_trial(study):
+    parents = by_role(study["runs_first"], "study")
+    trials = by_role(study["runs_first"], "trial")
+    assert len(parents) == 1 and len(trials) == 3
+    parent = parents[0]
+    assert parent.info.run_name == "tune_small" and parent.info.status == "FINISHED"
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["study"] == "tune_small"
+        assert run.info.experiment_id == parent.info.experiment_id
+    assert sorted(r.data.tags["trial"] for r in trials) == ["0", "1", "2"]
+
+
+def test_children_are_full_training_runs_that_never_touch_test(study):
+    client = study["client"]
+    for run in by_role(study["runs"], "trial"):
+        params = run.data.params
+        assert len([k for k in params if k.startswith("config.")]) == 31  # every config field
+        assert params["config.model"] == "cnn" and params["config.epochs"] == "3"
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        epochs = study["study"].trials[int(run.data.tags["trial"])].user_attrs["epochs_run"]
+        assert [m.step for m in history] == list(range(1, epochs + 1)) and epochs >= 1
+        assert not any(k.startswith("test_") for k in run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "checkpoints" not in artifacts and "test_predictions.csv" not in artifacts
+    trial_ids = {r.info.run_id for r in by_role(study["runs"], "trial")}
+    models = client.search_logged_models(experiment_ids=[study["runs"][0].info.experiment_id])
+    assert not {m.source_run_id for m in models} & trial_ids  # trials export no model
+
+
+def test_the_trial_that_cannot_learn_is_pruned_and_its_run_killed(study):
+    trials = {t.number: t for t in study["study"].trials}
+    assert [trials[n].state.name for n in (0, 1, 2)] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert trials[2].params["lr"] == pytest.approx(1e-7)
+    assert trials[0].value == trials[1].value  # the same config and seed on the CPU: the same run
+    run = next(r for r in by_role(study["runs"], "trial") if r.data.tags["trial"] == "2")
+    assert run.info.status == "KILLED"
+    assert run.data.tags["trial_state"] == "PRUNED" and "pruned by Optuna at epoch 3" in run.data.tags["stop_reason"]
+    assert trials[2].user_attrs["epochs_run"] == 3
+    for number in (0, 1):
+        run = next(r for r in by_role(study["runs"], "trial") if r.data.tags["trial"] == str(number))
+        assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "COMPLETE"
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(trials[number].value)
+    assert "trial 2 PRUNED" in study["first"]
+
+
+def test_the_parent_holds_best_value_params_table_and_figures(study):
+    client = study["client"]
+    parent = by_role(study["runs"], "study")[0]
+    best = study["study"].best_trial
+    tags, metrics = parent.data.tags, parent.data.metrics
+    assert tags["best_trial"] == str(best.number) and json.loads(tags["best_params"]) == best.params
+    best_run = next(r for r in by_role(study["runs"], "trial") if r.data.tags["trial"] == str(best.number))
+    assert tags["best_run_id"] == best_run.info.run_id
+    assert metrics["best_val_accuracy"] == pytest.approx(best.value)
+    assert metrics["trials_pruned"] >= 1 and metrics["trials_complete"] + metrics["trials_pruned"] == 4
+    assert parent.data.params["space.lr"] == "float log 1e-07..0.01" and "config.lr" not in parent.data.params
+    assert parent.data.params["config.epochs"] == "3"
+    folder = Path(client.download_artifacts(parent.info.run_id, "", str(study["tmp"] / "parent")))
+    for name in FIGURES:
+        assert (folder / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    import pandas as pd
+
+    table = pd.read_csv(folder / "trials.csv")
+    assert list(table["number"]) == [0, 1, 2, 3] and set(table["state"]) <= {"COMPLETE", "PRUNED"}
+    assert set(table["mlflow_run_id"]) == {r.info.run_id for r in by_role(study["runs"], "trial")}
+    history = client.get_metric_history(parent.info.run_id, "best_val_accuracy")
+    assert len(history) >= 4  # after every trial, then the summary
+
+
+def test_a_resumed_study_adds_trials_to_the_same_study_and_parent(study):
+    assert len(study["study"].trials) == 4
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study["study"].trials) == 4
+    parents = by_role(study["runs"], "study")
+    assert len(parents) == 1 and parents[0].info.run_id == by_role(study["runs_first"], "study")[0].info.run_id
+    assert "resumed, 3 finished trials" in study["resumed"]
+    assert len(by_role(study["runs"], "trial")) == 4
+    assert study["study"].trials[3].params != study["study"].trials[0].params  # new proposals, not a replay
+
+
+def test_retrain_best_is_tested_once_and_logs_the_model(study):
+    client = study["client"]
+    parent = by_role(study["runs"], "study")[0]
+    retrained = by_role(study["runs"], "retrain")
+    assert len(retrained) == 1
+    run = retrained[0]
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags["study_result"] == "true" and parent.data.tags["result_run_id"] == run.info.run_id
+    best = study["study"].best_trial
+    assert float(run.data.params["config.lr"]) == pytest.approx(best.params["lr"])
+    assert run.data.params["config.epochs"] == "1"
+    assert 0 <= run.data.metrics["test_accuracy"] <= 1 and "test_macro_f1" in run.data.metrics
+    assert parent.data.metrics["result_test_accuracy"] == run.data.metrics["test_accuracy"]
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+
+
+def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
+    tmp = study["tmp"]
+    monkeypatch.chdir(tmp)
+    for name, value in env_for(tmp).items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, ["tune", "--config", str(tmp / "tune_small.yaml"), "--batch-size", "16"])
+    assert result.exit_code == 2 and "made with another configuration (batch_size: 32 -> 16)" in result.output
+    assert "--study-name" in result.output
+    assert len(load_study(tmp, "tune_small").trials) == 4
+
+
+# ================================================================ seeds, workers, signals
+
+
+def test_the_sampler_is_seeded(tmp_path):
+    """Two new studies with the same seed propose the same trials; another seed does not."""
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
+    proposals = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        proc = fer_exp(tmp_path, "tune", "--config", "s.yaml", "--study-name", name, "--seed", str(seed),
+                       "--n-trials", "3", "--tracking", "false", "--pruner", "none")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        proposals.append([t.params["lr"] for t in load_study(tmp_path, name).trials])
+    assert proposals[0] == proposals[1] and len(set(proposals[0])) == 3
+    assert proposals[2] != proposals[0]
+    assert not (tmp_path / "mlflow.db").exists()  # tracking off: Optuna's storage only
+
+
+def test_two_workers_finish_exactly_n_trials_on_sqlite(tmp_path):
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:64,16,16", epochs=1))
+    proc = fer_exp(tmp_path, "tune", "--config", "s.yaml", "--workers", "2", "--n-trials", "5", "--pruner", "none")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "database is locked" not in output
+    assert {"[worker 0] trial", "[worker 1] trial"} <= {line[:16] for line in output.splitlines()}
+    study_ = load_study(tmp_path, "s")
+    assert [t.state.name for t in study_.trials] == ["COMPLETE"] * 5
+    _, runs = runs_of(tmp_path)
+    trials = by_role(runs, "trial")
+    assert sorted(int(r.data.tags["trial"]) for r in trials) == [0, 1, 2, 3, 4]  # each once
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    assert {r.data.tags["worker"] for r in trials} == {"0", "1"}
+    assert {t.user_attrs["mlflow_run_id"] for t in study_.trials} == {r.info.run_id for r in trials}
+
+
+def _start(tmp: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fer_exp.cli", *args], cwd=tmp, env=env_for(tmp),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _read_until(proc: subprocess.Popen, predicate, lines: list, limit=300) -> str:
+    start = time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        if predicate(line):
+            return line
+        assert time.time() - start < limit, "".join(lines)
+    raise AssertionError("process ended before the expected line:\n" + "".join(lines))
+
+
+def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_path):
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:256,16,16", epochs=4))
+    args = ["tune", "--config", "s.yaml", "--pruner", "none"]
+    proc = _start(tmp_path, *args, "--n-trials", "3")
+    lines: list[str] = []
+    _read_until(proc, lambda line: "trial 0 started" in line, lines)
+    time.sleep(3)  # into the first epoch: the trial's run exists
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, output
+    assert "interrupted: resume with the same command" in output
+    client, runs = runs_of(tmp_path)
+    parent = by_role(runs, "study")[0]
+    assert parent.info.status == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in runs}
+    study_ = load_study(tmp_path, "s")
+    assert study_.trials[0].state.name == "FAIL"
+    killed = [r for r in by_role(runs, "trial") if r.data.tags["trial"] == "0"]
+    assert [r.info.status for r in killed] in ([], ["KILLED"])
+
+    proc = fer_exp(tmp_path, *args, "--n-trials", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    client, runs = runs_of(tmp_path)
+    assert [r.info.run_id for r in by_role(runs, "study")] == [parent.info.run_id]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert sum(t.state.name == "COMPLETE" for t in load_study(tmp_path, "s").trials) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_is_failed_and_retried_on_postgresql(tmp_path, postgres_url):
+    """Two workers on a real PostgreSQL study; one is SIGKILLed mid-trial. The other fails that
+    trial through its heartbeat, runs it again, and the study ends with the trials asked for."""
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:256,16,16", epochs=3))
+    proc = _start(tmp_path, "tune", "--config", "s.yaml", "--storage", postgres_url, "--workers", "2",
+                  "--n-trials", "3", "--pruner", "none", "--heartbeat", "1", "--study-name", "pg")
+    lines: list[str] = []
+    pids = {}
+    while len(pids) < 2:
+        line = _read_until(proc, lambda line: line.startswith("worker "), lines)
+        pids[line.split()[1]] = int(line.split("pid ")[1].rstrip(")\n"))
+    line = _read_until(proc, lambda line: line.startswith("[worker 1] trial") and "started" in line, lines)
+    killed_trial = int(line.split("trial ")[1].split()[0])
+    time.sleep(4)  # mid-trial: its MLflow run exists and it has beaten its heart
+    os.kill(pids["1"], signal.SIGKILL)
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=600) == 0, output
+    assert "pg-secret-7f3a" not in output  # the password is masked in everything printed
+    study_ = load_study(tmp_path, "pg", postgres_url)
+    states = {t.number: t.state.name for t in study_.trials}
+    assert states[killed_trial] == "FAIL", output
+    assert list(states.values()).count("COMPLETE") == 3, output
+    retry = [t for t in study_.trials if t.system_attrs.get("failed_trial") == killed_trial]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    assert retry[0].params == study_.trials[killed_trial].params
+    client, runs = runs_of(tmp_path)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    lost = client.get_run(study_.trials[killed_trial].user_attrs["mlflow_run_id"])
+    assert lost.info.status == "FAILED" and lost.data.tags["trial_state"] == "FAIL"
+    retried = client.get_run(retry[0].user_attrs["mlflow_run_id"])
+    assert retried.info.status == "FINISHED" and retried.data.tags["retry_of_trial"] == str(killed_trial)
+    parent = by_role(runs, "study")[0]
+    assert parent.data.tags["study_storage"] == postgres_url.replace("pg-secret-7f3a", "***")
+    assert "pg-secret-7f3a" not in json.dumps([r.data.params | r.data.tags for r in runs])
+
+
+def test_mlflow_run_tune_entry_point(tmp_path):
+    """`mlflow run . -e tune` as the README shows it (tiny data): the run MLflow makes is the parent."""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "-P", "model=resnet18",
+           "-P", "data=synthetic:32,16,16", "-P", "n_trials=2", "-P", "epochs=1", "-P", "pretrained=none",
+           "-P", "batch_size=16", "--env-manager", "local", "--experiment-name", "tuning"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    client, runs = runs_of(tmp_path, "tuning")
+    roots = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(roots) == 1 and roots[0].data.tags["fer_exp.role"] == "study"
+    assert roots[0].data.params["model"] == "resnet18" and roots[0].data.params["n_trials"] == "2"  # -P values
+    children = by_role(runs, "trial")
+    assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {roots[0].info.run_id}
+    assert {r.data.params["config.model"] for r in children} == {"resnet18"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
