@@ -2,6 +2,7 @@
 # The speed checks that need a GPU, as one prepared script (README "Speed").
 #
 #   benchmarks/gpu_check.sh pack [FER2013_FOLDER [TAR]]  # here, once: the real data -> .gpu/fer2013.tar.gz (git-ignored)
+#   benchmarks/gpu_check.sh wheels                       # here, once: Optuna's wheels for the tune step -> .whl/
 #   benchmarks/gpu_check.sh run [STEP ...]               # on the GPU machine, from the repo root
 #
 # STEPs, in the default order (all of them when none is named; most important first):
@@ -10,6 +11,8 @@
 #   cnn-fp32    the same CNN training with amp off: the bf16-vs-fp32 accuracy check
 #   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
 #   compile     throughput.py again with torch.compile (modes $FER_GPU_COMPILE) beside the eager path
+#   tune        benchmarks/tune_packing.py: trials per hour of a CNN study, 1 worker against $FER_GPU_TUNE_WORKERS
+#               packed on the GPU ($FER_GPU_TUNE_SECONDS each, $FER_GPU_TUNE_SET fixed); needs Optuna (`wheels`)
 # Results: one JSON per step and log.txt in $OUT (or ./gpu-check-out), then a summary table.
 # Time: every step has its own limit and the whole run a deadline ($FER_GPU_DEADLINE s, 570): a step
 # that cannot start with 30 s left is skipped and said so, so one call of the device tool always
@@ -17,14 +20,25 @@
 # Knobs (environment): FER_GPU_EPOCHS (60), FER_GPU_RESNET_EPOCHS (2), FER_GPU_BATCHES (50),
 # FER_GPU_WORKERS (8), FER_GPU_COMPILE ("default reduce-overhead"), FER_GPU_TAR (.gpu/fer2013.tar.gz),
 # FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config overrides for every training),
-# FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_DEADLINE, FER_GPU_<STEP>_LIMIT.
+# FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_DEADLINE, FER_GPU_<STEP>_LIMIT,
+# FER_GPU_TUNE_WORKERS ("1 8"), FER_GPU_TUNE_SECONDS (100), FER_GPU_TUNE_SET ("epochs=6 input_size=48").
 # The machine needs torch, torchvision, timm, numpy, pillow, pyyaml, click, tqdm, safetensors and
-# scikit-learn; not mlflow or optuna (the training path runs without tracking here).
+# scikit-learn; not mlflow (the training path and studies run without tracking here). The tune step
+# needs Optuna: `wheels` saves it and its missing dependencies to .whl/ (5.5 MB, git-ignored); carry
+# [".gpu", ".whl"] and the step installs them into /tmp/site.
 # Without .gpu/fer2013.tar.gz the data is synthetic faces of FER2013's size: timings hold, accuracies do not.
-# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu"], timeout_s=600).
+# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu", ".whl"], timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL_STEPS=(throughput cnn-bf16 cnn-fp32 resnet compile)
+ALL_STEPS=(throughput cnn-bf16 cnn-fp32 resnet compile tune)
+
+if [[ "${1:-}" == "wheels" ]]; then  # the device's python is 3.12 on x86-64 and lacks Optuna, SQLAlchemy, Alembic
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "optuna==${FER_GPU_OPTUNA:-5.0.0}" "sqlalchemy>=2,<2.2" "alembic>=1.5" mako colorlog || exit 1
+    ls -l .whl
+    exit 0
+fi
 
 if [[ "${1:-}" == "pack" ]]; then
     src="${2:-../shared/fer2013}" tarball="${3:-.gpu/fer2013.tar.gz}"
@@ -106,6 +120,17 @@ for s in "${steps[@]}"; do
                 full "resnet18_$size" "${FER_GPU_RESNET_LIMIT:-120}" --config experiments/resnet18.yaml --set pretrained=none \
                     --set input_size="$size" --set epochs="$RESNET_EPOCHS" --set early_stopping=0
             done ;;
+        tune)
+            if ! "$PY" -c "import optuna" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+                "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+                export PYTHONPATH="$PYTHONPATH:/tmp/site"
+            fi
+            read -ra TUNE_WORKERS <<< "${FER_GPU_TUNE_WORKERS:-1 8}"
+            TUNE_SETS=()
+            for pair in ${FER_GPU_TUNE_SET-epochs=6 input_size=48} ${FER_GPU_SET:-}; do TUNE_SETS+=(--set "$pair"); done
+            step tune "${FER_GPU_TUNE_LIMIT:-400}" "$PY" benchmarks/tune_packing.py --data "$DATA" \
+                --workers "${TUNE_WORKERS[@]}" --seconds "${FER_GPU_TUNE_SECONDS:-100}" "${TUNE_SETS[@]}" \
+                --json "$OUT/tune.json" >/dev/null ;;
         compile)
             step compile "${FER_GPU_COMPILE_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
                 --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --skip-resnet --skip-ablations "${THROUGHPUT_EXTRA[@]}" \
@@ -134,6 +159,13 @@ for name in ("throughput", "compile"):
         print(f"  ratio {k}: {v}")
     for k, v in t.get("compile", {}).items():
         print(f"  {k}: {v}")
+t = load("tune")
+if t:
+    print(f"tune: {t['seconds']} s per study, {' '.join(t['set'])}")
+    for r in t["runs"]:
+        print(f"  {r['workers']:3d} worker(s): " + (r["error"][:300] if "error" in r else
+              f"{r['finished_trials']} trials in {r['wall_seconds']} s = {r['trials_per_hour']} trials/h, "
+              f"median trial {r['median_trial_seconds']} s, x{r.get('speedup')}, best val {r['best_value']}"))
 for name in ("cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):
     r = load(name)
     if r:

@@ -350,14 +350,13 @@ class Worker:
 
     # -- one trial -------------------------------------------------------------------------------
     def run_trial(self, trial) -> None:
-        optuna = _optuna()
         plan, started = self.plan, time.perf_counter()
         params = {p.name: p.suggest(trial) for p in plan.space}
         retry_of = self.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
         trial.set_user_attr("worker", self.spec.worker)
         pruning = PruningCallback(trial, plan.config.select_metric)
         run_ids: list[str] = []
-        state, value, error, result = "FAIL", None, None, None
+        state, value, error = "FAIL", None, None
         with Heartbeat(self.storage, trial._trial_id, plan.study.heartbeat):
             try:
                 cfg = plan.trial_config(params)
@@ -416,11 +415,13 @@ class Worker:
             run_ids.append(run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
 
-        summary = run_experiment(cfg, [pruning], progress=False, log_model=False, data=data,
-                                 parent_run_id=self.spec.parent_run_id, experiment_id=self.spec.experiment_id,
-                                 tags=tags, evaluate_test=False, log_checkpoints=False, on_run_start=started)
-        shutil.rmtree(Path(cfg.output_dir) / summary.run_id, ignore_errors=True)  # trials keep no weights
-        return summary.result
+        try:
+            return run_experiment(cfg, [pruning], progress=False, log_model=False, data=data,
+                                  parent_run_id=self.spec.parent_run_id, experiment_id=self.spec.experiment_id,
+                                  tags=tags, evaluate_test=False, log_checkpoints=False, on_run_start=started).result
+        finally:  # trials keep no weights: --retrain-best trains the chosen configuration again
+            for run_id in run_ids:
+                shutil.rmtree(Path(cfg.output_dir) / run_id, ignore_errors=True)
 
     def finish(self, trial, state: str, value, run_ids: list, error: str | None, epochs: int) -> None:
         """Tell Optuna the outcome and make the MLflow run say the same."""
@@ -550,10 +551,11 @@ class ParentRun:
         if best:
             tags |= {"best_trial": best["number"], "best_value": f"{best['value']:.6g}",
                      "best_params": json.dumps(best["params"]), "best_run_id": best.get("mlflow_run_id", "")}
-            metrics[f"best_{self.plan.config.select_metric}"] = best["value"]
+            metrics[f"best_{self.plan.config.select_metric}"] = best["value"]  # logged after each trial too
         for key, value in tags.items():
             client.set_tag(run_id, key, str(value))
-        client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
+        last_trial = max((t.number for t in self.study.get_trials(deepcopy=False)), default=0)
+        client.log_batch(run_id, metrics=[_metric(k, v, last_trial) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as tmp:
             table = Path(tmp) / "trials.csv"
             trials_frame(self.study).to_csv(table, index=False)
@@ -573,10 +575,10 @@ def _param(key, value):
     return MlflowParam(key, str(value))
 
 
-def _metric(key, value):
+def _metric(key, value, step: int = 0):
     from mlflow.entities import Metric
 
-    return Metric(key, float(value), int(time.time() * 1000), 0)
+    return Metric(key, float(value), int(time.time() * 1000), step)
 
 
 # ================================================================== tables and figures
@@ -740,14 +742,14 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
                         parent.uri if parent else None) for w in range(sc.workers)]
     bar = tqdm(total=target, initial=min(finished_before, target), desc=f"study {sc.study_name}", unit="trial",
                disable=not progress or None, dynamic_ncols=True)
-    status = "FINISHED"
+    interrupted = False
     try:
         if sc.workers == 1:
             Worker(specs[0], data=data, on_trial_end=lambda state: bar.update(int(state in FINISHED))).run()
         else:
-            status = run_worker_processes(specs, study, bar)
+            run_worker_processes(specs, study, bar)
     except KeyboardInterrupt:
-        status = "KILLED"
+        interrupted = True
     finally:
         bar.close()
     summary = study_summary(study, plan)
@@ -760,18 +762,29 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     spent, possible = summary["epochs_spent"], summary["epochs_possible"]
     if possible:
         print(f"epochs spent: {spent} of {possible} ({100 * (1 - spent / possible):.0f}% saved by pruning and early stopping)")
-    if status == "KILLED":
+    if interrupted:
         if parent:
             parent.summarise("KILLED")
         print(f"interrupted: resume with the same command (study {sc.study_name}, storage {mask_url(storage_url)})",
               file=sys.stderr)
         raise KeyboardInterrupt
+    finished = count_states(study, FINISHED)
+    if finished < target and not (deadline and time.time() >= deadline):
+        if parent:
+            parent.summarise("FAILED")
+        raise StudyError(f"the study stopped with {finished} of {target} finished trials: its workers gave up "
+                         "(see the errors above); the same command resumes it")
     if sc.retrain_best and "best" in summary:
-        result.retrain_run_id, result.retrain_test = retrain_best(plan, summary["best"], data, parent)
+        try:
+            result.retrain_run_id, result.retrain_test = retrain_best(plan, summary["best"], data, parent)
+        except KeyboardInterrupt:
+            if parent:
+                parent.summarise("KILLED")
+            raise
     elif sc.retrain_best:
         print("--retrain-best: no complete trial to retrain", file=sys.stderr)
     if parent:
-        parent.summarise(status)
+        parent.summarise("FINISHED")
         if result.retrain_run_id:
             parent.client.set_tag(parent.run_id, "result_run_id", result.retrain_run_id)
             parent.client.log_batch(parent.run_id, metrics=[_metric(f"result_{k}", v) for k, v in result.retrain_test.items()
@@ -779,7 +792,7 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     return result
 
 
-def run_worker_processes(specs: list[WorkerSpec], study, bar) -> str:
+def run_worker_processes(specs: list[WorkerSpec], study, bar) -> None:
     """``len(specs)`` spawned worker processes; the bar follows the study's finished trials."""
     context = multiprocessing.get_context("spawn")  # no fork: torch and its threads do not survive one
     lock = context.Lock()
@@ -811,7 +824,6 @@ def run_worker_processes(specs: list[WorkerSpec], study, bar) -> str:
         raise
     bar.n = min(count_states(study, FINISHED), bar.total)
     bar.refresh()
-    return "FINISHED" if any(p.exitcode == 0 for p in processes) else "FAILED"
 
 
 def retrain_best(plan: StudyPlan, best: dict, data, parent: ParentRun | None):

@@ -1,27 +1,32 @@
-"""Every experiment file trains end to end on a tiny synthetic run, tracked in a temp MLflow store."""
+"""Every experiment file trains end to end on a tiny synthetic run, tracked in a temp MLflow store;
+every study file (study and search_space blocks) runs a one-trial study."""
 
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fer_exp.config import load_config
+from fer_exp.config import STUDY_SECTIONS, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+STUDIES = [p for p in EXPERIMENTS if set(STUDY_SECTIONS) & set(yaml.safe_load(p.read_text()))]
+TRAINING = [p for p in EXPERIMENTS if p not in STUDIES]
+TINY = {"data": "synthetic:48,16,16", "epochs": 1, "batch_size": 16, "eval_batch_size": 16}
 
 
-def test_there_are_reference_experiments():
-    assert {p.name for p in EXPERIMENTS} >= {"cnn.yaml", "resnet18.yaml"}
+def test_there_are_reference_experiments_and_studies():
+    assert {p.name for p in TRAINING} >= {"cnn.yaml", "resnet18.yaml"}
+    assert {p.name for p in STUDIES} >= {"tune_cnn.yaml", "tune_resnet18.yaml"}
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+@pytest.mark.parametrize("path", TRAINING, ids=[p.stem for p in TRAINING])
 def test_experiment_file_smoke_run(path, store):
     from mlflow.tracking import MlflowClient
 
     from fer_exp.experiment import run_experiment
 
-    cfg = load_config(path, {"data": "synthetic:48,16,16", "epochs": 1, "batch_size": 16, "eval_batch_size": 16,
-                             "output_dir": str(store / "outputs"), "experiment_name": "smoke",
+    cfg = load_config(path, {**TINY, "output_dir": str(store / "outputs"), "experiment_name": "smoke",
                              # no download in tests: the hub path is tested in test_models.py
                              "pretrained": "none" if load_config(path).pretrained == "imagenet" else None})
     summary = run_experiment(cfg, progress=False, log_model=cfg.model == "resnet18")
@@ -37,3 +42,23 @@ def test_experiment_file_smoke_run(path, store):
         model = mlflow.pyfunc.load_model(f"runs:/{summary.run_id}/model")
         probabilities = np.asarray(model.predict(np.zeros((3, 1, 48, 48), np.float32)))
         assert probabilities.shape == (3, 7) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_study_file_smoke_run(path, store):
+    """One trial of the study file (its enqueued recipe), tracked, with the file's own search space."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from fer_exp.tune import plan_study, tune
+
+    plan = plan_study(path, {**TINY, "output_dir": str(store / "outputs"), "experiment_name": "smoke",
+                             "pretrained": "none" if "resnet18" in path.stem else None}, {"n_trials": 1})
+    result = tune(plan, progress=False)
+    study = optuna.load_study(study_name=path.stem, storage=f"sqlite:///{store / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert study.trials[0].params == plan.enqueued[0]  # the recipe runs first
+    client = MlflowClient()
+    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"

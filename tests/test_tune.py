@@ -390,7 +390,11 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_on_postgresql(tmp_path, p
         pids[line.split()[1]] = int(line.split("pid ")[1].rstrip(")\n"))
     line = _read_until(proc, lambda line: line.startswith("[worker 1] trial") and "started" in line, lines)
     killed_trial = int(line.split("trial ")[1].split()[0])
-    time.sleep(4)  # mid-trial: its MLflow run exists and it has beaten its heart
+    started = time.time()
+    while "mlflow_run_id" not in load_study(tmp_path, "pg", postgres_url).trials[killed_trial].user_attrs:
+        assert time.time() - started < 120, "".join(lines)
+        time.sleep(0.5)
+    time.sleep(2)  # mid-trial: its MLflow run exists and it has beaten its heart
     os.kill(pids["1"], signal.SIGKILL)
     output = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=600) == 0, output
