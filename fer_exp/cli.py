@@ -76,6 +76,14 @@ def data_inspect(source: str, as_json: bool, on_bad: str, seed: int, val_fractio
 
 
 
+def ui_hint(run_id: str, experiment_id: str, uri: str) -> str:
+    """Where to look: the command that serves the UI (for a local store) and the run's page."""
+    from fer_exp.tracking import runs_page_url
+
+    serve = "" if uri.startswith(("http://", "https://")) else f"open the UI: mlflow ui --backend-store-uri {uri}\n"
+    return f"{serve}run page: {runs_page_url(run_id, experiment_id, uri)}"
+
+
 class _Optional(click.ParamType):
     """A config value from the command line; an empty string means 'not given' (MLproject defaults)."""
 
@@ -161,7 +169,7 @@ def train(config_path: str | None, **options) -> None:
         f"test: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
         f"per class accuracy: " + "  ".join(f"{c} {t[f'test_acc_{c}']:.3f}" for c in CLASS_NAMES) + "\n"
         f"tracking: {summary.tracking_uri} (experiment id {summary.experiment_id})\n"
-        f"open the UI: mlflow ui --backend-store-uri {summary.tracking_uri}"
+        + ui_hint(summary.run_id, summary.experiment_id, summary.tracking_uri)
     )
 
 
@@ -198,7 +206,8 @@ def tune(config_path: str | None, **options) -> None:
     if result.parent_run_id:
         from fer_exp.tracking import tracking_uri
 
-        click.echo(f"study run {result.parent_run_id}; open the UI: mlflow ui --backend-store-uri {tracking_uri()}")
+        click.echo(f"study run {result.parent_run_id} (expand it in the runs table to see its trials)\n"
+                   + ui_hint(result.parent_run_id, result.experiment_id, tracking_uri()))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class Config:
     eval_batch_size: int = _f(1024, "Batch size for validation and test.")
     # tracking
     experiment_name: str = _f("fer2013", "MLflow experiment name.")
-    run_name: str = _f("", "MLflow run name (empty: MLflow picks one).")
+    run_name: str = _f("", "MLflow run name (empty: one that says what the run is, e.g. 'cnn 48px lr=0.001 wd=0.0001 seed42').")
+    system_metrics: bool = _f(True, "Log system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) to MLflow during training.")
     output_dir: str = _f("outputs", "Local folder for checkpoints (also logged to MLflow).")
 
     def to_dict(self) -> dict:

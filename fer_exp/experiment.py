@@ -41,7 +41,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
     """
     import mlflow
 
-    from fer_exp.tracking import MLflowCallback, tracking_uri
+    from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
 
     if data is None:
         data = load_run_data(cfg)
@@ -53,8 +53,8 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
         experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
     if experiment_id is None and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
         experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
-    with mlflow.start_run(run_name=cfg.run_name or None, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                          tags=tags) as run:
+    with mlflow.start_run(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment_id,
+                          parent_run_id=parent_run_id, tags=tags, log_system_metrics=cfg.system_metrics) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"
         if on_run_start is not None:
             on_run_start(run.info.run_id)

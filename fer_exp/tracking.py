@@ -19,6 +19,7 @@ from fer_exp.models import count_parameters
 from fer_exp.train import Callback, FitResult, Trainer
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SELECTED_METRIC = "best_val"  # the val value of the selected epoch, whichever metric selected it (tag select_metric)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
                  "epoch_seconds", "train_images_per_second")
 TEST_METRICS = ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_macro_precision", "test_macro_recall",
@@ -29,6 +30,57 @@ TEST_METRICS = ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_macr
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def describe_run(cfg) -> str:
+    """A run name that says what the run is: model, key settings, seed."""
+    parts = [cfg.model, f"{cfg.input_size}px"]
+    if cfg.model == "resnet18":
+        weights = cfg.pretrained if cfg.pretrained in ("imagenet", "none") else "local"
+        parts += [weights, f"freeze{cfg.freeze_depth}"]
+    parts += [f"lr={cfg.lr:g}", f"wd={cfg.weight_decay:g}"]
+    if cfg.class_weights == "none":
+        parts.append("unweighted")
+    return " ".join([*parts, f"seed{cfg.seed}"])
+
+
+def runs_page_url(run_id: str, experiment_id: str, uri: str | None = None) -> str:
+    """The run's page in the MLflow UI (a tracking server's own, else `mlflow ui`'s default address);
+    ``workflowType=machine_learning`` opens the classic ML view (MLflow 3.x opens GenAI otherwise)."""
+    uri = uri or tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def data_digest(split) -> str:
+    """A content digest of one split (every pixel and label), so runs on different data tell apart."""
+    import hashlib
+
+    digest = hashlib.sha256(split.images.numpy().tobytes())
+    digest.update(split.labels.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def log_data_inputs(data) -> None:
+    """The three splits as MLflow dataset inputs (the UI's Datasets panel): source, digest, shape."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    for name, split in data.splits().items():
+        source = CodeDatasetSource({"generator": "fer_exp.data.synthetic", "spec": data.source}) \
+            if data.format == "synthetic" else data.source
+        dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(), source=source,
+                                         name=f"fer2013-{name}", digest=data_digest(split))
+        mlflow.log_input(dataset, context=contexts[name],
+                         tags={"split_rule": data.split_rule[:250], "size": str(len(split))})
+
+
+def run_description(cfg, data, trainable: int, total: int) -> str:
+    what = {"cnn": "Custom CNN (4 conv blocks, GAP + FC)", "resnet18": "timm ResNet18"}[cfg.model]
+    return (f"{what}, {total:,} parameters ({trainable:,} trainable), on {data.source} ({data.format}; "
+            f"{data.split_rule}). {cfg.epochs} epochs of AdamW (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
+            f"{cfg.scheduler} schedule), {cfg.class_weights} class weights, seed {cfg.seed}. The epoch with the best "
+            f"{cfg.select_metric} is selected on val (metric `{SELECTED_METRIC}`); test is evaluated once, on it.")
 
 
 class ProbabilityModel(torch.nn.Module):
@@ -82,7 +134,11 @@ class MLflowCallback(Callback):
             "device": str(trainer.device), "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
             "torch_version": torch.__version__, "timm_version": importlib.metadata.version("timm"),
             "pretrained_load": getattr(trainer.model, "load_report", None) or "",
+            "select_metric": cfg.select_metric,
         })
+        if "mlflow.note.content" not in mlflow.get_run(mlflow.active_run().info.run_id).data.tags:
+            mlflow.set_tag("mlflow.note.content", run_description(cfg, data, trainable, total))
+        log_data_inputs(data)
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
         mlflow.log_dict(data.summary(), "data_summary.json")
 
@@ -90,7 +146,7 @@ class MLflowCallback(Callback):
         mlflow.log_metrics({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=epoch)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
-        mlflow.log_metrics({"best_epoch": result.best_epoch, f"best_{trainer.cfg.select_metric}": result.best_value,
+        mlflow.log_metrics({"best_epoch": result.best_epoch, SELECTED_METRIC: result.best_value,
                             "epochs_run": trainer.epoch, "fit_seconds": result.seconds})
         if result.test_metrics:
             self.log_test_evaluation(trainer, result)

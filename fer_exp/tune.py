@@ -392,7 +392,9 @@ class Worker:
                  + (f"  ({error})" if error and state != "PRUNED" else ""))
         if self.tracking and best is not None and self.spec.parent_run_id:
             with contextlib.suppress(Exception):
-                _client().log_metric(self.spec.parent_run_id, f"best_{plan.config.select_metric}", best.value,
+                from fer_exp.tracking import SELECTED_METRIC
+
+                _client().log_metric(self.spec.parent_run_id, SELECTED_METRIC, best.value,
                                      step=trial.number)
         if self.on_trial_end is not None:
             self.on_trial_end(state)
@@ -551,7 +553,9 @@ class ParentRun:
         if best:
             tags |= {"best_trial": best["number"], "best_value": f"{best['value']:.6g}",
                      "best_params": json.dumps(best["params"]), "best_run_id": best.get("mlflow_run_id", "")}
-            metrics[f"best_{self.plan.config.select_metric}"] = best["value"]  # logged after each trial too
+            from fer_exp.tracking import SELECTED_METRIC
+
+            metrics[SELECTED_METRIC] = best["value"]  # logged after each trial too
         for key, value in tags.items():
             client.set_tag(run_id, key, str(value))
         last_trial = max((t.number for t in self.study.get_trials(deepcopy=False)), default=0)
@@ -675,6 +679,7 @@ class TuneResult:
     storage: str
     summary: dict
     parent_run_id: str | None
+    experiment_id: str | None = None
     retrain_run_id: str | None = None
     retrain_test: dict | None = None
 
@@ -754,7 +759,8 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
         bar.close()
     summary = study_summary(study, plan)
     print("\n" + format_table(study, plan))
-    result = TuneResult(sc.study_name, mask_url(storage_url), summary, parent.run_id if parent else None)
+    result = TuneResult(sc.study_name, mask_url(storage_url), summary, parent.run_id if parent else None,
+                        parent.experiment_id if parent else None)
     if "best" in summary:
         best = summary["best"]
         print(f"\nbest trial #{best['number']}: {summary['metric']} {best['value']:.4f}  {format_params(best['params'])}"

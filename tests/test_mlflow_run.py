@@ -26,6 +26,7 @@ def _env(tmp_path: Path) -> dict:
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env["FER_EXP_CACHE_DIR"] = str(tmp_path / "cache")
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # short runs still log system metrics
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python first
     return env
 
@@ -60,6 +61,7 @@ def test_run_finished_with_metrics_in_range(finished_run):
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [1], name
     assert run.data.metrics["train_loss"] > 0 and run.data.metrics["val_loss"] > 0
+    assert run.data.metrics["best_val"] == run.data.metrics["val_accuracy"]  # one epoch: it is the selected one
     assert 0 < run.data.metrics["lr"] <= 1e-3
 
 
@@ -72,6 +74,21 @@ def test_params_and_tags(finished_run):
     assert tags["model"] == "cnn" and tags["num_params"] == "584807" and tags["num_params_trainable"] == "584807"
     assert tags["data_format"] == "synthetic" and tags["train_size"] == "320" and tags["test_size"] == "64"
     assert tags["device"] == "cpu" and tags["torch_version"] and tags["timm_version"]
+    assert tags["select_metric"] == "val_accuracy"
+    assert run.info.run_name == "cnn 48px lr=0.001 wd=0.0001 seed42"  # says what the run is
+    assert "Custom CNN" in tags["mlflow.note.content"] and "584,807 parameters" in tags["mlflow.note.content"]
+
+
+def test_the_splits_are_logged_as_dataset_inputs_and_system_metrics_too(finished_run):
+    _, run, *_ = finished_run
+    contexts = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset
+                for i in run.inputs.dataset_inputs}
+    assert set(contexts) == {"training", "validation", "test"}
+    assert contexts["training"].name == "fer2013-train" and len(contexts["training"].digest) == 12
+    assert len({d.digest for d in contexts.values()}) == 3  # a digest of the content: each split its own
+    assert "synthetic:320,64,64" in contexts["test"].source
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
 
 
 def test_artifacts(finished_run):
