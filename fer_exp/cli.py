@@ -210,5 +210,35 @@ def tune(config_path: str | None, **options) -> None:
                    + ui_hint(result.parent_run_id, result.experiment_id, tracking_uri()))
 
 
+def _split_ids(values) -> list[str]:
+    """--runs A --runs B, or --runs A,B (MLproject passes one string)."""
+    return [part for value in values for part in value.replace(",", " ").split() if part]
+
+
+@main.command()
+@click.option("--experiment", "experiments", multiple=True, help="Experiment name(s) to search (default: fer2013).")
+@click.option("--filter", "filter_string", default="", help="MLflow search filter, e.g. \"tags.model = 'cnn'\".")
+@click.option("--runs", "run_ids", multiple=True, help="Compare these run ids instead of searching (repeat, or comma-separated).")
+@click.option("--group-by", "--group_by", "group_by", default="model", show_default=True,
+              help="Group runs (seeds) by a tag or config field: model, arm, class_weights, tags.X, params.X.")
+@click.option("--output", default="", help="Folder for tables, figures and report.html (default: reports/compare-<time>).")
+@click.option("--log/--no-log", default=True, show_default=True, help="Log the comparison as an MLflow run of its own.")
+def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
+    """Compare finished runs: overall and per-class tables, figures, McNemar tests, an HTML page."""
+    from fer_exp.compare import CompareError
+    from fer_exp.compare import compare as run_compare
+    from fer_exp.tracking import tracking_uri
+
+    experiments = [e for e in experiments if e] or ["fer2013"]
+    try:
+        result = run_compare(experiments, filter_string, _split_ids(run_ids), group_by or "model", output or None, log)
+    except CompareError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(result.markdown)
+    click.echo(f"\ntables, figures and report.html in {result.output}/")
+    if result.run_id:
+        click.echo(f"comparison run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
+
+
 if __name__ == "__main__":
     sys.exit(main())

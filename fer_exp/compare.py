@@ -1,0 +1,449 @@
+"""Compare tracked runs like the reference study: overall and per-class tables (mean +/- std and a
+95% confidence interval per group of seeds), figures, McNemar tests on paired test predictions, an
+HTML page holding it all, and the comparison logged as an MLflow run of its own.
+
+    fer-exp compare --experiment fer2013 --group-by model
+    fer-exp compare --runs RUN_A --runs RUN_B          # two runs: a paired test between them
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
+
+OVERALL = {"test_accuracy": "Accuracy", "test_macro_f1": "Macro F1", "test_weighted_f1": "Weighted F1"}
+PER_CLASS = {f"test_acc_{c}": c.capitalize() for c in CLASS_NAMES}
+SKIPPED_ROLES = ("trial", "study", "launch", "comparison")  # tuning runs and comparisons have no test of their own
+
+
+class CompareError(ValueError):
+    """Nothing to compare, or runs that cannot be compared; says which and how to fix it."""
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    name: str
+    group: str
+    experiment_id: str
+    metrics: dict
+    params: dict
+    tags: dict
+    predictions: pd.DataFrame | None = None
+    val_curve: list = field(default_factory=list)
+
+    @property
+    def seed(self) -> str | None:
+        return self.params.get("config.seed")
+
+
+# ================================================================== selecting runs
+
+
+def group_value(run, key: str) -> str:
+    """``tags.X``, ``params.X``, or a bare X: the tag X, else the param config.X, else the param X."""
+    tags, params = run.data.tags, run.data.params
+    if key.startswith("tags."):
+        return tags.get(key[5:], "?")
+    if key.startswith("params."):
+        return params.get(key[7:], "?")
+    for value in (tags.get(key), params.get(f"config.{key}"), params.get(key)):
+        if value is not None:
+            return value
+    return "?"
+
+
+def select_runs(client, experiments: list[str], filter_string: str = "", run_ids: list[str] = ()) -> tuple[list, list[str]]:
+    """(runs to compare, notes on what was skipped). Explicit ``run_ids`` must all be comparable;
+    a search skips tuning runs and comparisons, and runs that did not finish."""
+    notes: list[str] = []
+    if run_ids:
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except Exception:
+                raise CompareError(f"no run {run_id} in the tracking store {client.tracking_uri}") from None
+    else:
+        found = [client.get_experiment_by_name(name) for name in experiments]
+        missing = [name for name, exp in zip(experiments, found) if exp is None]
+        if missing:
+            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise CompareError(f"no experiment named {', '.join(missing)} in {client.tracking_uri} (experiments: {known})")
+        try:
+            runs = client.search_runs([e.experiment_id for e in found], filter_string=filter_string, max_results=5000)
+        except Exception as exc:
+            raise CompareError(f"the filter {filter_string!r} is not valid: {str(exc).splitlines()[0]} "
+                               "(e.g. \"tags.model = 'cnn'\" or \"params.`config.seed` = '42'\")") from None
+        roles = [r for r in runs if r.data.tags.get("fer_exp.role") in SKIPPED_ROLES]
+        unfinished = [r for r in runs if r not in roles and r.info.status != "FINISHED"]
+        if roles:
+            notes.append(f"skipped {len(roles)} tuning or comparison run(s) (no test evaluation of their own)")
+        if unfinished:
+            notes.append(f"skipped {len(unfinished)} run(s) that did not finish: "
+                         + ", ".join(f"{r.info.run_name or r.info.run_id} ({r.info.status})" for r in unfinished[:5]))
+        runs = [r for r in runs if r not in roles and r not in unfinished]
+    if not runs:
+        where = f"experiment(s) {', '.join(experiments)}" + (f" with filter {filter_string!r}" if filter_string else "")
+        raise CompareError(f"no finished training runs to compare in {where}. Train some "
+                           "(fer-exp train, mlflow run . -P model=cnn) or check --experiment and --filter.")
+    lacking = [r for r in runs if not all(k in r.data.metrics for k in (*OVERALL, *PER_CLASS))]
+    if lacking:
+        raise CompareError("these runs have no test evaluation to compare (unfinished, failed, or tuning trials, "
+                           "which never see the test split): " + ", ".join(
+                               f"{r.info.run_name or '?'} {r.info.run_id} ({r.info.status})" for r in lacking[:8]))
+    return runs, notes
+
+
+def load_run(client, run, group_by: str, workdir: Path) -> RunInfo:
+    """A run's metrics, val curve and test predictions (the logged test_predictions.csv)."""
+    info = RunInfo(run.info.run_id, run.info.run_name or run.info.run_id[:8], group_value(run, group_by),
+                   run.info.experiment_id, dict(run.data.metrics), dict(run.data.params), dict(run.data.tags))
+    info.val_curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    try:
+        path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(workdir / run.info.run_id))
+        info.predictions = pd.read_csv(path)
+    except Exception:
+        info.predictions = None  # older runs: tables and curves still work, paired tests do not
+    return info
+
+
+# ================================================================== statistics
+
+
+def summarise(values) -> dict:
+    """mean, std (n-1), n and the 95% t confidence interval of the mean (None for one value)."""
+    values = np.asarray(values, dtype=float)
+    n, mean = len(values), float(values.mean())
+    std = float(values.std(ddof=1)) if n > 1 else 0.0
+    if n > 1:
+        from scipy.stats import t
+
+        half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+        ci = (mean - half, mean + half)
+    else:
+        ci = (None, None)
+    return {"mean": mean, "std": std, "n": n, "ci_low": ci[0], "ci_high": ci[1]}
+
+
+def mcnemar(correct_a, correct_b) -> dict:
+    """McNemar's test on paired outcomes: b = A right and B wrong, c = A wrong and B right.
+
+    p is the exact two-sided binomial p-value (valid for any b + c); the chi-square statistic with
+    continuity correction, (|b - c| - 1)^2 / (b + c), is given beside it."""
+    from scipy.stats import binomtest
+
+    correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    b = int((correct_a & ~correct_b).sum())
+    c = int((~correct_a & correct_b).sum())
+    chi2 = (abs(b - c) - 1) ** 2 / (b + c) if b + c else 0.0
+    p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    return {"n": int(len(correct_a)), "a_right_b_wrong": b, "a_wrong_b_right": c, "chi2": float(chi2), "p_value": float(p)}
+
+
+def paired_test(a: RunInfo, b: RunInfo) -> dict:
+    """McNemar and per-class accuracy differences (B - A) on the test images both runs predicted."""
+    if a.predictions is None or b.predictions is None:
+        missing = a if a.predictions is None else b
+        raise CompareError(f"run {missing.name} ({missing.run_id}) has no test_predictions.csv: no paired test")
+    merged = a.predictions[["source", "label", "prediction"]].merge(
+        b.predictions[["source", "label", "prediction"]], on="source", suffixes=("_a", "_b"))
+    if len(merged) != len(a.predictions) or len(merged) != len(b.predictions) or \
+            not (merged["label_a"] == merged["label_b"]).all():
+        raise CompareError(f"runs {a.name} and {b.name} were tested on different test sets: no paired test")
+    right_a = (merged["prediction_a"] == merged["label_a"]).to_numpy()
+    right_b = (merged["prediction_b"] == merged["label_b"]).to_numpy()
+    labels = merged["label_a"].to_numpy()
+    result = {"a": a.name, "a_run_id": a.run_id, "b": b.name, "b_run_id": b.run_id, **mcnemar(right_a, right_b),
+              "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean())}
+    for index, name in enumerate(CLASS_NAMES):
+        mask = labels == index
+        result[f"delta_{name}"] = float(right_b[mask].mean() - right_a[mask].mean()) if mask.any() else float("nan")
+    return result
+
+
+def pairs_to_test(runs: list[RunInfo]) -> list[tuple[RunInfo, RunInfo]]:
+    """Two runs: that pair. Else, for each pair of groups, their runs with the same seed (or the
+    first run of each where no seed matches)."""
+    if len(runs) == 2:
+        return [(runs[0], runs[1])]
+    groups: dict[str, list[RunInfo]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    pairs = []
+    for (_, first), (_, second) in itertools.combinations(groups.items(), 2):
+        by_seed = {r.seed: r for r in second}
+        matched = [(r, by_seed[r.seed]) for r in first if r.seed in by_seed]
+        pairs += matched or [(first[0], second[0])]
+    return pairs
+
+
+# ================================================================== tables
+
+
+@dataclass
+class Comparison:
+    runs: list[RunInfo]
+    group_by: str
+    overall: pd.DataFrame  # one row per group: runs, mean/std/ci per metric
+    per_class: pd.DataFrame
+    tests: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(r.group for r in self.runs))
+
+
+def group_table(runs: list[RunInfo], metrics: dict) -> pd.DataFrame:
+    rows = []
+    for group in dict.fromkeys(r.group for r in runs):
+        members = [r for r in runs if r.group == group]
+        row = {"group": group, "runs": len(members)}
+        for key, title in metrics.items():
+            s = summarise([r.metrics[key] for r in members])
+            row |= {title: s["mean"], f"{title} std": s["std"], f"{title} ci_low": s["ci_low"],
+                    f"{title} ci_high": s["ci_high"]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
+    tests = []
+    for a, b in pairs_to_test(runs):
+        try:
+            tests.append(paired_test(a, b))
+        except CompareError as exc:
+            notes = [*notes, str(exc)]
+    return Comparison(runs, group_by, group_table(runs, OVERALL), group_table(runs, PER_CLASS), pd.DataFrame(tests),
+                      list(notes))
+
+
+def cell(row, title: str) -> str:
+    """'68.24' for one run, '67.22 ± 0.33 [66.4, 68.0]' (mean ± std [95% CI]) for several, in percent."""
+    mean = 100 * row[title]
+    if row["runs"] < 2:
+        return f"{mean:.2f}"
+    low, high = max(0.0, 100 * row[f"{title} ci_low"]), min(100.0, 100 * row[f"{title} ci_high"])  # shown within 0-100
+    return f"{mean:.2f} ± {100 * row[f'{title} std']:.2f} [{low:.1f}, {high:.1f}]"
+
+
+def markdown_tables(comparison: Comparison) -> str:
+    """The overall and per-class tables laid out like the reference results, then the paired tests."""
+    key = comparison.group_by.split(".")[-1].replace("_", " ").capitalize()
+
+    def table(frame: pd.DataFrame, titles) -> list[str]:
+        lines = [f"| {key} | Runs | " + " | ".join(titles) + " |", "|---" * (len(titles) + 2) + "|"]
+        for _, row in frame.iterrows():
+            lines.append(f"| {row['group']} | {row['runs']} | " + " | ".join(cell(row, t) for t in titles) + " |")
+        return lines
+
+    several = any(comparison.overall["runs"] > 1)
+    out = ["## Overall (test split, %)", ""] + table(comparison.overall, OVERALL.values())
+    out += ["", "## Per-class accuracy (test split, %)", ""] + table(comparison.per_class, PER_CLASS.values())
+    if several:
+        out += ["", "Several runs: mean ± standard deviation [95% confidence interval of the mean, t distribution]."]
+    if not comparison.tests.empty:
+        out += ["", "## Paired tests on the test predictions (McNemar, exact)", "",
+                "| A | B | images | A right, B wrong | A wrong, B right | χ² | p | B − A accuracy (points) | "
+                "largest per-class differences B − A |", "|---" * 9 + "|"]
+        for _, t in comparison.tests.iterrows():
+            deltas = sorted(((t[f"delta_{c}"], c) for c in CLASS_NAMES if not math.isnan(t[f"delta_{c}"])),
+                            key=lambda d: -abs(d[0]))[:3]
+            mark = " (significant, p < 0.05)" if t["p_value"] < 0.05 else ""
+            out.append(f"| {t['a']} | {t['b']} | {t['n']} | {t['a_right_b_wrong']} | {t['a_wrong_b_right']} | "
+                       f"{t['chi2']:.2f} | {t['p_value']:.3g}{mark} | {100 * (t['accuracy_b'] - t['accuracy_a']):+.2f} | "
+                       + ", ".join(f"{c} {100 * d:+.1f}" for d, c in deltas) + " |")
+    if comparison.notes:
+        out += ["", *[f"Note: {n}" for n in comparison.notes]]
+    return "\n".join(out)
+
+
+# ================================================================== figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def per_class_figure(comparison: Comparison):
+    plt = _plt()
+    frame = comparison.per_class
+    fig, ax = plt.subplots(figsize=(12, 5.5), constrained_layout=True)
+    width = 0.8 / max(len(frame), 1)
+    x = np.arange(NUM_CLASSES)
+    for i, (_, row) in enumerate(frame.iterrows()):
+        means = np.array([100 * row[t] for t in PER_CLASS.values()])
+        spread = np.array([100 * row[f"{t} std"] for t in PER_CLASS.values()])
+        errors = [np.minimum(spread, means), np.minimum(spread, 100 - means)] if row["runs"] > 1 else None
+        ax.bar(x + (i - (len(frame) - 1) / 2) * width, means, width, yerr=errors, capsize=3,
+               label=f"{row['group']} ({row['runs']} run{'s' if row['runs'] > 1 else ''})")
+    ax.set(xticks=x, xticklabels=list(PER_CLASS.values()), ylabel="test accuracy (%)", ylim=(0, 100),
+           title="Per-class accuracy" + (" (mean ± std over runs)" if any(frame["runs"] > 1) else ""))
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def confusion_figure(comparison: Comparison):
+    """One row-normalised confusion matrix per group (counts summed over its runs)."""
+    from sklearn.metrics import confusion_matrix
+
+    plt = _plt()
+    groups = [g for g in comparison.groups if any(r.predictions is not None for r in comparison.runs if r.group == g)]
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(6.2 * max(len(groups), 1), 5.8), constrained_layout=True,
+                             squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        counts = sum(confusion_matrix(r.predictions["label"], r.predictions["prediction"], labels=range(NUM_CLASSES))
+                     for r in comparison.runs if r.group == group and r.predictions is not None)
+        rows = counts.sum(axis=1, keepdims=True)
+        matrix = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+        ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
+               xlabel="predicted", ylabel="true", title=f"{group} (row-normalised)")
+        ax.tick_params(axis="x", rotation=45)
+        for i, j in itertools.product(range(NUM_CLASSES), repeat=2):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > 0.5 else "black")
+    return fig
+
+
+def val_curve_figure(comparison: Comparison):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 5.5), constrained_layout=True)
+    colours = {g: f"C{i}" for i, g in enumerate(comparison.groups)}
+    seen = set()
+    for run in comparison.runs:
+        if not run.val_curve:
+            continue
+        steps, values = zip(*run.val_curve)
+        ax.plot(steps, [100 * v for v in values], color=colours[run.group], alpha=0.85, marker="." if len(steps) < 30 else None,
+                label=run.group if run.group not in seen else None)
+        seen.add(run.group)
+    ax.set(xlabel="epoch", ylabel="val accuracy (%)", title="Validation accuracy per epoch (one line per run)")
+    ax.grid(alpha=0.3)
+    if seen:
+        ax.legend()
+    return fig
+
+
+FIGURES = {"per_class_accuracy": per_class_figure, "confusion_matrices": confusion_figure,
+           "val_accuracy": val_curve_figure}
+
+
+# ================================================================== report
+
+
+def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], links: dict[str, str]) -> str:
+    """One self-contained page: the tables, the tests and the figures (embedded), for the artifact viewer."""
+    import html
+
+    def table_html(frame: pd.DataFrame, titles) -> str:
+        shown = pd.DataFrame({comparison.group_by: frame["group"], "Runs": frame["runs"],
+                              **{t: [cell(row, t) for _, row in frame.iterrows()] for t in titles}})
+        return shown.to_html(index=False, border=0, classes="t")
+
+    runs = "".join(f"<li><b>{html.escape(r.group)}</b>: <a href=\"{links[r.run_id]}\">{html.escape(r.name)}</a> "
+                   f"<code>{r.run_id}</code>, test accuracy {100 * r.metrics['test_accuracy']:.2f}%</li>"
+                   for r in comparison.runs)
+    tests = ""
+    if not comparison.tests.empty:
+        shown = comparison.tests[["a", "b", "n", "a_right_b_wrong", "a_wrong_b_right", "chi2", "p_value",
+                                  "accuracy_a", "accuracy_b", *[f"delta_{c}" for c in CLASS_NAMES]]]
+        tests = "<h2>Paired tests (McNemar, exact binomial p)</h2>" + shown.to_html(index=False, border=0, classes="t",
+                                                                                   float_format=lambda v: f"{v:.4g}")
+    figures = "".join(f"<h2>{name.replace('_', ' ').capitalize()}</h2><img src=\"data:image/png;base64,"
+                      f"{base64.b64encode(png).decode()}\" style=\"max-width:100%\">" for name, png in images.items())
+    notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in comparison.notes)
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>fer-exp comparison</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1300px} table.t{border-collapse:collapse;margin:1em 0}"
+            ".t td,.t th{border:1px solid #ccc;padding:4px 8px;text-align:right} .t th{background:#f0f0f0}</style>"
+            f"</head><body><h1>fer-exp comparison by {html.escape(comparison.group_by)}</h1><ul>{runs}</ul>"
+            f"<h2>Overall (test split, %)</h2>{table_html(comparison.overall, OVERALL.values())}"
+            f"<h2>Per-class accuracy (test split, %)</h2>{table_html(comparison.per_class, PER_CLASS.values())}"
+            f"<p>Several runs: mean ± std [95% CI of the mean].</p>{tests}{notes}{figures}"
+            f"<details><summary>Markdown</summary><pre>{html.escape(markdown)}</pre></details></body></html>")
+
+
+@dataclass
+class CompareResult:
+    comparison: Comparison
+    markdown: str
+    output: Path
+    run_id: str | None = None
+    experiment_id: str | None = None
+
+
+def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] = (), group_by: str = "model",
+            output: str | Path | None = None, log: bool = True) -> CompareResult:
+    """Select runs, compare them, write tables/figures/page to ``output`` and log them as a run."""
+    import tempfile
+
+    import mlflow
+
+    from fer_exp.tracking import runs_page_url, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    selected, notes = select_runs(client, experiments, filter_string, run_ids)
+    output = Path(output or f"reports/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [load_run(client, run, group_by, Path(tmp)) for run in selected]
+    runs.sort(key=lambda r: (r.group, int(r.seed) if str(r.seed).isdigit() else 0, r.name))
+    comparison = compare_runs(runs, group_by, notes)
+    markdown = markdown_tables(comparison)
+    (output / "tables.md").write_text(markdown + "\n")
+    comparison.overall.to_csv(output / "overall.csv", index=False)
+    comparison.per_class.to_csv(output / "per_class.csv", index=False)
+    pd.DataFrame([{"run_id": r.run_id, "name": r.name, "group": r.group, "seed": r.seed,
+                   **{k: r.metrics[k] for k in (*OVERALL, *PER_CLASS)}} for r in runs]).to_csv(output / "runs.csv", index=False)
+    if not comparison.tests.empty:
+        comparison.tests.to_csv(output / "paired_tests.csv", index=False)
+    images = {}
+    plt = _plt()
+    for name, draw in FIGURES.items():
+        figure = draw(comparison)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+        plt.close(figure)
+        images[name] = buffer.getvalue()
+        (output / f"{name}.png").write_bytes(images[name])
+    uri = tracking_uri()
+    links = {r.run_id: runs_page_url(r.run_id, r.experiment_id, uri) for r in runs}
+    (output / "report.html").write_text(html_page(comparison, markdown, images, links))
+    (output / "runs.json").write_text(json.dumps({r.run_id: links[r.run_id] for r in runs}, indent=2) + "\n")
+    result = CompareResult(comparison, markdown, output)
+    if log:
+        import os
+
+        # under `mlflow run -e compare` the comparison goes into the run MLflow started
+        experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else runs[0].experiment_id
+        groups = " vs ".join(comparison.groups)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare: {groups}"[:250], tags={
+                "fer_exp.role": "comparison", "group_by": group_by, "compared_runs": ",".join(r.run_id for r in runs)[:5000],
+                "mlflow.note.content": f"Comparison of {len(runs)} runs by {group_by}: {groups}. "
+                                       "Open report.html for the tables, tests and figures."}) as run:
+            for _, row in comparison.overall.iterrows():
+                for key, title in OVERALL.items():
+                    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(row["group"]))
+                    mlflow.log_metric(f"{safe}.{key}", row[title])
+            mlflow.log_artifacts(str(output))
+        result.run_id, result.experiment_id = run.info.run_id, run.info.experiment_id
+    return result

@@ -1,0 +1,182 @@
+"""`fer-exp compare`: tables, figures, paired tests and the comparison run, from real tracked runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from fer_exp.classes import CLASS_NAMES
+from fer_exp.cli import main
+from fer_exp.compare import PER_CLASS, mcnemar, summarise
+from fer_exp.config import load_config
+
+TINY = {"data": "synthetic:96,24,40", "epochs": 2, "batch_size": 32, "eval_batch_size": 64, "device": "cpu",
+        "experiment_name": "cmp", "system_metrics": False}
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Two models x two seeds, trained and tracked by the real training path in a fresh store."""
+    from fer_exp.experiment import run_experiment
+
+    tmp = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        mp.setenv("FER_EXP_CACHE_DIR", str(tmp / "cache"))
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(name, raising=False)
+        runs = {}
+        for model in ("cnn", "resnet18"):
+            for seed in (1, 2):
+                cfg = load_config(overrides={**TINY, "model": model, "seed": seed, "output_dir": str(tmp / "out")})
+                runs[(model, seed)] = run_experiment(cfg, progress=False, log_model=False).run_id
+        # a tuning-like run without a test evaluation, and a killed run: compare must skip or refuse them
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name("cmp").experiment_id
+        trial = client.create_run(experiment, run_name="a trial", tags={"fer_exp.role": "trial"})
+        client.set_terminated(trial.info.run_id, "FINISHED")
+        killed = client.create_run(experiment, run_name="killed run", tags={"model": "cnn"})
+        client.set_terminated(killed.info.run_id, "KILLED")
+        yield {"tmp": tmp, "runs": runs, "client": client, "mp": mp, "trial": trial.info.run_id,
+               "killed": killed.info.run_id}
+
+
+def invoke(tracked, *args):
+    return CliRunner().invoke(main, ["compare", "--experiment", "cmp", *args])
+
+
+@pytest.fixture(scope="module")
+def by_model(tracked):
+    result = invoke(tracked, "--group-by", "model", "--output", str(tracked["tmp"] / "report"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output, tracked["tmp"] / "report"
+
+
+def test_tables_equal_the_runs_metrics(tracked, by_model):
+    output, folder = by_model
+    client = tracked["client"]
+    overall = pd.read_csv(folder / "overall.csv").set_index("group")
+    for model in ("cnn", "resnet18"):
+        accs = [client.get_run(tracked["runs"][(model, s)]).data.metrics["test_accuracy"] for s in (1, 2)]
+        assert overall.loc[model, "runs"] == 2
+        assert overall.loc[model, "Accuracy"] == pytest.approx(np.mean(accs))
+        assert overall.loc[model, "Accuracy std"] == pytest.approx(np.std(accs, ddof=1))
+        half = 12.706204736 * np.std(accs, ddof=1) / math.sqrt(2)  # t(0.975, 1 degree of freedom)
+        assert overall.loc[model, "Accuracy ci_high"] == pytest.approx(np.mean(accs) + half)
+        per_class = pd.read_csv(folder / "per_class.csv").set_index("group")
+        fear = [client.get_run(tracked["runs"][(model, s)]).data.metrics["test_acc_fear"] for s in (1, 2)]
+        assert per_class.loc[model, "Fear"] == pytest.approx(np.mean(fear))
+        assert f"| {model} | 2 | {100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f}" in output
+    assert "| Model | Runs | Accuracy | Macro F1 | Weighted F1 |" in output
+    assert "| Model | Runs | " + " | ".join(PER_CLASS.values()) + " |" in output
+    runs = pd.read_csv(folder / "runs.csv")
+    assert set(runs["run_id"]) == set(tracked["runs"].values())  # the trial and the killed run are not in
+    assert "skipped 1 tuning or comparison run(s)" in output and "skipped 1 run(s) that did not finish" in output
+
+
+def test_paired_tests_match_a_hand_computation(tracked, by_model):
+    _, folder = by_model
+    client = tracked["client"]
+    tests = pd.read_csv(folder / "paired_tests.csv")
+    assert len(tests) == 2  # cnn vs resnet18, paired by seed
+    for _, row in tests.iterrows():
+        preds = {}
+        for side in ("a", "b"):
+            path = client.download_artifacts(row[f"{side}_run_id"], "test_predictions.csv", str(folder / side))
+            preds[side] = pd.read_csv(path).set_index("source").sort_index()
+        right_a = preds["a"]["prediction"] == preds["a"]["label"]
+        right_b = preds["b"]["prediction"] == preds["b"]["label"]
+        b, c = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+        assert (row["a_right_b_wrong"], row["a_wrong_b_right"], row["n"]) == (b, c, 40)
+        p = min(1.0, 2 * sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)) if b + c else 1.0
+        assert row["p_value"] == pytest.approx(p)
+        fear = preds["a"]["label"] == CLASS_NAMES.index("fear")
+        assert row["delta_fear"] == pytest.approx(right_b[fear].mean() - right_a[fear].mean())
+
+
+def test_mcnemar_by_hand():
+    a = np.array([1] * 7 + [0] * 2 + [1] * 10 + [0] * 5, bool)  # 7 only A right, 2 only B right
+    b = np.array([0] * 7 + [1] * 2 + [1] * 10 + [0] * 5, bool)
+    result = mcnemar(a, b)
+    assert (result["a_right_b_wrong"], result["a_wrong_b_right"], result["n"]) == (7, 2, 24)
+    assert result["chi2"] == pytest.approx((7 - 2 - 1) ** 2 / 9)
+    assert result["p_value"] == pytest.approx(2 * (1 + 9 + 36) / 512)
+    assert mcnemar(a, a)["p_value"] == 1.0
+
+
+def test_summary_of_one_value_has_no_interval():
+    assert summarise([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "ci_low": None, "ci_high": None}
+
+
+def test_figures_page_and_the_comparison_run(tracked, by_model):
+    output, folder = by_model
+    for name in ("per_class_accuracy", "confusion_matrices", "val_accuracy"):
+        assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (folder / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Paired tests" in page and "workflowType=machine_learning" in page
+    client = tracked["client"]
+    experiment = client.get_experiment_by_name("cmp").experiment_id
+    compared = client.search_runs([experiment], "tags.fer_exp.role = 'comparison'")
+    assert len(compared) >= 1
+    run = compared[-1]
+    assert set(run.data.tags["compared_runs"].split(",")) == set(tracked["runs"].values())
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "report.html", "overall.csv", "per_class.csv", "paired_tests.csv", "tables.md", "confusion_matrices.png"}
+    overall = pd.read_csv(folder / "overall.csv").set_index("group")
+    assert run.data.metrics["cnn.test_accuracy"] == pytest.approx(overall.loc["cnn", "Accuracy"])
+    assert "run page: http://127.0.0.1:5000/#/experiments/" in output
+
+
+def test_two_runs_are_tested_against_each_other(tracked):
+    a, b = tracked["runs"][("resnet18", 1)], tracked["runs"][("cnn", 1)]
+    result = invoke(tracked, "--runs", f"{a},{b}", "--output", str(tracked["tmp"] / "two"), "--no-log")
+    assert result.exit_code == 0, result.output
+    tests = pd.read_csv(tracked["tmp"] / "two" / "paired_tests.csv")
+    assert list(zip(tests["a_run_id"], tests["b_run_id"])) == [(a, b)]
+
+
+def test_runs_on_different_test_sets_are_not_paired(tracked):
+    """Synthetic data is drawn per seed: two seeds' runs saw different test images."""
+    a, b = tracked["runs"][("cnn", 1)], tracked["runs"][("cnn", 2)]
+    result = invoke(tracked, "--runs", a, "--runs", b, "--output", str(tracked["tmp"] / "diff"), "--no-log")
+    assert result.exit_code == 0, result.output
+    assert "| cnn | 2 |" in result.output  # both in one group
+    assert "were tested on different test sets: no paired test" in result.output
+    assert not (tracked["tmp"] / "diff" / "paired_tests.csv").exists()
+
+
+def test_group_by_a_config_field(tracked):
+    result = invoke(tracked, "--group-by", "seed", "--output", str(tracked["tmp"] / "seed"), "--no-log")
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_csv(tracked["tmp"] / "seed" / "overall.csv")["group"].astype(str)) == {"1", "2"}
+
+
+@pytest.mark.parametrize(
+    "args, piece",
+    [
+        (["--filter", "tags.model = 'vgg'"], "no finished training runs to compare"),
+        (["--filter", "tags.model = = 'x'"], "is not valid"),
+        (["--experiment", "nope"], "no experiment named nope"),
+    ],
+)
+def test_nothing_to_compare_exits_2(tracked, args, piece):
+    result = CliRunner().invoke(main, ["compare", *(args if args[0] == "--experiment" else ["--experiment", "cmp", *args]),
+                                       "--no-log", "--output", str(tracked["tmp"] / "none")])
+    assert result.exit_code == 2 and piece in result.output and "Traceback" not in result.output, result.output
+
+
+def test_runs_without_a_test_evaluation_are_refused_by_name(tracked):
+    for bad in (tracked["trial"], tracked["killed"]):
+        result = invoke(tracked, "--runs", tracked["runs"][("cnn", 1)], "--runs", bad, "--no-log",
+                        "--output", str(tracked["tmp"] / "bad"))
+        assert result.exit_code == 2 and "no test evaluation" in result.output and bad in result.output, result.output
+    result = invoke(tracked, "--runs", "0123456789abcdef", "--no-log", "--output", str(tracked["tmp"] / "bad"))
+    assert result.exit_code == 2 and "no run 0123456789abcdef" in result.output
