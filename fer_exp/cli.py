@@ -240,5 +240,55 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
         click.echo(f"comparison run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
 
 
+@main.command()
+@click.argument("study_file")
+@click.option("--seeds", default="", help="Comma-separated seeds instead of the file's (e.g. 42 for a quick pass).")
+@click.option("--arms", default="", help="Comma-separated arms to make (default: all).")
+@click.option("--dry-run", is_flag=True, help="List the runs and which exist; make nothing.")
+@click.option("--output", default="", help="Folder for the comparison (default: reports/<study>-<time>).")
+@config_options
+def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **options) -> None:
+    """Make the runs a study file lists (arms x seeds) that are not tracked yet, then compare them.
+
+    Every `fer-exp train` option fixes that field for all runs (e.g. --data, --epochs)."""
+    from fer_exp.compare import CompareError, compare
+    from fer_exp.config import ConfigError
+    from fer_exp.data import DataError
+    from fer_exp.models import PretrainedWeightsError
+    from fer_exp.study import read_study, run_study
+    from fer_exp.tracking import tracking_uri
+
+    try:
+        seed_list = [int(s) for s in seeds.replace(",", " ").split()] or None
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    try:
+        plan = read_study(study_file, options, seed_list, [a for a in arms.replace(",", " ").split()] or None)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_ids, made = run_study(plan, dry_run=dry_run)
+    except (DataError, PretrainedWeightsError, ConfigError) as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: the finished runs are kept; the same command makes the rest", err=True)
+        sys.exit(130)
+    if dry_run:
+        return
+    click.echo(f"\nmade {len(made)} run(s); comparing all {len(run_ids)} by {plan.group_by}\n")
+    import time
+
+    try:
+        result = compare([plan.experiment_name], run_ids=run_ids, group_by=plan.group_by,
+                         output=output or f"reports/{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    except CompareError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(result.markdown)
+    click.echo(f"\ntables, figures and report.html in {result.output}/")
+    if result.run_id:
+        click.echo(f"comparison run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -180,3 +180,101 @@ def test_runs_without_a_test_evaluation_are_refused_by_name(tracked):
         assert result.exit_code == 2 and "no test evaluation" in result.output and bad in result.output, result.output
     result = invoke(tracked, "--runs", "0123456789abcdef", "--no-log", "--output", str(tracked["tmp"] / "bad"))
     assert result.exit_code == 2 and "no run 0123456789abcdef" in result.output
+
+
+def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
+    (tmp_path / "base.yaml").write_text("model: cnn\nepochs: 1\nbatch_size: 32\nsystem_metrics: false\n")
+    (tmp_path / "mini.yaml").write_text(
+        "experiment_name: mini\nseeds: [3]\narms:\n  weighted: {config: base.yaml}\n"
+        "  unweighted: {config: base.yaml, set: {class_weights: none}}\ncompare: {group_by: arm}\n")
+    args = ["study", str(tmp_path / "mini.yaml"), "--data", "synthetic:64,16,24", "--output-dir", str(tmp_path / "out")]
+    first = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "r1")])
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    assert "2 run(s) in experiment mini, 0 already made, 2 to make" in first.output
+    assert "| Arm | Runs | Accuracy |" in first.output and "| unweighted | 1 |" in first.output
+    client = tracked["client"]
+    experiment = client.get_experiment_by_name("mini").experiment_id
+    made = client.search_runs([experiment], "tags.study_file = 'mini'")
+    assert sorted(r.data.tags["arm"] for r in made) == ["unweighted", "weighted"]
+    unweighted = next(r for r in made if r.data.tags["arm"] == "unweighted")
+    assert unweighted.data.params["config.class_weights"] == "none" and unweighted.data.params["config.seed"] == "3"
+    second = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "r2")])
+    assert second.exit_code == 0, second.output
+    assert "0 to make" in second.output and "made 0 run(s); comparing all 2" in second.output
+    assert len(client.search_runs([experiment], "tags.study_file = 'mini'")) == 2
+    changed = CliRunner().invoke(main, [*args, "--epochs", "2", "--dry-run"])  # another config: not the same runs
+    assert changed.exit_code == 0 and "0 already made, 2 to make" in changed.output
+
+
+@pytest.mark.parametrize(
+    "text, piece",
+    [
+        ("arms: {}\n", "arms must map arm names"),
+        ("arms:\n  a: {config: nowhere.yaml}\n", "nowhere.yaml not found"),
+        ("arms:\n  a: {set: {epochs: zero}}\n", "epochs must be int"),
+        ("seeds: [a]\narms:\n  a: {}\n", "seeds must be a list of integers"),
+        ("search_space: {}\narms:\n  a: {}\n", "fer-exp tune"),
+    ],
+)
+def test_bad_study_files_exit_2(tracked, tmp_path, text, piece):
+    (tmp_path / "s.yaml").write_text(text)
+    result = CliRunner().invoke(main, ["study", str(tmp_path / "s.yaml"), "--dry-run"])
+    assert result.exit_code == 2 and piece in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tracked, by_model):
+    """`mlflow server` on localhost over the store: what users open in the UI is really served."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tracked["tmp"]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path, data=None):
+        request = urllib.request.Request(base + path, data=json.dumps(data).encode() if data else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
+    try:
+        for _ in range(120):
+            try:
+                get("/health")
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        experiment = json.loads(get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=cmp"))["experiment"]
+        found = json.loads(get("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                               "max_results": 100}))["runs"]
+        ids = {r["info"]["run_id"] for r in found}
+        assert set(tracked["runs"].values()) <= ids
+        run_id = tracked["runs"][("cnn", 1)]
+        history = json.loads(get(f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=val_accuracy"))
+        assert [m["step"] for m in history["metrics"]] == [1, 2]
+        listed = json.loads(get(f"/api/2.0/mlflow/artifacts/list?run_id={run_id}"))
+        assert "confusion_matrix.png" in {f["path"] for f in listed["files"]}
+        png = get(f"/get-artifact?path=confusion_matrix.png&run_uuid={run_id}")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        comparison = next(r for r in found if any(t["key"] == "fer_exp.role" and t["value"] == "comparison"
+                                                  for t in r["data"].get("tags", [])))
+        page = get(f"/get-artifact?path=report.html&run_uuid={comparison['info']['run_id']}").decode()
+        assert "fer-exp comparison by model" in page and page.count("data:image/png;base64,") == 3
+        assert b"<html" in get("/").lower()  # the UI itself
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

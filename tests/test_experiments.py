@@ -1,5 +1,6 @@
 """Every experiment file trains end to end on a tiny synthetic run, tracked in a temp MLflow store;
-every study file (study and search_space blocks) runs a one-trial study."""
+every tuning study file (study and search_space blocks) runs a one-trial study; every run-study
+file (arms x seeds) makes one tiny run per arm and compares them."""
 
 from pathlib import Path
 
@@ -11,13 +12,15 @@ from fer_exp.config import STUDY_SECTIONS, load_config
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 STUDIES = [p for p in EXPERIMENTS if set(STUDY_SECTIONS) & set(yaml.safe_load(p.read_text()))]
-TRAINING = [p for p in EXPERIMENTS if p not in STUDIES]
+RUN_STUDIES = [p for p in EXPERIMENTS if "arms" in yaml.safe_load(p.read_text())]
+TRAINING = [p for p in EXPERIMENTS if p not in STUDIES and p not in RUN_STUDIES]
 TINY = {"data": "synthetic:48,16,16", "epochs": 1, "batch_size": 16, "eval_batch_size": 16}
 
 
 def test_there_are_reference_experiments_and_studies():
     assert {p.name for p in TRAINING} >= {"cnn.yaml", "resnet18.yaml"}
     assert {p.name for p in STUDIES} >= {"tune_cnn.yaml", "tune_resnet18.yaml"}
+    assert {p.name for p in RUN_STUDIES} >= {"reference.yaml"}
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=[p.stem for p in TRAINING])
@@ -62,3 +65,23 @@ def test_study_file_smoke_run(path, store):
     children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("path", RUN_STUDIES, ids=[p.stem for p in RUN_STUDIES])
+def test_run_study_file_smoke_run(path, store):
+    """One seed of every arm, tiny, then the comparison (the ResNet18 arm without a download)."""
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from fer_exp.cli import main
+
+    arms = list(yaml.safe_load(path.read_text())["arms"])
+    result = CliRunner().invoke(main, ["study", str(path), "--seeds", "1", "--pretrained", "none", "--data", TINY["data"],
+                                       "--epochs", "1", "--batch-size", "16", "--eval-batch-size", "16",
+                                       "--output-dir", str(store / "outputs"), "--output", str(store / "report")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(yaml.safe_load(path.read_text())["experiment_name"])
+    runs = client.search_runs([experiment.experiment_id], "tags.study_file = 'reference'")
+    assert sorted(r.data.tags["arm"] for r in runs) == sorted(arms)
+    assert (store / "report" / "report.html").is_file()
