@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 
 import click
@@ -76,12 +75,19 @@ def data_inspect(source: str, as_json: bool, on_bad: str, seed: int, val_fractio
 
 
 
+def stop_on_signals() -> None:
+    from fer_exp.train import stop_on_signals as install
+
+    install()
+
+
 def ui_hint(run_id: str, experiment_id: str, uri: str) -> str:
-    """Where to look: the command that serves the UI (for a local store) and the run's page."""
-    from fer_exp.tracking import runs_page_url
+    """Where to look: the command that serves the UI (for a local store), the runs table, the run."""
+    from fer_exp.tracking import run_page_url, runs_page_url
 
     serve = "" if uri.startswith(("http://", "https://")) else f"open the UI: mlflow ui --backend-store-uri {uri}\n"
-    return f"{serve}run page: {runs_page_url(run_id, experiment_id, uri)}"
+    return (f"{serve}runs page: {runs_page_url(experiment_id, uri)}\n"
+            f"this run:  {run_page_url(run_id, experiment_id, uri)}")
 
 
 class _Optional(click.ParamType):
@@ -92,10 +98,6 @@ class _Optional(click.ParamType):
 
     def convert(self, value, param, ctx):
         return None if value == "" else value  # typed and checked by fer_exp.config.coerce
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def dataclass_options(schema):
@@ -154,7 +156,7 @@ def train(config_path: str | None, **options) -> None:
     from fer_exp.models import PretrainedWeightsError
 
     click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
-    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` ends the run as cleanly as Ctrl-C
+    stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
     try:
         summary = run_experiment(cfg)
     except (DataError, PretrainedWeightsError, ConfigError) as exc:
@@ -196,7 +198,7 @@ def tune(config_path: str | None, **options) -> None:
         plan = plan_study(config_path, config_values, study_options)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()
     try:
         result = run_study(plan)
     except (DataError, PretrainedWeightsError, ConfigError, StudyError) as exc:
@@ -266,7 +268,7 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **
         plan = read_study(study_file, options, seed_list, [a for a in arms.replace(",", " ").split()] or None)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()
     try:
         run_ids, made = run_study(plan, dry_run=dry_run)
     except (DataError, PretrainedWeightsError, ConfigError) as exc:

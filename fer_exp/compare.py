@@ -397,7 +397,7 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
 
     import mlflow
 
-    from fer_exp.tracking import runs_page_url, tracking_uri
+    from fer_exp.tracking import run_page_url, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
@@ -406,7 +406,8 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [load_run(client, run, group_by, Path(tmp)) for run in selected]
-    runs.sort(key=lambda r: (r.group, int(r.seed) if str(r.seed).isdigit() else 0, r.name))
+    if not run_ids:  # a search: groups and seeds in order (runs named on the command line keep theirs)
+        runs.sort(key=lambda r: (r.group, int(r.seed) if str(r.seed).isdigit() else 0, r.name))
     comparison = compare_runs(runs, group_by, notes)
     markdown = markdown_tables(comparison)
     (output / "tables.md").write_text(markdown + "\n")
@@ -426,7 +427,7 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         images[name] = buffer.getvalue()
         (output / f"{name}.png").write_bytes(images[name])
     uri = tracking_uri()
-    links = {r.run_id: runs_page_url(r.run_id, r.experiment_id, uri) for r in runs}
+    links = {r.run_id: run_page_url(r.run_id, r.experiment_id, uri) for r in runs}
     (output / "report.html").write_text(html_page(comparison, markdown, images, links))
     (output / "runs.json").write_text(json.dumps({r.run_id: links[r.run_id] for r in runs}, indent=2) + "\n")
     result = CompareResult(comparison, markdown, output)

@@ -44,12 +44,21 @@ def describe_run(cfg) -> str:
     return " ".join([*parts, f"seed{cfg.seed}"])
 
 
-def runs_page_url(run_id: str, experiment_id: str, uri: str | None = None) -> str:
-    """The run's page in the MLflow UI (a tracking server's own, else `mlflow ui`'s default address);
-    ``workflowType=machine_learning`` opens the classic ML view (MLflow 3.x opens GenAI otherwise)."""
+def ui_base(uri: str | None = None) -> str:
+    """The MLflow UI's address: a tracking server's own, else where `mlflow ui` serves by default."""
     uri = uri or tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def runs_page_url(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's runs table; ``workflowType=machine_learning`` opens the classic ML view
+    (MLflow 3.x opens its GenAI overview otherwise)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def run_page_url(run_id: str, experiment_id: str, uri: str | None = None) -> str:
+    """One run's page (metrics, params, artifacts)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def data_digest(split) -> str:

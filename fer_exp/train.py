@@ -10,6 +10,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,32 @@ class Callback:
     def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
 
     def on_fit_end(self, trainer: "Trainer", result: "FitResult") -> None: ...
+
+
+_stop_requested = threading.Event()
+
+
+def stop_on_signals(second_stops_at_once: bool = True) -> None:
+    """Let Ctrl-C and SIGTERM ask training to stop at its next step: a safe point, never in the
+    middle of a write to the tracking store or a checkpoint. The loop then raises KeyboardInterrupt
+    there. With ``second_stops_at_once``, a second signal raises at once (for a stuck process)."""
+
+    def handler(signum, frame):
+        if _stop_requested.is_set() and second_stops_at_once:
+            raise KeyboardInterrupt
+        _stop_requested.set()
+
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), handler)
+
+
+def stop_requested() -> bool:
+    return _stop_requested.is_set()
+
+
+def raise_if_stop_requested() -> None:
+    if _stop_requested.is_set():
+        raise KeyboardInterrupt
 
 
 class StopTraining(Exception):
@@ -214,6 +242,7 @@ class Trainer:
         bar = tqdm(range(steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="batch",
                    leave=False, disable=not self.progress or None)
         for step in bar:
+            raise_if_stop_requested()  # Ctrl-C or SIGTERM (stop_on_signals): stop here, between steps
             index = order[step * batch:(step + 1) * batch]
             loss, hits = self.train_step(images[index], labels[index])
             loss_sum += loss

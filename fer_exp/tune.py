@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -48,7 +47,7 @@ from fer_exp.config import (
     validate,
 )
 from fer_exp.search_space import Param, parse_enqueue, parse_space, space_spec
-from fer_exp.train import Callback, StopTraining
+from fer_exp.train import Callback, StopTraining, raise_if_stop_requested, stop_on_signals, stop_requested
 
 MAX_RETRIES = 2  # a trial whose worker dies is run again at most this often
 STALE_AFTER = 3  # heartbeats missed before a running trial counts as lost
@@ -339,6 +338,7 @@ class Worker:
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     continue
             time.sleep(poll)
+            raise_if_stop_requested()
 
     def run(self) -> None:
         while self.failures_in_a_row < 3:
@@ -450,7 +450,7 @@ class Worker:
 
 def worker_main(spec: WorkerSpec, lock) -> None:
     """Entry point of a worker process."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals(second_stops_at_once=False)  # the main process may forward a Ctrl-C the worker also got
     if spec.tracking_uri:
         import mlflow
 
@@ -460,10 +460,6 @@ def worker_main(spec: WorkerSpec, lock) -> None:
         Worker(spec, lock).run()
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _share_cpu(workers: int) -> None:
@@ -807,27 +803,30 @@ def run_worker_processes(specs: list[WorkerSpec], study, bar) -> None:
     for process in processes:
         process.start()
         print(f"worker {process.name.split()[-1]} started (pid {process.pid})", flush=True)
-    reported = set()
-    try:
-        while any(p.is_alive() for p in processes):
-            time.sleep(1)
-            bar.n = min(count_states(study, FINISHED), bar.total)
-            bar.refresh()
-            for i, p in enumerate(processes):
-                if not p.is_alive() and p.exitcode not in (0, None) and i not in reported:
-                    reported.add(i)
-                    print(f"worker {i} (pid {p.pid}) ended with exit code {p.exitcode}; a trial it was running is "
-                          f"failed and retried by the others after {STALE_AFTER * specs[0].plan.study.heartbeat} s "
-                          "without heartbeat", flush=True)
-    except KeyboardInterrupt:
-        for p in processes:
-            if p.is_alive():
-                p.terminate()  # SIGTERM: the worker ends its run KILLED and its trial FAIL
-        for p in processes:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-        raise
+    reported, forwarded = set(), None
+    while any(p.is_alive() for p in processes):
+        time.sleep(1)
+        if stop_requested():  # Ctrl-C or SIGTERM here: workers stop at their next step, runs KILLED
+            if forwarded is None:
+                forwarded = time.time()
+                for p in processes:
+                    if p.is_alive():
+                        p.terminate()  # SIGTERM: the worker's own safe stop
+            elif time.time() - forwarded > 120:
+                for p in processes:
+                    if p.is_alive():
+                        p.kill()  # stuck: its trial is failed and retried through the heartbeat
+            continue
+        bar.n = min(count_states(study, FINISHED), bar.total)
+        bar.refresh()
+        for i, p in enumerate(processes):
+            if not p.is_alive() and p.exitcode not in (0, None) and i not in reported:
+                reported.add(i)
+                print(f"worker {i} (pid {p.pid}) ended with exit code {p.exitcode}; a trial it was running is "
+                      f"failed and retried by the others after {STALE_AFTER * specs[0].plan.study.heartbeat} s "
+                      "without heartbeat", flush=True)
+    if stop_requested():
+        raise KeyboardInterrupt
     bar.n = min(count_states(study, FINISHED), bar.total)
     bar.refresh()
 

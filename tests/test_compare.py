@@ -121,7 +121,7 @@ def test_figures_page_and_the_comparison_run(tracked, by_model):
     for name in ("per_class_accuracy", "confusion_matrices", "val_accuracy"):
         assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (folder / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "Paired tests" in page and "workflowType=machine_learning" in page
+    assert page.count("data:image/png;base64,") == 3 and "Paired tests" in page and "#/experiments/" in page
     client = tracked["client"]
     experiment = client.get_experiment_by_name("cmp").experiment_id
     compared = client.search_runs([experiment], "tags.fer_exp.role = 'comparison'")
@@ -132,7 +132,7 @@ def test_figures_page_and_the_comparison_run(tracked, by_model):
         "report.html", "overall.csv", "per_class.csv", "paired_tests.csv", "tables.md", "confusion_matrices.png"}
     overall = pd.read_csv(folder / "overall.csv").set_index("group")
     assert run.data.metrics["cnn.test_accuracy"] == pytest.approx(overall.loc["cnn", "Accuracy"])
-    assert "run page: http://127.0.0.1:5000/#/experiments/" in output
+    assert f"runs page: http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" in output
 
 
 def test_two_runs_are_tested_against_each_other(tracked):

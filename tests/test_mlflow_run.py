@@ -169,3 +169,11 @@ def test_sigterm_marks_the_run_killed_and_keeps_the_checkpoints(tmp_path):
     run = client.search_runs([client.get_experiment_by_name("killed").experiment_id])[0]
     assert run.info.status == "KILLED"
     assert (tmp_path / "out" / run.info.run_id / "checkpoints" / "last.pt").is_file()
+
+
+def test_the_command_prints_where_to_look(finished_run):
+    _, run, _, env, output = finished_run
+    experiment = run.info.experiment_id
+    assert f"runs page: http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" in output
+    assert f"this run:  http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.info.run_id}" in output
+    assert f"mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}" in output

@@ -303,14 +303,16 @@ def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
 # ================================================================ seeds, workers, signals
 
 
-def test_the_sampler_is_seeded(tmp_path):
+def test_the_sampler_is_seeded(tmp_path, store):
     """Two new studies with the same seed propose the same trials; another seed does not."""
+    from fer_exp.tune import tune
+
     (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
     proposals = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        proc = fer_exp(tmp_path, "tune", "--config", "s.yaml", "--study-name", name, "--seed", str(seed),
-                       "--n-trials", "3", "--tracking", "false", "--pruner", "none")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        plan = plan_study(tmp_path / "s.yaml", {"seed": seed},
+                          {"study_name": name, "n_trials": 3, "tracking": False, "pruner": "none"})
+        tune(plan, progress=False)
         proposals.append([t.params["lr"] for t in load_study(tmp_path, name).trials])
     assert proposals[0] == proposals[1] and len(set(proposals[0])) == 3
     assert proposals[2] != proposals[0]
