@@ -11,9 +11,10 @@
 #   cnn-fp32    the same CNN training with amp off: the bf16-vs-fp32 accuracy check
 #   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
 #   compile     throughput.py again with torch.compile (modes $FER_GPU_COMPILE) beside the eager path
-#   tune        benchmarks/tune_packing.py: trials per hour of a CNN study, 1 worker against $FER_GPU_TUNE_WORKERS
-#               packed on the GPU ($FER_GPU_TUNE_SECONDS each, $FER_GPU_TUNE_SET fixed); needs Optuna (`wheels`)
-# Results: one JSON per step and log.txt in $OUT (or ./gpu-check-out), then a summary table.
+#   tune        benchmarks/tune_packing.py: trials per hour of a study per model ($FER_GPU_TUNE_MODELS), 1 worker
+#               against $FER_GPU_TUNE_WORKERS packed on the GPU, $FER_GPU_TUNE_SECONDS each; needs Optuna (`wheels`)
+# Results: one JSON per step in $OUT/results/, packed after every step into $OUT/results.tar.gz (the
+# device tool returns at most 8 files: the tarball always holds them all), log.txt and summary.txt in $OUT.
 # Time: every step has its own limit and the whole run a deadline ($FER_GPU_DEADLINE s, 570): a step
 # that cannot start with 30 s left is skipped and said so, so one call of the device tool always
 # returns what it measured; a second call can name the steps left.
@@ -21,7 +22,8 @@
 # FER_GPU_WORKERS (8), FER_GPU_COMPILE ("default reduce-overhead"), FER_GPU_TAR (.gpu/fer2013.tar.gz),
 # FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config overrides for every training),
 # FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_DEADLINE, FER_GPU_<STEP>_LIMIT,
-# FER_GPU_TUNE_WORKERS ("1 8"), FER_GPU_TUNE_SECONDS (100), FER_GPU_TUNE_SET ("epochs=6 input_size=48").
+# FER_GPU_TUNE_MODELS ("cnn resnet18"), FER_GPU_TUNE_WORKERS ("1 8"), FER_GPU_TUNE_SECONDS (60),
+# FER_GPU_TUNE_SET_CNN ("epochs=6 input_size=48"), FER_GPU_TUNE_SET_RESNET18 ("epochs=2 input_size=112 pretrained=none").
 # The machine needs torch, torchvision, timm, numpy, pillow, pyyaml, click, tqdm, safetensors and
 # scikit-learn; not mlflow (the training path and studies run without tracking here). The tune step
 # needs Optuna: `wheels` saves it and its missing dependencies to .whl/ (5.5 MB, git-ignored); carry
@@ -61,7 +63,8 @@ for s in "${steps[@]}"; do  # a typo must not cost device minutes: check before 
 done
 
 OUT="${OUT:-$PWD/gpu-check-out}"
-mkdir -p "$OUT"
+RESULTS="$OUT/results"
+mkdir -p "$RESULTS"
 PY="${PYTHON:-python3}"
 EPOCHS="${FER_GPU_EPOCHS:-60}"
 RESNET_EPOCHS="${FER_GPU_RESNET_EPOCHS:-2}"
@@ -100,10 +103,11 @@ step() {  # name, seconds allowed, command... (stdout is the caller's: it may be
     local start=$SECONDS
     timeout "$limit" "$@"
     echo "== $name exit $? after $((SECONDS - start)) s" >&2
+    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null  # what is measured so far, in one file
 }
 full() {  # json name, seconds allowed, full_training.py arguments...
     local name="$1" limit="$2"; shift 2
-    step "$name" "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$OUT/$name.json" "$@" "${EXTRA_SETS[@]}" >/dev/null
+    step "$name" "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$name.json" "$@" "${EXTRA_SETS[@]}" >/dev/null
 }
 cnn_args=(--config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0)
 
@@ -112,7 +116,7 @@ for s in "${steps[@]}"; do
         throughput)
             step throughput "${FER_GPU_THROUGHPUT_LIMIT:-150}" "$PY" benchmarks/throughput.py --data "$DATA" \
                 --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 "${THROUGHPUT_EXTRA[@]}" \
-                --json > "$OUT/throughput.json" ;;
+                --json > "$RESULTS/throughput.json" ;;
         cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto ;;
         cnn-fp32) full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=off ;;
         resnet)
@@ -126,19 +130,23 @@ for s in "${steps[@]}"; do
                 export PYTHONPATH="$PYTHONPATH:/tmp/site"
             fi
             read -ra TUNE_WORKERS <<< "${FER_GPU_TUNE_WORKERS:-1 8}"
-            TUNE_SETS=()
-            for pair in ${FER_GPU_TUNE_SET-epochs=6 input_size=48} ${FER_GPU_SET:-}; do TUNE_SETS+=(--set "$pair"); done
-            step tune "${FER_GPU_TUNE_LIMIT:-400}" "$PY" benchmarks/tune_packing.py --data "$DATA" \
-                --workers "${TUNE_WORKERS[@]}" --seconds "${FER_GPU_TUNE_SECONDS:-100}" "${TUNE_SETS[@]}" \
-                --json "$OUT/tune.json" >/dev/null ;;
+            for model in ${FER_GPU_TUNE_MODELS:-cnn resnet18}; do
+                if [[ "$model" == resnet18 ]]; then sets="${FER_GPU_TUNE_SET_RESNET18-epochs=2 input_size=112 pretrained=none}"
+                else sets="${FER_GPU_TUNE_SET_CNN-epochs=6 input_size=48}"; fi
+                TUNE_SETS=()
+                for pair in $sets ${FER_GPU_SET:-}; do TUNE_SETS+=(--set "$pair"); done
+                step "tune-$model" "${FER_GPU_TUNE_LIMIT:-240}" "$PY" benchmarks/tune_packing.py --data "$DATA" \
+                    --config "experiments/tune_$model.yaml" --workers "${TUNE_WORKERS[@]}" \
+                    --seconds "${FER_GPU_TUNE_SECONDS:-60}" "${TUNE_SETS[@]}" --json "$RESULTS/tune_$model.json" >/dev/null
+            done ;;
         compile)
             step compile "${FER_GPU_COMPILE_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
                 --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --skip-resnet --skip-ablations "${THROUGHPUT_EXTRA[@]}" \
-                --compile "${COMPILE_MODES[@]}" --json > "$OUT/compile.json" ;;
+                --compile "${COMPILE_MODES[@]}" --json > "$RESULTS/compile.json" ;;
     esac
 done
 
-"$PY" - "$OUT" <<'EOF'
+"$PY" - "$RESULTS" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -159,9 +167,11 @@ for name in ("throughput", "compile"):
         print(f"  ratio {k}: {v}")
     for k, v in t.get("compile", {}).items():
         print(f"  {k}: {v}")
-t = load("tune")
-if t:
-    print(f"tune: {t['seconds']} s per study, {' '.join(t['set'])}")
+for model in ("cnn", "resnet18"):
+    t = load(f"tune_{model}")
+    if not t:
+        continue
+    print(f"tune {model}: {t['seconds']} s per study, {' '.join(t['set'])}")
     for r in t["runs"]:
         print(f"  {r['workers']:3d} worker(s): " + (r["error"][:300] if "error" in r else
               f"{r['finished_trials']} trials in {r['wall_seconds']} s = {r['trials_per_hour']} trials/h, "

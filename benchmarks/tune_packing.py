@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     parser.add_argument("--storage", default=None, help="Optuna storage (default: a temporary sqlite file)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here too (after every run)")
     args = parser.parse_args(argv)
+    args.config = str(Path(args.config).resolve())  # the studies run in a folder of their own
+    if Path(args.data).exists():
+        args.data = str(Path(args.data).resolve())
     workdir = Path(tempfile.mkdtemp(prefix="fer-packing-"))
     storage = args.storage or f"sqlite:///{workdir / 'optuna.db'}"
     results = {"config": args.config, "data": args.data, "seconds": args.seconds, "set": args.set, "runs": []}

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,23 +65,31 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
                FER_GPU_THROUGHPUT_ARGS="--batch-size 16 --eval-batch-size 16 --rounds 1 --resnet-batches 1 "
                                        "--resnet-batch-size 4 --skip-ablations",
                FER_GPU_TUNE_WORKERS="1", FER_GPU_TUNE_SECONDS="5",  # in-process: a trial starts within 5 s
-               FER_GPU_TUNE_SET="epochs=1 batch_size=16 eval_batch_size=16")
+               FER_GPU_TUNE_MODELS="resnet18",  # the one that must not download (the CNN study: tests/test_tune.py)
+               FER_GPU_TUNE_SET_RESNET18="epochs=1 input_size=112 pretrained=none")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    names = {p.name for p in out.iterdir()}
-    assert names == {"log.txt", "throughput.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
-                     "compile.json", "tune.json"}
-    tune = json.loads((out / "tune.json").read_text())
+    assert {p.name for p in out.iterdir()} == {"log.txt", "summary.txt", "results", "results.tar.gz"}  # <= 8 files back
+    names = {"throughput.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
+             "compile.json", "tune_resnet18.json"}
+    with tarfile.open(out / "results.tar.gz") as packed:
+        assert {Path(m).name for m in packed.getnames() if m.endswith(".json")} == names
+    log = (out / "log.txt").read_text()
+    out = out / "results"
+    assert {p.name for p in out.iterdir()} == names
+    tune = json.loads((out / "tune_resnet18.json").read_text())
     assert [r["workers"] for r in tune["runs"]] == [1] and tune["runs"][0]["finished_trials"] >= 1, tune
     assert tune["runs"][0]["trials_per_hour"] > 0 and tune["runs"][0]["epochs_per_trial"] == 1
+    assert tune["config"].endswith("experiments/tune_resnet18.yaml") and "pretrained=none" in tune["set"]
     assert json.loads((out / "compile.json").read_text())["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
     assert json.loads((out / "cnn_fp32.json").read_text())["amp"] == "fp32"
     assert json.loads((out / "resnet18_224.json").read_text())["config"]["input_size"] == 224
     assert json.loads((out / "throughput.json").read_text())["images_per_second"]["cnn"]["conventional"]["train"] > 0
-    for line in ("ratio cnn train fer-exp/conventional", "cnn_bf16: cpu amp", "resnet18_224: cpu", "1 worker(s): "):
+    for line in ("ratio cnn train fer-exp/conventional", "cnn_bf16: cpu amp", "resnet18_224: cpu", "tune resnet18: 5.0 s",
+                 "1 worker(s): "):
         assert line in proc.stdout
-    assert "exit 0" in (out / "log.txt").read_text() and "exit 1" not in proc.stdout
+    assert "exit 0" in log and "exit 1" not in proc.stdout
 
 
 def test_gpu_check_packs_real_layout_data_and_trains_from_the_tarball(tmp_path):
@@ -112,10 +121,10 @@ def test_gpu_check_packs_real_layout_data_and_trains_from_the_tarball(tmp_path):
     proc = subprocess.run(["bash", script, "run", "cnn-bf16"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((out / "cnn_bf16.json").read_text())
+    result = json.loads((out / "results" / "cnn_bf16.json").read_text())
     assert result["config"]["data"].endswith("/fer2013") and result["train_images"] + result["val_images"] == 42
     assert result["test_images"] == 14
-    assert {p.name for p in out.iterdir()} == {"log.txt", "cnn_bf16.json"}
+    assert {p.name for p in (out / "results").iterdir()} == {"cnn_bf16.json"}
 
     wrong = subprocess.run(["bash", script, "run", "cnn-fp16"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=120)
