@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from fer_exp.augment import BatchAugment, to_float
 from fer_exp.classes import NUM_CLASSES
 from fer_exp.config import Config, check_device
-from fer_exp.data import FerData, Split
+from fer_exp.data import FerData
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
 

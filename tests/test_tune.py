@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from fer_exp.cli import main
 from fer_exp.config import CHOICES, FIELDS
-from fer_exp.tune import FIGURES, make_pruner, make_sampler, mask_url, plan_study
+from fer_exp.tune import make_pruner, make_sampler, plan_study
+from fer_exp.tune_report import FIGURES, mask_url
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_FILE = """\

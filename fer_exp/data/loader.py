@@ -12,7 +12,7 @@ import torch
 
 from fer_exp.classes import CLASS_NAMES
 from fer_exp.data import cache
-from fer_exp.data.dataset import SPLIT_NAMES, DataError, DecodeReport, FerData, Split
+from fer_exp.data.dataset import SPLIT_NAMES, DataError, FerData, Split
 from fer_exp.data.formats import ON_BAD_CHOICES, find_split_dir, read_csv, read_folders
 from fer_exp.data.synthetic import parse_synthetic_spec, synthetic_split
 
