@@ -359,7 +359,7 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
                               **{t: [cell(row, t) for _, row in frame.iterrows()] for t in titles}})
         return shown.to_html(index=False, border=0, classes="t")
 
-    runs = "".join(f"<li><b>{html.escape(r.group)}</b>: <a href=\"{links[r.run_id]}\">{html.escape(r.name)}</a> "
+    runs = "".join(f"<li><b>{html.escape(r.group)}</b>: <a href=\"{links[r.run_id]}\" target=\"_top\">{html.escape(r.name)}</a> "
                    f"<code>{r.run_id}</code>, test accuracy {100 * r.metrics['test_accuracy']:.2f}%</li>"
                    for r in comparison.runs)
     tests = ""
@@ -373,7 +373,7 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
     notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in comparison.notes)
     return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>fer-exp comparison</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1300px} table.t{border-collapse:collapse;margin:1em 0}"
-            ".t td,.t th{border:1px solid #ccc;padding:4px 8px;text-align:right} .t th{background:#f0f0f0}</style>"
+            ".t td,.t th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap} .t th{background:#f0f0f0}</style>"
             f"</head><body><h1>fer-exp comparison by {html.escape(comparison.group_by)}</h1><ul>{runs}</ul>"
             f"<h2>Overall (test split, %)</h2>{table_html(comparison.overall, OVERALL.values())}"
             f"<h2>Per-class accuracy (test split, %)</h2>{table_html(comparison.per_class, PER_CLASS.values())}"
@@ -427,9 +427,11 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         images[name] = buffer.getvalue()
         (output / f"{name}.png").write_bytes(images[name])
     uri = tracking_uri()
-    links = {r.run_id: run_page_url(r.run_id, r.experiment_id, uri) for r in runs}
+    # root-relative links: the page is mostly read in the MLflow UI's artifact viewer, on its server
+    links = {r.run_id: run_page_url(r.run_id, r.experiment_id, base="") for r in runs}
     (output / "report.html").write_text(html_page(comparison, markdown, images, links))
-    (output / "runs.json").write_text(json.dumps({r.run_id: links[r.run_id] for r in runs}, indent=2) + "\n")
+    (output / "runs.json").write_text(json.dumps({r.run_id: run_page_url(r.run_id, r.experiment_id, uri)
+                                                   for r in runs}, indent=2) + "\n")
     result = CompareResult(comparison, markdown, output)
     if log:
         import os

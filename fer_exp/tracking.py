@@ -56,9 +56,11 @@ def runs_page_url(experiment_id: str, uri: str | None = None) -> str:
     return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def run_page_url(run_id: str, experiment_id: str, uri: str | None = None) -> str:
-    """One run's page (metrics, params, artifacts)."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+def run_page_url(run_id: str, experiment_id: str, uri: str | None = None, base: str | None = None) -> str:
+    """One run's page (metrics, params, artifacts), in the classic ML view too. ``base`` '' gives a
+    root-relative link (for pages the MLflow server itself shows)."""
+    base = ui_base(uri) if base is None else base
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def data_digest(split) -> str:

@@ -120,7 +120,8 @@ def test_figures_page_and_the_comparison_run(tracked, by_model):
     for name in ("per_class_accuracy", "confusion_matrices", "val_accuracy"):
         assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (folder / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "Paired tests" in page and "#/experiments/" in page
+    assert page.count("data:image/png;base64,") == 3 and "Paired tests" in page
+    assert 'href="/#/experiments/' in page and "?workflowType=machine_learning" in page
     client = tracked["client"]
     experiment = client.get_experiment_by_name("cmp").experiment_id
     compared = client.search_runs([experiment], "tags.fer_exp.role = 'comparison'")

@@ -175,5 +175,6 @@ def test_the_command_prints_where_to_look(finished_run):
     _, run, _, env, output = finished_run
     experiment = run.info.experiment_id
     assert f"runs page: http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" in output
-    assert f"this run:  http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.info.run_id}" in output
+    assert (f"this run:  http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.info.run_id}"
+            "?workflowType=machine_learning") in output
     assert f"mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}" in output
