@@ -111,6 +111,12 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
+# Fields that say where and how a run ran, not what it trained: runs (and resumed studies) that
+# differ only in these count as the same.
+EXECUTION_FIELDS = ("device", "output_dir", "run_name", "experiment_name", "eval_batch_size", "channels_last",
+                    "system_metrics")
+
+
 class ConfigError(ValueError):
     """An unknown key, a wrong type or a value out of range in a configuration."""
 

@@ -19,11 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer_exp.config import Config, ConfigError, build_config, coerce, read_experiment, read_yaml
-
-# fields that say where and how a run ran, not what it trained: a run that differs only in them counts
-EXECUTION_FIELDS = ("device", "output_dir", "run_name", "eval_batch_size", "channels_last", "system_metrics",
-                    "experiment_name")
+from fer_exp.config import EXECUTION_FIELDS, Config, ConfigError, build_config, coerce, read_experiment, read_yaml
 STUDY_KEYS = ("experiment_name", "seeds", "arms", "compare")
 
 

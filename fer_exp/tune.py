@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fer_exp.config import (
+    EXECUTION_FIELDS,
     Config,
     ConfigError,
     StudyConfig,
@@ -52,8 +53,9 @@ MAX_RETRIES = 2  # a trial whose worker dies is run again at most this often
 STALE_AFTER = 3  # heartbeats missed before a running trial counts as lost
 FINISHED = ("COMPLETE", "PRUNED")
 CLAIMED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
-# config fields that may differ when a study is resumed (where and how it runs, not what it trains)
-RESUMABLE_DIFFERENCES = ("data", "device", "output_dir", "run_name", "experiment_name", "eval_batch_size", "channels_last")
+# config fields that may differ when a study is resumed: how it runs, and the data's path (the same
+# data sits at different paths on different machines)
+RESUMABLE_DIFFERENCES = (*EXECUTION_FIELDS, "data")
 REPO_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
