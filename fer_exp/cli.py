@@ -59,7 +59,8 @@ def format_summary(summary: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="Stop at the first bad sample, or skip bad samples and report them.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the val hold-out, where one is made.")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Seed of the val hold-out, where one is made (training's default, so both show the same split).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Size of the val hold-out.")
 @click.option("--no-cache", is_flag=True, help="Decode again instead of reading the cache.")
 def data_inspect(source: str, as_json: bool, on_bad: str, seed: int, val_fraction: float, no_cache: bool) -> None:
@@ -152,14 +153,14 @@ def train(config_path: str | None, **options) -> None:
         cfg = load_config(config_path or None, options)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    from fer_exp.experiment import run_experiment
+    from fer_exp.experiment import TrackingError, run_experiment
     from fer_exp.models import PretrainedWeightsError
 
     click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
     stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
     try:
         summary = run_experiment(cfg)
-    except (DataError, PretrainedWeightsError, ConfigError) as exc:
+    except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         sys.exit(130)
@@ -188,6 +189,7 @@ def tune(config_path: str | None, **options) -> None:
     of the search space). The same --study-name resumes a study; --workers runs several processes."""
     from fer_exp.config import STUDY_FIELDS, ConfigError
     from fer_exp.data import DataError
+    from fer_exp.experiment import TrackingError
     from fer_exp.models import PretrainedWeightsError
     from fer_exp.tune import StudyError, plan_study
     from fer_exp.tune import tune as run_study
@@ -201,7 +203,7 @@ def tune(config_path: str | None, **options) -> None:
     stop_on_signals()
     try:
         result = run_study(plan)
-    except (DataError, PretrainedWeightsError, ConfigError, StudyError) as exc:
+    except (DataError, PretrainedWeightsError, ConfigError, StudyError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         sys.exit(130)
@@ -256,6 +258,7 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **
     from fer_exp.compare import CompareError, compare
     from fer_exp.config import ConfigError
     from fer_exp.data import DataError
+    from fer_exp.experiment import TrackingError
     from fer_exp.models import PretrainedWeightsError
     from fer_exp.study import read_study, run_study
     from fer_exp.tracking import tracking_uri
@@ -271,7 +274,7 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **
     stop_on_signals()
     try:
         run_ids, made = run_study(plan, dry_run=dry_run)
-    except (DataError, PretrainedWeightsError, ConfigError) as exc:
+    except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: the finished runs are kept; the same command makes the rest", err=True)

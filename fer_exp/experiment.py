@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer_exp.config import Config
+from fer_exp.config import Config, ConfigError
 from fer_exp.data import FerData, load_data
 from fer_exp.train import FitResult, StopTraining, Trainer
+
+
+class TrackingError(RuntimeError):
+    """The run cannot be tracked as asked (a deleted experiment, a store that refuses it); found
+    before any training, with what to do about it."""
+
+
+def check_output_dir(folder: str) -> None:
+    """Fail now, not after the first epoch, when checkpoints cannot be written under ``folder``."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output_dir {folder}: checkpoints cannot be written there ({exc.strerror or exc}); "
+                          "choose another folder with --output-dir") from None
 
 
 @dataclass
@@ -45,14 +63,18 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
 
     if data is None:
         data = load_run_data(cfg)
+    check_output_dir(cfg.output_dir)
     trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=progress,
                       callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints), *callbacks])
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does
-        experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
-    if experiment_id is None and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
-        experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+    try:
+        if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does
+            experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+        if experiment_id is None and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
+            experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
     with mlflow.start_run(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment_id,
                           parent_run_id=parent_run_id, tags=tags, log_system_metrics=cfg.system_metrics) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"

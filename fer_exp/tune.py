@@ -508,13 +508,14 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     """Run (or resume) the study of ``plan``; see the module docstring."""
     from tqdm.auto import tqdm
 
-    from fer_exp.experiment import load_run_data
+    from fer_exp.experiment import check_output_dir, load_run_data
 
     sc = plan.study
     storage_url = sc.storage or default_storage_url(sc.tracking)
     if storage_url.startswith("sqlite:///"):
         Path(storage_url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     data = load_run_data(plan.config)  # bad data fails here, once, and the decode cache is warm for the workers
+    check_output_dir(plan.config.output_dir)
     study, resumed = open_study(plan, storage_url)
     finished_before = count_states(study, FINISHED)
     target = sc.total_trials or finished_before + sc.n_trials

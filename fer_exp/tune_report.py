@@ -66,7 +66,10 @@ class ParentRun:
             run = self.client.get_run(launch)
             self.run_id, self.experiment_id = launch, run.info.experiment_id
         else:
-            self.experiment_id = mlflow.set_experiment(plan.config.experiment_name).experiment_id
+            try:
+                self.experiment_id = mlflow.set_experiment(plan.config.experiment_name).experiment_id
+            except mlflow.exceptions.MlflowException as exc:
+                raise StudyError(f"tracking store {mask_url(self.uri)}: {str(exc.message).splitlines()[0]}") from None
             self.run_id = self.client.create_run(self.experiment_id, run_name=plan.study.study_name).info.run_id
         study.set_user_attr("mlflow_parent_run_id", self.run_id)
         study.set_user_attr("mlflow_experiment_id", self.experiment_id)

@@ -153,6 +153,8 @@ def test_erasing_always_sets_one_rectangle_of_half_grey():
 
 def test_erasing_never_when_zero_and_sometimes_when_half():
     images = batch(64)
+    never = BatchAugment(**{**OFF, "erasing": 0.0})(images, gen(0))
+    torch.testing.assert_close(never, to_float(images), atol=0, rtol=0)
     out = BatchAugment(**{**OFF, "erasing": 0.5})(images, gen(0))
     erased = [(out[i, 0] == 0.5).any().item() for i in range(64)]
     assert 10 < sum(erased) < 54

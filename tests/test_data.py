@@ -499,6 +499,23 @@ def test_unreadable_folder_is_a_data_error(tmp_path, monkeypatch):
         load_data(str(root), use_cache=False)
 
 
+def test_a_folder_that_cannot_be_listed_while_fingerprinting_is_a_dataerror(tmp_path, monkeypatch):
+    """The cache key lists every file; a folder it may not list is a clear error, not a traceback."""
+    import os
+
+    root = make_folders(tmp_path / "faces", train=10, test=1)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "sad":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"train/sad: cannot be read \(permission denied\)"):
+        load_data(str(root))
+
+
 def test_16_bit_gray_images_are_scaled_not_clipped(tmp_path):
     root = make_folders(tmp_path / "faces", train=10, test=1)
     path = root / "train" / "happy" / "deep.png"
@@ -941,7 +958,9 @@ def table_rows(output: str) -> dict[str, list[int]]:
 
 def test_inspect_prints_format_rule_table_size_and_imbalance(tmp_path):
     root = make_folders(tmp_path / "faces", train=STRATA, test=[2, 1, 2, 3, 2, 2, 2])
-    data = load_data(str(root))
+    from fer_exp.config import Config
+
+    data = load_data(str(root), seed=Config().seed)  # inspect shows the split training makes by default
     result = inspect(root)
     assert result.exit_code == 0, result.output
     out = result.output
@@ -984,7 +1003,7 @@ def test_inspect_seed_and_val_fraction_options(tmp_path):
     root = make_folders(tmp_path / "faces", train=STRATA, test=1)
     s0 = json.loads(inspect(root, "--json").output)
     s1 = json.loads(inspect(root, "--json", "--seed", "1", "--val-fraction", "0.2").output)
-    assert "seed 0" in s0["split_rule"] and "seed 1" in s1["split_rule"]
+    assert "seed 42" in s0["split_rule"] and "seed 1" in s1["split_rule"]
     assert s0["sizes"]["val"] == 22 and s1["sizes"]["val"] == 44
 
 

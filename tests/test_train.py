@@ -603,9 +603,11 @@ def cli(store):
         (["--lr", "0"], ["lr must be positive"]),
         (["--model", "cnn", "--pretrained", "imagenet"], ["resnet18 only"]),
         (["--data", "/no/such/path", "--epochs", "1"], ["/no/such/path"]),
+        (["--data", "synthetic:16,8,8", "--output-dir", "a-file/sub"], ["output_dir a-file/sub", "--output-dir"]),
     ],
 )
 def test_train_user_errors_exit_2_without_traceback(cli, tmp_path, args, pieces):
+    (tmp_path / "a-file").write_text("not a folder")
     result, output = cli(*args)
     assert result.exit_code == 2, output
     assert isinstance(result.exception, SystemExit)
@@ -614,6 +616,17 @@ def test_train_user_errors_exit_2_without_traceback(cli, tmp_path, args, pieces)
         assert piece in output
     assert "Traceback" not in output
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_deleted_experiment_is_a_clear_error_before_training(cli, tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.delete_experiment(client.create_experiment("gone"))
+    result, output = cli("--data", "synthetic:16,8,8", "--epochs", "1", "--experiment-name", "gone")
+    assert result.exit_code == 2 and "Cannot set a deleted experiment 'gone'" in output, output
+    assert "Traceback" not in output and "epoch" not in output.replace("--epochs", "")
+    assert not client.search_runs([client.get_experiment_by_name("gone").experiment_id])
 
 
 def test_train_bad_yaml_exits_2(cli, tmp_path):

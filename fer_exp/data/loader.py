@@ -135,6 +135,13 @@ def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction
     if not 0 <= seed < 2**32:  # numpy/scikit-learn seeds; a negative one would end in a traceback
         raise DataError(f"seed must be an integer from 0 to 2**32 - 1, got {seed}")
     start = time.perf_counter()
+    try:
+        return _load(source, on_bad, seed, val_fraction, use_cache, start)
+    except PermissionError as exc:  # a folder that cannot be listed, while detecting or fingerprinting it
+        raise DataError(f"{exc.filename}: cannot be read (permission denied); fix its permissions") from None
+
+
+def _load(source: str, on_bad: str, seed: int, val_fraction: float, use_cache: bool, start: float) -> FerData:
     fmt, path = detect_format(source)
     if fmt == "synthetic":
         try:
