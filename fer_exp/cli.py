@@ -155,6 +155,7 @@ def train(config_path: str | None, **options) -> None:
         raise UserError(str(exc)) from None
     from fer_exp.experiment import TrackingError, run_experiment
     from fer_exp.models import PretrainedWeightsError
+    from fer_exp.train import TrainingDiverged
 
     click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
     stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
@@ -162,6 +163,8 @@ def train(config_path: str | None, **options) -> None:
         summary = run_experiment(cfg)
     except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
+    except TrainingDiverged as exc:
+        raise click.ClickException(f"{exc} (run marked FAILED)") from None
     except KeyboardInterrupt:
         sys.exit(130)
     r = summary.result

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fer_exp.config import Config, ConfigError
 from fer_exp.data import FerData, load_data
-from fer_exp.train import FitResult, StopTraining, Trainer
+from fer_exp.train import FitResult, StopTraining, Trainer, TrainingDiverged
 
 
 class TrackingError(RuntimeError):
@@ -85,6 +85,10 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
         except StopTraining as stop:
             mlflow.set_tag("stop_reason", stop.reason)
             mlflow.end_run(status="KILLED")
+            raise
+        except TrainingDiverged as diverged:
+            mlflow.set_tag("stop_reason", str(diverged))
+            mlflow.end_run(status="FAILED")
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is KILLED, last.pt of the last epoch stays
             mlflow.set_tag("stop_reason", "interrupted (Ctrl-C or SIGTERM)")

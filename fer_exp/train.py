@@ -67,6 +67,10 @@ def raise_if_stop_requested() -> None:
         raise KeyboardInterrupt
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops; the checkpoints of the last good epoch stay."""
+
+
 class StopTraining(Exception):
     """Raised by a callback to end :meth:`Trainer.fit` at once, on purpose: no test evaluation, no
     result. ``reason`` says why (e.g. "pruned at epoch 3"); the tracking layer marks the run KILLED."""
@@ -313,12 +317,16 @@ class Trainer:
             metrics = self.train_epoch()
             val_metrics, _ = self.evaluate("val")
             metrics |= {k: val_metrics[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")}
+            for name in ("train_loss", "val_loss"):
+                if not math.isfinite(metrics[name]):
+                    kept = f"; the checkpoints of epoch {self.epoch - 1} are kept in {self.checkpoint_dir}" if self.epoch > 1 else ""
+                    raise TrainingDiverged(f"the {name.replace('_', ' ')} is {metrics[name]} at epoch {self.epoch}: "
+                                           f"training diverged (a lower --lr, or --amp off, may help){kept}")
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             value = metrics[cfg.select_metric]
             if self.schedule_unit == "epoch":
                 self.scheduler.step(value)
             self.history.append({"epoch": self.epoch, **metrics})
-            # the first epoch always counts, so a run whose metric is NaN throughout still has a best
             improved = best_path is None or (value < best_value if minimise else value > best_value)
             stale = 0 if improved else stale + 1
             if improved:

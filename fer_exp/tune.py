@@ -356,7 +356,7 @@ class Worker:
                 value = result.best_value
                 state = "COMPLETE" if math.isfinite(value) else "FAIL"
                 if state == "FAIL":
-                    error = f"{cfg.select_metric} is {value} (the training diverged)"
+                    error = f"{cfg.select_metric} is {value}"
             except StopTraining as stop:
                 state, error = "PRUNED", stop.reason
             except KeyboardInterrupt:

@@ -31,6 +31,7 @@ from fer_exp.train import (
     Callback,
     FitResult,
     Trainer,
+    TrainingDiverged,
     class_weight_tensor,
     cpu_has_native_bf16,
     make_scheduler,
@@ -545,14 +546,30 @@ def test_select_metric_picks_best_epoch_from_history(small, tmp_path, select, be
     assert ckpt["epoch"] == best and ckpt["best_value"] == result.best_value
 
 
-def test_nan_val_loss_gives_a_result_or_a_clear_error(small, tmp_path):
-    trainer = scripted(small, tmp_path, [{"loss": float("nan")}] * 2, select_metric="val_loss")
-    try:
-        result = trainer.fit()
-    except ValueError as exc:  # a clear error is fine too
-        assert "nan" in str(exc).lower()
-    else:
-        assert result.best_checkpoint is not None and result.best_checkpoint.exists()
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small, tmp_path, bad):
+    trainer = scripted(small, tmp_path, [{"loss": 1.0}, {"loss": bad}, {"loss": 1.0}], select_metric="val_loss")
+    with pytest.raises(TrainingDiverged, match=f"the val loss is {bad} at epoch 2: training diverged"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # the last good epoch, not overwritten
+    assert len(trainer.history) == 1
+
+
+def test_a_diverged_run_is_marked_failed_with_the_reason(small, store):
+    import mlflow
+
+    from fer_exp.experiment import run_experiment
+
+    class Diverging(Callback):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            trainer.train_epoch = lambda max_batches=None: {"train_loss": float("nan"), "train_accuracy": 0.0,
+                                                            "epoch_seconds": 0.0, "train_images_per_second": 0.0}
+
+    cfg = config(data=SMALL, batch_size=16, epochs=3, output_dir=str(store / "out"), system_metrics=False)
+    with pytest.raises(TrainingDiverged, match="train loss is nan at epoch 2"):
+        run_experiment(cfg, [Diverging()], progress=False, log_model=False, data=small)
+    run = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name(cfg.experiment_name).experiment_id])[0]
+    assert run.info.status == "FAILED" and "training diverged" in run.data.tags["stop_reason"]
 
 
 # ================================================================ resnet18 with frozen layers
@@ -619,9 +636,11 @@ def test_train_user_errors_exit_2_without_traceback(cli, tmp_path, args, pieces)
 
 
 def test_a_deleted_experiment_is_a_clear_error_before_training(cli, tmp_path):
+    import os
+
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # the store the command uses
     client.delete_experiment(client.create_experiment("gone"))
     result, output = cli("--data", "synthetic:16,8,8", "--epochs", "1", "--experiment-name", "gone")
     assert result.exit_code == 2 and "Cannot set a deleted experiment 'gone'" in output, output
