@@ -252,3 +252,18 @@ def test_freeze_depth(k):
     assert not any(m.training for m in model.modules())
     model.train()
     assert model.backbone.fc.training and model.training
+
+
+class _RunsCode:
+    """An object whose unpickling would call a function: what weights_only=True refuses."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_weights_file_with_pickled_objects_is_refused_without_running_them(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "payload": _RunsCode()}, path)
+    with pytest.raises(PretrainedWeightsError, match="refused: besides tensors it holds pickled Python objects"):
+        build_model("resnet18", pretrained=str(path))
+    assert "this ran while loading" not in capsys.readouterr().out

@@ -8,6 +8,7 @@ filters: the same function as feeding the gray image three times), and a head of
 (e.g. ImageNet's 1000 classes) is dropped so `fc` stays freshly initialised.
 """
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -128,6 +129,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = load_file(str(path), device="cpu")
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise PretrainedWeightsError(
+            f"{path} was refused: besides tensors it holds pickled Python objects, which could run code when "
+            "loaded. fer-exp loads weights with torch.load(weights_only=True); save a plain state dict "
+            "(torch.save(model.state_dict(), ...)) or a .safetensors file instead.") from None
     except Exception as e:
         raise PretrainedWeightsError(f"Could not read pretrained weights from {path}: {type(e).__name__}: {e}") from e
     for key in ("state_dict", "model"):  # training checkpoints often wrap the state dict
