@@ -85,10 +85,12 @@ def stop_on_signals() -> None:
 def ui_hint(run_id: str, experiment_id: str, uri: str) -> str:
     """Where to look: the command that serves the UI (for a local store), the runs table, the run."""
     from fer_exp.tracking import run_page_url, runs_page_url
+    from fer_exp.tune_report import mask_url
 
-    serve = "" if uri.startswith(("http://", "https://")) else f"open the UI: mlflow ui --backend-store-uri {uri}\n"
-    return (f"{serve}runs page: {runs_page_url(experiment_id, uri)}\n"
-            f"this run:  {run_page_url(run_id, experiment_id, uri)}")
+    shown = mask_url(uri)  # a password in the URL is never printed
+    serve = "" if uri.startswith(("http://", "https://")) else f"open the UI: mlflow ui --backend-store-uri {shown}\n"
+    return (f"{serve}runs page: {mask_url(runs_page_url(experiment_id, uri))}\n"
+            f"this run:  {mask_url(run_page_url(run_id, experiment_id, uri))}")
 
 
 class _Optional(click.ParamType):
@@ -156,6 +158,7 @@ def train(config_path: str | None, **options) -> None:
     from fer_exp.experiment import TrackingError, run_experiment
     from fer_exp.models import PretrainedWeightsError
     from fer_exp.train import TrainingDiverged
+    from fer_exp.tune_report import mask_url
 
     click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
     stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
@@ -174,7 +177,7 @@ def train(config_path: str | None, **options) -> None:
         f"{r.seconds:.0f} s\n"
         f"test: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
         f"per class accuracy: " + "  ".join(f"{c} {t[f'test_acc_{c}']:.3f}" for c in CLASS_NAMES) + "\n"
-        f"tracking: {summary.tracking_uri} (experiment id {summary.experiment_id})\n"
+        f"tracking: {mask_url(summary.tracking_uri)} (experiment id {summary.experiment_id})\n"
         + ui_hint(summary.run_id, summary.experiment_id, summary.tracking_uri)
     )
 

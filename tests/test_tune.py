@@ -153,6 +153,11 @@ def test_passwords_are_masked():
     assert mask_url("postgresql://fer:s3cret@db.example:5432/optuna") == "postgresql://fer:***@db.example:5432/optuna"
     assert mask_url("sqlite:///optuna.db") == "sqlite:///optuna.db"
     assert mask_url("postgresql://fer@host/db") == "postgresql://fer@host/db"
+    from fer_exp.cli import ui_hint
+
+    for uri in ("postgresql://fer:s3cret@db/mlflow", "https://fer:s3cret@mlflow.example"):
+        shown = ui_hint("0123", "7", uri)
+        assert "s3cret" not in shown and "fer:***@" in shown and "/#/experiments/7/runs/0123" in shown
 
 
 def test_every_sampler_and_pruner_choice_is_built():
