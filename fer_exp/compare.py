@@ -86,6 +86,10 @@ def select_runs(client, experiments: list[str], filter_string: str = "", run_ids
         except Exception as exc:
             raise CompareError(f"the filter {filter_string!r} is not valid: {str(exc).splitlines()[0]} "
                                "(e.g. \"tags.model = 'cnn'\" or \"params.`config.seed` = '42'\")") from None
+        import os
+
+        launch = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run -e compare`: the comparison's own run
+        runs = [r for r in runs if r.info.run_id != launch]
         roles = [r for r in runs if r.data.tags.get("fer_exp.role") in SKIPPED_ROLES]
         unfinished = [r for r in runs if r not in roles and r.info.status != "FINISHED"]
         if roles:
