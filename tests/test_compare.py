@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -278,3 +279,26 @@ def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tr
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_mlflow_run_compare_entry_point_logs_into_its_own_run(tracked):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    tmp = tracked["tmp"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "FER_EXP_CACHE_DIR": str(tmp / "cache"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "compare", "-P", "experiment=cmp",
+           "-P", f"output={tmp / 'via-mlflow'}", "--env-manager", "local", "--experiment-name", "cmp"]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "skipped 1 run(s) that did not finish: killed run (KILLED)" in proc.stdout  # not its own RUNNING run
+    client = tracked["client"]
+    experiment = client.get_experiment_by_name("cmp").experiment_id
+    launched = [r for r in client.search_runs([experiment], "tags.fer_exp.role = 'comparison'")
+                if r.data.params.get("experiment") == "cmp"]  # the -P values MLflow logged on its run
+    assert len(launched) == 1 and launched[0].info.status == "FINISHED"
+    assert "report.html" in {a.path for a in client.list_artifacts(launched[0].info.run_id)}
