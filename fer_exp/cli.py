@@ -145,25 +145,30 @@ def study_options(command):
 
 @main.command()
 @click.option("--config", "config_path", default=None, help="Experiment YAML (e.g. experiments/cnn.yaml); CLI options override it.")
+@click.option("--resume", default=None, type=_Optional("RUN_ID"),
+              help="Continue this interrupted run from its last.pt, in the same MLflow run and with its config "
+                   "(options may change only how it runs: device, output dir, eval batch size).")
 @config_options
-def train(config_path: str | None, **options) -> None:
+def train(config_path: str | None, resume: str | None, **options) -> None:
     """Train a model and track the run in MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
     from fer_exp.config import ConfigError, load_config
     from fer_exp.data import DataError
-
-    try:
-        cfg = load_config(config_path or None, options)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    from fer_exp.experiment import TrackingError, run_experiment
+    from fer_exp.experiment import TrackingError, resume_config, run_experiment
     from fer_exp.models import PretrainedWeightsError
     from fer_exp.train import TrainingDiverged
     from fer_exp.tune_report import mask_url
 
-    click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs (config: {config_path or 'defaults'})")
+    try:
+        if resume and config_path:
+            raise ConfigError("--resume takes the run's own config; leave out --config")
+        cfg = resume_config(resume, options) if resume else load_config(config_path or None, options)
+    except (ConfigError, TrackingError) as exc:
+        raise UserError(str(exc)) from None
+    source = f"resuming run {resume}" if resume else f"config: {config_path or 'defaults'}"
+    click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs ({source})")
     stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
     try:
-        summary = run_experiment(cfg)
+        summary = run_experiment(cfg, resume_run_id=resume)
     except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except TrainingDiverged as exc:

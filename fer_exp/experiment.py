@@ -44,10 +44,54 @@ def load_run_data(cfg: Config) -> FerData:
     return load_data(cfg.data, on_bad=cfg.on_bad, seed=cfg.seed, val_fraction=cfg.val_fraction)
 
 
+def resume_config(run_id: str, overrides: dict | None = None) -> Config:
+    """The config a run was made with (its ``config.yaml``), with command-line ``overrides`` that may
+    only change how it runs (device, output folder, ...): a resumed run must train what it trained."""
+    import mlflow
+
+    from fer_exp.config import EXECUTION_FIELDS, build_config, load_config
+    from fer_exp.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri())
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"no run {run_id} in the tracking store {tracking_uri()}; check MLFLOW_TRACKING_URI") from None
+    if run.info.status == "FINISHED":
+        raise TrackingError(f"run {run_id} is FINISHED: there is nothing to resume")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", tmp)
+        except Exception:
+            raise TrackingError(f"run {run_id} has no config.yaml: it was not made by fer-exp train") from None
+        original = load_config(path)
+    cfg = build_config(original.to_dict(), overrides)
+    changed = [f"{k}: {getattr(original, k)!r} -> {getattr(cfg, k)!r}" for k in original.to_dict()
+               if k not in EXECUTION_FIELDS and getattr(original, k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"run {run_id} cannot resume with another config ({'; '.join(changed)}): MLflow keeps its "
+                          "params and the schedules are sized by them. Resume it unchanged, or start a new run.")
+    return cfg
+
+
+def find_last_checkpoint(run_id: str, cfg: Config) -> Path:
+    """The run's ``last.pt``: in the output folder, else among its logged artifacts."""
+    import mlflow
+
+    local = Path(cfg.output_dir) / run_id / "checkpoints" / "last.pt"
+    if local.is_file():
+        return local
+    try:
+        return Path(mlflow.MlflowClient().download_artifacts(run_id, "checkpoints/last.pt", str(local.parent.parent)))
+    except Exception:
+        raise TrackingError(f"run {run_id} has no checkpoint to resume from ({local} is missing and none was logged); "
+                            "it stopped before its first epoch ended: start a new run") from None
+
+
 def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: bool = True, *,
                    data: FerData | None = None, parent_run_id: str | None = None, experiment_id: str | None = None,
                    tags: dict | None = None, evaluate_test: bool = True, log_checkpoints: bool = True,
-                   on_run_start: Callable[[str], None] | None = None) -> RunSummary:
+                   on_run_start: Callable[[str], None] | None = None, resume_run_id: str | None = None) -> RunSummary:
     """Load the data (unless given), build the trainer, and train inside an MLflow run.
 
     The run's experiment is, in this order: ``experiment_id``; the parent run's (``parent_run_id``,
@@ -56,6 +100,8 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
     pruner, say) ride along with tracking. A callback's :class:`StopTraining` ends the run KILLED with
     its reason as the ``stop_reason`` tag, Ctrl-C or SIGTERM likewise; any other error ends it FAILED.
     Tuning trials pass ``evaluate_test=False`` (select on val, never touch test) and no model.
+    ``resume_run_id`` continues that (interrupted) run from its ``last.pt``, in the same MLflow run
+    (``cfg`` from :func:`resume_config`).
     """
     import mlflow
 
@@ -68,15 +114,32 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                       callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints), *callbacks])
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if resume_run_id:
+        checkpoint = find_last_checkpoint(resume_run_id, cfg)
+        try:
+            trainer.restore(checkpoint)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise TrackingError(f"cannot resume run {resume_run_id} from {checkpoint}: {exc}") from None
+        launch = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run -P resume=...` made a run of its own
+        if launch and launch != resume_run_id:
+            client = mlflow.MlflowClient()
+            client.set_tag(launch, "mlflow.parentRunId", resume_run_id)
+            client.set_tag(launch, "fer_exp.role", "launch")
+            client.set_tag(launch, "mlflow.note.content", f"Resumed run {resume_run_id}; its metrics are there.")
+        print(f"resuming run {resume_run_id} after epoch {trainer.epoch} (from {checkpoint})", file=sys.stderr)
     try:
         if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does
             experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
-        if experiment_id is None and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
+        if experiment_id is None and not resume_run_id and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
             experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
-    with mlflow.start_run(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment_id,
-                          parent_run_id=parent_run_id, tags=tags, log_system_metrics=cfg.system_metrics) as run:
+    if resume_run_id:
+        start = dict(run_id=resume_run_id, log_system_metrics=cfg.system_metrics)
+    else:
+        start = dict(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment_id, parent_run_id=parent_run_id,
+                     tags=tags, log_system_metrics=cfg.system_metrics)
+    with mlflow.start_run(**start) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"
         if on_run_start is not None:
             on_run_start(run.info.run_id)
@@ -94,6 +157,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             mlflow.set_tag("stop_reason", "interrupted (Ctrl-C or SIGTERM)")
             mlflow.end_run(status="KILLED")
             print(f"\ninterrupted: run {run.info.run_id} marked KILLED after {trainer.epoch - 1} complete epoch(s); "
-                  f"checkpoints in {trainer.checkpoint_dir}", file=sys.stderr)
+                  f"checkpoints in {trainer.checkpoint_dir}\nresume it with: fer-exp train --resume {run.info.run_id}",
+                  file=sys.stderr)
             raise
     return RunSummary(run.info.run_id, run.info.experiment_id, uri, result)

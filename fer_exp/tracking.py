@@ -135,9 +135,20 @@ class MLflowCallback(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         cfg, data = trainer.cfg, trainer.data
         trainable, total = count_parameters(trainer.model)
-        # `mlflow run` logs its own -P values under the plain names (an empty one means "not given"),
-        # and MLflow never lets a param change, so the resolved config lives under `config.*`.
-        mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
+        if trainer.resumed_from is None:
+            # `mlflow run` logs its own -P values under the plain names (an empty one means "not given"),
+            # and MLflow never lets a param change, so the resolved config lives under `config.*`.
+            mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
+        else:  # the run's params, inputs and config stay as first logged; how often and where it resumed is kept
+            run_id = mlflow.active_run().info.run_id
+            resumes = int(mlflow.get_run(run_id).data.tags.get("resumes", "0")) + 1
+            mlflow.set_tags({"resumes": resumes, f"resume_{resumes}_after_epoch": trainer.epoch})
+            # a kill between an epoch's checkpoint and its metrics: log what the checkpoint's history has
+            logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
+            for row in trainer.history:
+                if row["epoch"] not in logged:
+                    self.on_epoch_end(trainer, row["epoch"], row)
+            return
         mlflow.set_tags({
             "model": cfg.model, "num_params": total, "num_params_trainable": trainable,
             "data_source": data.source, "data_format": data.format, "split_rule": data.split_rule,

@@ -101,6 +101,24 @@ def write_atomically(path: Path, write) -> None:
     os.replace(partial, path)
 
 
+def global_rng_state() -> dict:
+    """The global random streams (torch CPU and CUDA, numpy, Python) as checkpoint-safe values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_global_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -207,6 +225,9 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        # selection state, checkpointed so that a resumed run selects exactly as an uninterrupted one
+        self.best_value, self.best_epoch, self.stale = None, 0, 0
+        self.resumed_from: Path | None = None
         self.should_stop = False  # a callback may set it to end training after the current epoch
         self.created, self.first_step_seconds = time.perf_counter(), None
 
@@ -287,17 +308,38 @@ class Trainer:
         return metrics, probabilities
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def state(self, best_value: float) -> dict:
+    def state(self) -> dict:
+        """Everything an exact resume needs: weights, optimiser, schedule, epoch, selection state,
+        history, config, and every random stream (augmentation/shuffle, and the global ones dropout uses)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "epoch": self.epoch, "best_value": best_value, "history": self.history,
-                "config": self.cfg.to_dict(), "rng": self.generator.get_state()}
+                "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
+                "stale": self.stale, "history": self.history, "config": self.cfg.to_dict(),
+                "rng": self.generator.get_state(), "global_rng": global_rng_state()}
 
-    def save(self, name: str, best_value: float) -> Path:
+    def save(self, name: str) -> Path:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"{name}.pt"
-        write_atomically(path, lambda partial: torch.save(self.state(best_value), partial))
+        write_atomically(path, lambda partial: torch.save(self.state(), partial))
         return path
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint (``last.pt``) of a run with this config: :meth:`fit` then goes
+        on with the next epoch, exactly as the uninterrupted run would have."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        missing = {"best_epoch", "stale", "global_rng"} - set(state)
+        if missing:
+            raise ValueError(f"{path} was written by an older fer-exp without {', '.join(sorted(missing))}: "
+                             "it cannot be resumed exactly")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["rng"].to("cpu") if self.device.type != "cuda" else state["rng"].cpu())
+        set_global_rng_state(state["global_rng"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        self.best_value, self.best_epoch, self.stale = state["best_value"], state["best_epoch"], state["stale"]
+        self.resumed_from = Path(path)
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self, evaluate_test: bool = True) -> FitResult:
@@ -305,14 +347,17 @@ class Trainer:
         with ``evaluate_test``, evaluate that epoch once on test. Tuning trials pass False: they
         select on val and never look at the test split."""
         cfg = self.cfg
-        seed_everything(cfg.seed)  # dropout draws from the global generator: same seed, same run
+        if self.resumed_from is None:
+            seed_everything(cfg.seed)  # dropout draws from the global generator: same seed, same run
         start = time.perf_counter()
         minimise = cfg.select_metric == "val_loss"
-        best_value, best_epoch, stale = (math.inf if minimise else -math.inf), 0, 0
-        best_path = last_path = None
+        best_path = self.checkpoint_dir / "best.pt" if self.best_epoch else None
+        last_path = self.checkpoint_dir / "last.pt" if self.epoch else None
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        for epoch in range(cfg.epochs):
+        for epoch in range(self.epoch, cfg.epochs):
+            if cfg.early_stopping and self.stale >= cfg.early_stopping:
+                break  # resumed after the epoch that stopped it early
             self.epoch = epoch + 1
             metrics = self.train_epoch()
             val_metrics, _ = self.evaluate("val")
@@ -327,11 +372,11 @@ class Trainer:
             if self.schedule_unit == "epoch":
                 self.scheduler.step(value)
             self.history.append({"epoch": self.epoch, **metrics})
-            improved = best_path is None or (value < best_value if minimise else value > best_value)
-            stale = 0 if improved else stale + 1
+            improved = best_path is None or (value < self.best_value if minimise else value > self.best_value)
+            self.stale = 0 if improved else self.stale + 1
             if improved:
-                best_value, best_epoch = value, self.epoch
-            last_path = self.save("last", best_value)
+                self.best_value, self.best_epoch = value, self.epoch
+            last_path = self.save("last")
             if improved:  # the same state: copy rather than serialise twice
                 best_path = self.checkpoint_dir / "best.pt"
                 write_atomically(best_path, lambda partial: shutil.copyfile(last_path, partial))
@@ -342,7 +387,7 @@ class Trainer:
                            f"{metrics['epoch_seconds']:.1f}s{'  *' if improved else ''}")
             for cb in self.callbacks:
                 cb.on_epoch_end(self, self.epoch, metrics)
-            if cfg.early_stopping and stale >= cfg.early_stopping:
+            if cfg.early_stopping and self.stale >= cfg.early_stopping:
                 self.should_stop = True
             if self.should_stop:
                 break
@@ -350,7 +395,7 @@ class Trainer:
         if evaluate_test:  # the best epoch, evaluated once on test
             self.model.load_state_dict(torch.load(best_path, map_location=self.device, weights_only=True)["model"])
             test_metrics, test_probabilities = self.evaluate("test")
-        result = FitResult(best_epoch, best_value, self.history, test_metrics, test_probabilities, best_path,
+        result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, best_path,
                            last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)

@@ -178,3 +178,47 @@ def test_the_command_prints_where_to_look(finished_run):
     assert (f"this run:  http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.info.run_id}"
             "?workflowType=machine_learning") in output
     assert f"mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}" in output
+
+
+def test_sigkill_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL loses only the epoch in progress; `--resume` continues it in the same
+    MLflow run and ends with the metrics of a run never interrupted (same seed, CPU)."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from fer_exp.config import load_config
+    from fer_exp.data import load_data
+    from fer_exp.train import Trainer
+
+    env = _env(tmp_path)
+    env["PYTHONUNBUFFERED"] = "1"
+    options = ["--data", "synthetic:96,32,32", "--epochs", "4", "--batch-size", "32", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "fer_exp.cli", "train", *options, "--experiment-name", "resume",
+           "--output-dir", str(tmp_path / "out"), "--system-metrics", "false"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch   2/4"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("resume").experiment_id])[0]
+    assert run.info.status == "RUNNING", "".join(lines)  # SIGKILL leaves no chance to say otherwise
+    resume = [sys.executable, "-m", "fer_exp.cli", "train", "--resume", run.info.run_id]
+    changed = subprocess.run([*resume, "--lr", "0.5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "cannot resume with another config (lr: 0.001 -> 0.5)" in changed.stderr
+    done = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming run {run.info.run_id} after epoch" in done.stderr
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3, 4]
+    cfg = load_config(overrides=dict(zip([o[2:].replace("-", "_") for o in options[::2]], options[1::2])))
+    reference = Trainer(cfg, load_data(cfg.data, seed=cfg.seed), tmp_path / "ref", progress=False).fit()
+    for key in ("test_accuracy", "test_macro_f1", "test_loss"):
+        assert abs(run.data.metrics[key] - reference.test_metrics[key]) <= 1e-6, key
+    again = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "is FINISHED: there is nothing to resume" in again.stderr

@@ -367,13 +367,56 @@ def test_checkpoints(fitted, data):
     assert best["best_value"] == result.best_value
     # the returned model holds the best weights (it was evaluated on test with them)
     assert same_weights(trainer.model.state_dict(), best["model"])
-    # a fresh trainer can resume from last.pt
-    fresh = Trainer(cfg, data, folder / "fresh", progress=False)
-    fresh.model.load_state_dict(last["model"])
-    fresh.optimizer.load_state_dict(last["optimizer"])
-    fresh.scheduler.load_state_dict(last["scheduler"])
-    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(result.history[-1]["lr"])
-    fresh.generator.set_state(last["rng"])
+    assert {"best_epoch", "stale", "global_rng", "rng"} <= set(last)  # what an exact resume needs
+
+
+class StopAfter(Callback):
+    """Interrupts training after an epoch's checkpoint, as Ctrl-C or SIGTERM would at the next step."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def without_timing(history):
+    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in history]
+
+
+def test_an_interrupted_run_resumed_from_last_pt_ends_as_the_uninterrupted_one(data, tmp_path):
+    cfg = config(epochs=4, dropout=0.3)  # dropout and augmentation: both random streams must resume
+    full_trainer = Trainer(cfg, data, tmp_path / "full", progress=False)
+    full = full_trainer.fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, data, tmp_path / "cut", callbacks=[StopAfter(2)], progress=False).fit()
+    trainer = Trainer(cfg, data, tmp_path / "cut", progress=False)
+    trainer.restore(tmp_path / "cut" / "last.pt")
+    assert trainer.epoch == 2
+    resumed = trainer.fit()
+    a, b = without_timing(full.history), without_timing(resumed.history)
+    assert [h["epoch"] for h in b] == [1, 2, 3, 4]
+    for ha, hb in zip(a, b):
+        assert ha.keys() == hb.keys() and all(abs(ha[k] - hb[k]) <= 1e-6 for k in ha), (ha, hb)
+    assert resumed.best_epoch == full.best_epoch
+    assert all(abs(full.test_metrics[k] - resumed.test_metrics[k]) <= 1e-6 for k in full.test_metrics)
+    last_full = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    last_resumed = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    assert all(torch.allclose(last_full[k].float(), last_resumed[k].float(), atol=1e-6) for k in last_full)
+
+
+def test_a_resumed_run_keeps_its_best_epoch_and_early_stopping_count(small, tmp_path):
+    script = [{"acc": 0.5}, {"acc": 0.6}, {"acc": 0.4}, {"acc": 0.3}, {"acc": 0.9}]
+    full = scripted(small, tmp_path / "full", script, early_stopping=2).fit()
+    assert (full.best_epoch, len(full.history)) == (2, 4)  # stopped at epoch 4: two epochs without a better one
+    with pytest.raises(KeyboardInterrupt):
+        scripted(small, tmp_path / "cut", script, callbacks=[StopAfter(3)], early_stopping=2).fit()
+    trainer = scripted(small, tmp_path / "cut", script, early_stopping=2)
+    trainer.restore(tmp_path / "cut" / "last.pt")
+    resumed = trainer.fit()
+    assert (resumed.best_epoch, len(resumed.history)) == (2, 4)
+    assert load_checkpoint(tmp_path / "cut" / "best.pt")["epoch"] == 2  # epoch 3 did not overwrite it
 
 
 def test_test_metrics_and_probabilities(fitted, data):
