@@ -7,9 +7,12 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_smoke(tmp_path):
     env = dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--data", "synthetic:128,32,32",
@@ -55,6 +58,7 @@ def test_full_training_benchmark_rejects_a_bad_override(tmp_path):
     assert proc.returncode == 2 and "unknown config key 'epochz'" in proc.stderr and "epochs" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     # the one prepared script a GPU session runs; here on the CPU with tiny sizes, so a GPU session
     # never spends its device minutes on a broken script
@@ -92,6 +96,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     assert "exit 0" in log and "exit 1" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_packs_real_layout_data_and_trains_from_the_tarball(tmp_path):
     from PIL import Image
 

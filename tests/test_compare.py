@@ -60,6 +60,7 @@ def by_model(tracked):
     return result.output, tracked["tmp"] / "report"
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_tables_equal_the_runs_metrics(tracked, by_model):
     output, folder = by_model
     client = tracked["client"]
@@ -82,6 +83,7 @@ def test_tables_equal_the_runs_metrics(tracked, by_model):
     assert "skipped 1 tuning or comparison run(s)" in output and "skipped 1 run(s) that did not finish" in output
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_paired_tests_match_a_hand_computation(tracked, by_model):
     _, folder = by_model
     client = tracked["client"]
@@ -116,6 +118,7 @@ def test_summary_of_one_value_has_no_interval():
     assert summarise([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "ci_low": None, "ci_high": None}
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_figures_page_and_the_comparison_run(tracked, by_model):
     output, folder = by_model
     for name in ("per_class_accuracy", "confusion_matrices", "val_accuracy"):
@@ -136,6 +139,7 @@ def test_figures_page_and_the_comparison_run(tracked, by_model):
     assert f"runs page: http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" in output
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_two_runs_are_tested_against_each_other(tracked):
     a, b = tracked["runs"][("resnet18", 1)], tracked["runs"][("cnn", 1)]
     result = invoke(tracked, "--runs", f"{a},{b}", "--output", str(tracked["tmp"] / "two"), "--no-log")
@@ -144,6 +148,7 @@ def test_two_runs_are_tested_against_each_other(tracked):
     assert list(zip(tests["a_run_id"], tests["b_run_id"])) == [(a, b)]
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_runs_on_different_test_sets_are_not_paired(tracked):
     """Synthetic data is drawn per seed: two seeds' runs saw different test images."""
     a, b = tracked["runs"][("cnn", 1)], tracked["runs"][("cnn", 2)]
@@ -154,6 +159,7 @@ def test_runs_on_different_test_sets_are_not_paired(tracked):
     assert not (tracked["tmp"] / "diff" / "paired_tests.csv").exists()
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_group_by_a_config_field(tracked):
     result = invoke(tracked, "--group-by", "seed", "--output", str(tracked["tmp"] / "seed"), "--no-log")
     assert result.exit_code == 0, result.output
@@ -168,12 +174,14 @@ def test_group_by_a_config_field(tracked):
         (["--experiment", "nope"], "no experiment named nope"),
     ],
 )
+@pytest.mark.slow  # the four tracked runs
 def test_nothing_to_compare_exits_2(tracked, args, piece):
     result = CliRunner().invoke(main, ["compare", *(args if args[0] == "--experiment" else ["--experiment", "cmp", *args]),
                                        "--no-log", "--output", str(tracked["tmp"] / "none")])
     assert result.exit_code == 2 and piece in result.output and "Traceback" not in result.output, result.output
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_runs_without_a_test_evaluation_are_refused_by_name(tracked):
     for bad in (tracked["trial"], tracked["killed"]):
         result = invoke(tracked, "--runs", tracked["runs"][("cnn", 1)], "--runs", bad, "--no-log",
@@ -183,6 +191,7 @@ def test_runs_without_a_test_evaluation_are_refused_by_name(tracked):
     assert result.exit_code == 2 and "no run 0123456789abcdef" in result.output
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
     (tmp_path / "base.yaml").write_text("model: cnn\nepochs: 1\nbatch_size: 32\nsystem_metrics: false\n")
     (tmp_path / "mini.yaml").write_text(
@@ -217,12 +226,14 @@ def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
         ("search_space: {}\narms:\n  a: {}\n", "fer-exp tune"),
     ],
 )
+@pytest.mark.slow  # the four tracked runs
 def test_bad_study_files_exit_2(tracked, tmp_path, text, piece):
     (tmp_path / "s.yaml").write_text(text)
     result = CliRunner().invoke(main, ["study", str(tmp_path / "s.yaml"), "--dry-run"])
     assert result.exit_code == 2 and piece in result.output and "Traceback" not in result.output, result.output
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tracked, by_model):
     """`mlflow server` on localhost over the store: what users open in the UI is really served."""
     import os
@@ -281,6 +292,7 @@ def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tr
             server.kill()
 
 
+@pytest.mark.slow  # the four tracked runs
 def test_mlflow_run_compare_entry_point_logs_into_its_own_run(tracked):
     import os
     import subprocess

@@ -24,6 +24,7 @@ def test_there_are_reference_experiments_and_studies():
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=[p.stem for p in TRAINING])
+@pytest.mark.slow
 def test_experiment_file_smoke_run(path, store):
     from mlflow.tracking import MlflowClient
 
@@ -48,6 +49,7 @@ def test_experiment_file_smoke_run(path, store):
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+@pytest.mark.slow
 def test_study_file_smoke_run(path, store):
     """One trial of the study file (its enqueued recipe), tracked, with the file's own search space."""
     import optuna
@@ -68,6 +70,7 @@ def test_study_file_smoke_run(path, store):
 
 
 @pytest.mark.parametrize("path", RUN_STUDIES, ids=[p.stem for p in RUN_STUDIES])
+@pytest.mark.slow
 def test_run_study_file_smoke_run(path, store):
     """One seed of every arm, tiny, then the comparison (the ResNet18 arm without a download)."""
     from click.testing import CliRunner

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here shares or makes real `mlflow run` / `fer-exp train` processes
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 TEST_METRICS = ["test_accuracy", "test_macro_f1", "test_weighted_f1", "test_macro_precision", "test_macro_recall",

@@ -697,6 +697,7 @@ def test_train_bad_yaml_exits_2(cli, tmp_path):
     assert result.exit_code == 2 and "unknown config key 'epoch'" in output and "Did you mean epochs" in output
 
 
+@pytest.mark.slow
 def test_cnn_learns_synthetic_faces_far_above_chance(tmp_path):
     """The synthetic faces are learnable: a few CPU epochs put the CNN far above chance (1/7)."""
     cfg = load_config(overrides={"data": "synthetic:1200,300,300", "epochs": 3, "batch_size": 32, "seed": 0})

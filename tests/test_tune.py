@@ -197,6 +197,7 @@ def study(tmp_path_factory):
                "resumed": resumed.output, "study": load_study(tmp, "tune_small")}
 
 
+@pytest.mark.slow
 def test_one_parent_and_a_child_per_trial(study):
     parents = by_role(study["runs_first"], "study")
     trials = by_role(study["runs_first"], "trial")
@@ -210,6 +211,7 @@ def test_one_parent_and_a_child_per_trial(study):
     assert sorted(r.data.tags["trial"] for r in trials) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_children_are_full_training_runs_that_never_touch_test(study):
     client = study["client"]
     for run in by_role(study["runs"], "trial"):
@@ -227,6 +229,7 @@ def test_children_are_full_training_runs_that_never_touch_test(study):
     assert not {m.source_run_id for m in models} & trial_ids  # trials export no model
 
 
+@pytest.mark.slow
 def test_the_trial_that_cannot_learn_is_pruned_and_its_run_killed(study):
     trials = {t.number: t for t in study["study"].trials}
     assert [trials[n].state.name for n in (0, 1, 2)] == ["COMPLETE", "COMPLETE", "PRUNED"]
@@ -244,6 +247,7 @@ def test_the_trial_that_cannot_learn_is_pruned_and_its_run_killed(study):
     assert "trial 2 PRUNED" in study["first"]
 
 
+@pytest.mark.slow
 def test_the_parent_holds_best_value_params_table_and_figures(study):
     client = study["client"]
     parent = by_role(study["runs"], "study")[0]
@@ -268,6 +272,7 @@ def test_the_parent_holds_best_value_params_table_and_figures(study):
     assert len(history) >= 4  # after every trial, then the summary
 
 
+@pytest.mark.slow
 def test_a_resumed_study_adds_trials_to_the_same_study_and_parent(study):
     assert len(study["study"].trials) == 4
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study["study"].trials) == 4
@@ -278,6 +283,7 @@ def test_a_resumed_study_adds_trials_to_the_same_study_and_parent(study):
     assert study["study"].trials[3].params != study["study"].trials[0].params  # new proposals, not a replay
 
 
+@pytest.mark.slow
 def test_retrain_best_is_tested_once_and_logs_the_model(study):
     client = study["client"]
     parent = by_role(study["runs"], "study")[0]
@@ -295,6 +301,7 @@ def test_retrain_best_is_tested_once_and_logs_the_model(study):
     assert [m.source_run_id for m in models] == [run.info.run_id]
 
 
+@pytest.mark.slow
 def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
     tmp = study["tmp"]
     monkeypatch.chdir(tmp)
@@ -325,6 +332,7 @@ def test_the_sampler_is_seeded(tmp_path, store):
     assert not (tmp_path / "mlflow.db").exists()  # tracking off: Optuna's storage only
 
 
+@pytest.mark.slow
 def test_two_workers_finish_exactly_n_trials_on_sqlite(tmp_path):
     (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:64,16,16", epochs=1))
     proc = fer_exp(tmp_path, "tune", "--config", "s.yaml", "--workers", "2", "--n-trials", "5", "--pruner", "none")
@@ -357,6 +365,7 @@ def _read_until(proc: subprocess.Popen, predicate, lines: list, limit=300) -> st
     raise AssertionError("process ended before the expected line:\n" + "".join(lines))
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_path):
     (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:256,16,16", epochs=4))
     args = ["tune", "--config", "s.yaml", "--pruner", "none"]
@@ -426,6 +435,7 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_on_postgresql(tmp_path, p
     assert "pg-secret-7f3a" not in json.dumps([r.data.params | r.data.tags for r in runs])
 
 
+@pytest.mark.slow
 def test_mlflow_run_tune_entry_point(tmp_path):
     """`mlflow run . -e tune` as the README shows it (tiny data): the run MLflow makes is the parent."""
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "-P", "model=resnet18",
