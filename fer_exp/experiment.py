@@ -19,6 +19,40 @@ class TrackingError(RuntimeError):
     before any training, with what to do about it."""
 
 
+def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
+    """An http(s) tracking server that does not answer is reported now, in seconds, rather than
+    after MLflow's retries (minutes) or, worse, after the first epoch."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from fer_exp.tune_report import mask_url
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy, a server without /health): MLflow's own calls will say more
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"the tracking server {mask_url(uri)} does not answer ({reason}); start it "
+                            "(mlflow server ...) or point MLFLOW_TRACKING_URI at a reachable one") from None
+
+
+def check_artifact_store(experiment) -> None:
+    """A local artifact folder that cannot be written fails now, not when the first artifact is logged."""
+    location = experiment.artifact_location or ""
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    if "://" in location or not location:
+        return  # a remote artifact store: MLflow's own calls report on it
+    try:
+        check_output_dir(location)
+    except ConfigError:
+        raise TrackingError(f"experiment {experiment.name!r} keeps its artifacts in {location}, which cannot be "
+                            "written; fix its permissions or use another --experiment-name") from None
+
+
 def check_output_dir(folder: str) -> None:
     """Fail now, not after the first epoch, when checkpoints cannot be written under ``folder``."""
     path = Path(folder)
@@ -107,6 +141,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
 
     from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
 
+    check_tracking_server(tracking_uri())  # seconds, before the data is decoded or a step is taken
     if data is None:
         data = load_run_data(cfg)
     check_output_dir(cfg.output_dir)
@@ -132,6 +167,8 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
         if experiment_id is None and not resume_run_id and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
             experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+        if experiment_id is not None:
+            check_artifact_store(mlflow.MlflowClient().get_experiment(experiment_id))
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
     if resume_run_id:

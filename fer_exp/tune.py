@@ -508,9 +508,13 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     """Run (or resume) the study of ``plan``; see the module docstring."""
     from tqdm.auto import tqdm
 
-    from fer_exp.experiment import check_output_dir, load_run_data
+    from fer_exp.experiment import check_output_dir, check_tracking_server, load_run_data
 
     sc = plan.study
+    if sc.tracking:
+        from fer_exp.tracking import tracking_uri
+
+        check_tracking_server(tracking_uri())
     storage_url = sc.storage or default_storage_url(sc.tracking)
     if storage_url.startswith("sqlite:///"):
         Path(storage_url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -678,6 +678,34 @@ def test_train_user_errors_exit_2_without_traceback(cli, tmp_path, args, pieces)
     assert not (tmp_path / "outputs").exists()
 
 
+def test_an_unreachable_tracking_server_is_reported_in_seconds(cli, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://fer:pw-9z@127.0.0.1:{port}")
+    start = time.time()
+    result, output = cli("--data", "synthetic:16,8,8", "--epochs", "1")
+    assert result.exit_code == 2 and f"the tracking server http://fer:***@127.0.0.1:{port} does not answer" in output
+    assert time.time() - start < 30 and "pw-9z" not in output and "Traceback" not in output
+
+
+def test_an_artifact_store_that_cannot_be_written_is_reported_before_training(cli, tmp_path):
+    import os
+
+    import mlflow
+
+    (tmp_path / "a-file").write_text("not a folder")
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    client.create_experiment("badart", artifact_location=str(tmp_path / "a-file" / "artifacts"))
+    result, output = cli("--data", "synthetic:16,8,8", "--epochs", "1", "--experiment-name", "badart")
+    assert result.exit_code == 2 and "keeps its artifacts in" in output and "cannot be written" in output, output
+    assert "first training step" not in output
+    assert not client.search_runs([client.get_experiment_by_name("badart").experiment_id])
+
+
 def test_a_deleted_experiment_is_a_clear_error_before_training(cli, tmp_path):
     import os
 
