@@ -270,7 +270,7 @@ def test_csv_missing_columns(tmp_path):
     assert_cli_error(path, "missing column(s) pixels", "emotion,pixels,Usage")
 
     path.write_text("a,b,c\n1,2,3\n")
-    with pytest.raises(DataError, match=r"missing column\(s\) emotion, pixels, Usage; found a, b, c"):
+    with pytest.raises(DataError, match=r"missing column\(s\) emotion, pixels, Usage; found 'a', 'b', 'c'"):
         load_data(str(path))
 
 

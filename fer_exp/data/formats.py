@@ -43,6 +43,12 @@ class BadSamples:
         self.report.skipped.append((where, why))
 
 
+def shown(value, limit: int = 40) -> str:
+    """``repr(value)``, cut short: an error message names the bad value without pasting a whole row."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-1]} ({len(str(value))} characters)"
+
+
 def _pixels_to_image(text: str) -> np.ndarray:
     """Parse one CSV ``pixels`` cell; raises ValueError with the reason."""
     values = text.split() if isinstance(text, str) else []
@@ -55,9 +61,9 @@ def _pixels_to_image(text: str) -> np.ndarray:
             try:
                 number = int(value)
             except ValueError:
-                raise ValueError(f"has a non-numeric pixel value {value!r}; expected integers 0-255") from None
+                raise ValueError(f"has a non-numeric pixel value {shown(value)}; expected integers 0-255") from None
             if not 0 <= number <= 255:
-                raise ValueError(f"has a pixel value {value} outside 0-255") from None
+                raise ValueError(f"has a pixel value {shown(value)} outside 0-255") from None
         raise
     if array.min() < 0 or array.max() > 255:
         raise ValueError(f"has pixel values outside 0-255 (min {array.min()}, max {array.max()})")
@@ -73,11 +79,11 @@ def read_csv(path: Path, on_bad: str = "error") -> tuple[dict[str, Split], Decod
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises many types for unreadable files
-        raise DataError(f"{path}: cannot be read as CSV ({exc})") from None
+        raise DataError(f"{path}: cannot be read as CSV ({str(exc).strip().splitlines()[0][:200]})") from None
     missing = [c for c in CSV_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns)) or 'none'}. "
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(shown(c) for c in frame.columns[:8]) or 'none'}. "
             f"The original fer2013.csv has the header 'emotion,pixels,Usage'."
         )
     images: dict[str, list[np.ndarray]] = {g: [] for g in CSV_USAGE_GROUPS.values()}
@@ -87,11 +93,11 @@ def read_csv(path: Path, on_bad: str = "error") -> tuple[dict[str, Split], Decod
         where = f"{path.name} row {row} (line {row + 1})"
         group = CSV_USAGE_GROUPS.get(usage.strip())
         if group is None:
-            bad(where, f"unknown Usage {usage!r}; expected one of {', '.join(CSV_USAGE_GROUPS)}")
+            bad(where, f"unknown Usage {shown(usage)}; expected one of {', '.join(CSV_USAGE_GROUPS)}")
             continue
         label = emotion.strip()
         if not label.isdigit() or int(label) >= NUM_CLASSES:
-            bad(where, f"unknown emotion label {emotion!r}; expected an integer 0-{NUM_CLASSES - 1} ({', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))})")
+            bad(where, f"unknown emotion label {shown(emotion)}; expected an integer 0-{NUM_CLASSES - 1} ({', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))})")
             continue
         try:
             image = _pixels_to_image(pixels)
@@ -138,7 +144,7 @@ def list_folder_split(split_dir: Path, root: Path, bad: BadSamples) -> list[tupl
             continue
         label = class_index(child.name)
         if label is None:
-            bad(str(rel), f"unknown class folder {child.name!r}; expected one of {', '.join(CLASS_NAMES)} (any case)")
+            bad(str(rel), f"unknown class folder {shown(child.name)}; expected one of {', '.join(CLASS_NAMES)} (any case)")
             continue
         for entry in sorted(os.scandir(child), key=lambda e: e.name):
             path = Path(entry.path)

@@ -34,6 +34,8 @@ def detect_format(source: str) -> tuple[str, Path | None]:
         if path.suffix.lower() != ".csv":
             raise DataError(f"{source}: is a file but not a .csv. {LAYOUT_HELP}")
         return "csv", path
+    if not path.is_dir():  # a device, a socket, a FIFO
+        raise DataError(f"{source}: is neither a regular file nor a folder. {LAYOUT_HELP}")
     if find_split_dir(path, ("train",)) is not None:
         return "folder", path
     csvs = sorted(path.glob("*.csv"))

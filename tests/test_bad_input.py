@@ -1,0 +1,167 @@
+"""Bad input, systematically (hypothesis): malformed CSVs, broken image folders, wrong config files
+and out-of-range options. Whatever comes in, the outcome is a result or the project's own clear
+error (exit 2, a short message, no traceback), and no run is left behind in the tracking store."""
+
+from __future__ import annotations
+
+import io
+import string
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fer_exp.classes import CLASS_NAMES
+from fer_exp.cli import main
+from fer_exp.config import FIELDS, Config, ConfigError, load_config
+from fer_exp.data import DataError, FerData, load_data
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+values = st.one_of(st.none(), st.booleans(), st.integers(-10**9, 10**9), st.floats(allow_nan=True, allow_infinity=True),
+                   st.text(string.printable, max_size=12), st.lists(st.integers(-5, 300), max_size=3),
+                   st.sampled_from(["cnn", "resnet18", "auto", "cpu", "cuda:7", "none", "imagenet", "0", "-1", "1e-3",
+                                    "val_loss", "plateau", "bf16", "synthetic:8,4,4", "true"]))
+keys = st.one_of(st.sampled_from(sorted(FIELDS)), st.text(string.ascii_lowercase + "_", min_size=1, max_size=10))
+
+
+def short_error(output: str) -> bool:
+    lines = [line for line in output.strip().splitlines() if line.startswith("Error:")]
+    return bool(lines) and "Traceback" not in output and len(output) < 4000
+
+
+@SETTINGS
+@given(st.dictionaries(keys, values, max_size=6))
+def test_any_config_file_loads_or_is_a_configerror(content):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "exp.yaml"
+        path.write_text(yaml.safe_dump(content))
+        try:
+            cfg = load_config(path)
+        except ConfigError as exc:
+            assert str(exc) and "\n" not in str(exc).strip()
+        else:
+            assert isinstance(cfg, Config)
+            assert cfg.epochs > 0 and cfg.lr > 0 and 0 <= cfg.dropout <= 1  # what got through is in range
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(sorted(FIELDS)), values.map(str), min_size=1, max_size=4))
+def test_any_train_options_exit_2_with_a_message_and_leave_no_run(store, options):
+    """--data points nowhere, so every otherwise valid config stops there too: nothing ever trains."""
+    args = [a for name, value in options.items() if name != "data" for a in (f"--{name.replace('_', '-')}", value)]
+    result = CliRunner().invoke(main, ["train", *args, "--data", str(store / "nowhere")])
+    assert result.exit_code == 2, result.output
+    assert short_error(result.output), result.output
+    assert not (store / "mlflow.db").exists() or not _runs(store)
+
+
+def _runs(store: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+csv_cell = st.one_of(st.text(string.printable.replace("\n", "").replace("\r", ""), max_size=20),
+                     st.integers(-3, 9).map(str),
+                     st.lists(st.integers(-20, 300), min_size=0, max_size=2400).map(lambda xs: " ".join(map(str, xs))))
+usage = st.sampled_from(["Training", "PublicTest", "PrivateTest", "training", "Test", ""])
+rows = st.lists(st.tuples(csv_cell, csv_cell, st.one_of(usage, csv_cell)), max_size=12)
+header = st.sampled_from(["emotion,pixels,Usage", "emotion,pixels", "pixels,emotion,Usage", "label,image,split", ""])
+
+
+@SETTINGS
+@given(header, rows, st.booleans())
+def test_any_csv_loads_or_is_a_dataerror_and_inspect_exits_0_or_2(head, body, with_good_rows):
+    lines = [head] + [",".join(f'"{c}"' if "," in c else c for c in row) for row in body]
+    if with_good_rows:  # a valid file with some bad rows mixed in
+        pixels = " ".join(["128"] * 2304)
+        lines += [f"{k % 7},{pixels},{u}" for k, u in enumerate(["Training"] * 14 + ["PublicTest", "PrivateTest"] * 7)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fer2013.csv"
+        path.write_text("\n".join(lines) + "\n")
+        for on_bad in ("error", "skip"):
+            try:
+                data = load_data(str(path), on_bad=on_bad, use_cache=False)
+            except DataError as exc:
+                assert str(exc)
+            else:
+                assert isinstance(data, FerData) and len(data.train) > 0
+        result = CliRunner().invoke(main, ["data", "inspect", str(path), "--no-cache"])
+        assert result.exit_code in (0, 2), result.output
+        assert result.exit_code == 0 or short_error(result.output), result.output
+
+
+def _png(seed: int, size: int, mode: str) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3 if mode == "RGB" else 1), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze() if mode == "L" else pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+file_content = st.one_of(st.binary(max_size=64), st.just(b""),
+                         st.builds(_png, st.integers(0, 99), st.sampled_from([8, 48, 60]), st.sampled_from(["L", "RGB"])),
+                         st.builds(lambda b: _png(0, 48, "L")[: max(1, len(_png(0, 48, "L")) // b)], st.integers(2, 9)))
+tree = st.dictionaries(
+    st.tuples(st.sampled_from(["train", "test", "val", "Train", "other"]),
+              st.sampled_from([*CLASS_NAMES, "Happy", "unknown", ""]),
+              st.sampled_from(["a.png", "b.jpg", "PublicTest_1.png", "PrivateTest_2.png", ".DS_Store", "c.txt"])),
+    file_content, max_size=20)
+
+
+@SETTINGS
+@given(tree)
+def test_any_image_folder_loads_or_is_a_dataerror(files):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "faces"
+        root.mkdir()
+        for (split, label, name), content in files.items():
+            folder = root / split / label if label else root / split
+            folder.mkdir(parents=True, exist_ok=True)
+            if (folder / name).exists() or folder.is_file():
+                continue
+            (folder / name).write_bytes(content)
+        for on_bad in ("error", "skip"):
+            try:
+                data = load_data(str(root), on_bad=on_bad, use_cache=False)
+            except DataError as exc:
+                assert str(exc)
+            else:
+                assert all(split.images.shape[1:] == (48, 48) for split in data.splits().values())
+
+
+@pytest.mark.parametrize("data", ["synthetic:0,1,1", "synthetic:a,b,c", "synthetic:5", "/dev/null", "."])
+def test_odd_data_sources_exit_2(store, data):
+    result = CliRunner().invoke(main, ["train", "--data", data, "--epochs", "1"])
+    assert result.exit_code == 2 and short_error(result.output), result.output
+
+
+space_entry = st.one_of(values, st.dictionaries(st.sampled_from(["type", "low", "high", "log", "step", "choices", "x"]),
+                                                st.one_of(values, st.sampled_from(["float", "int", "categorical"]),
+                                                          st.lists(values, max_size=3)), max_size=5))
+
+
+@SETTINGS
+@given(st.dictionaries(keys, space_entry, max_size=4), st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=12),
+                                                                       values, max_size=3))
+def test_any_study_file_plans_or_is_a_configerror(space, study_block):
+    from fer_exp.tune import plan_study
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tune.yaml"
+        path.write_text(yaml.safe_dump({"model": "cnn", "data": "synthetic:8,4,4", "study": study_block,
+                                        "search_space": space}))
+        try:
+            plan = plan_study(path)
+        except ConfigError as exc:
+            assert str(exc)
+        else:
+            assert plan.space and all(p.name in FIELDS for p in plan.space)
