@@ -433,6 +433,12 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_on_postgresql(tmp_path, p
     parent = by_role(runs, "study")[0]
     assert parent.data.tags["study_storage"] == postgres_url.replace("pg-secret-7f3a", "***")
     assert "pg-secret-7f3a" not in json.dumps([r.data.params | r.data.tags for r in runs])
+    for run in (parent, retried):  # nor in any artifact, nor in what the study itself keeps
+        folder = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+        for file in folder.rglob("*"):
+            assert not file.is_file() or b"pg-secret-7f3a" not in file.read_bytes(), file
+    kept = [study_.user_attrs] + [[t.user_attrs, t.system_attrs] for t in study_.trials]
+    assert "pg-secret-7f3a" not in json.dumps(kept, default=str)
 
 
 @pytest.mark.slow
