@@ -112,9 +112,11 @@ def find_last_checkpoint(run_id: str, cfg: Config) -> Path:
     """The run's ``last.pt``: in the output folder, else among its logged artifacts."""
     import mlflow
 
+    recorded = mlflow.MlflowClient().get_run(run_id).data.tags.get("checkpoint_dir")  # absolute, wherever it ran
+    for folder in filter(None, (recorded, Path(cfg.output_dir) / run_id / "checkpoints")):
+        if (Path(folder) / "last.pt").is_file():
+            return Path(folder) / "last.pt"
     local = Path(cfg.output_dir) / run_id / "checkpoints" / "last.pt"
-    if local.is_file():
-        return local
     try:
         return Path(mlflow.MlflowClient().download_artifacts(run_id, "checkpoints/last.pt", str(local.parent.parent)))
     except Exception:
@@ -178,6 +180,9 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                      tags=tags, log_system_metrics=cfg.system_metrics)
     with mlflow.start_run(**start) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"
+        if resume_run_id and trainer.resumed_from is not None:
+            trainer.checkpoint_dir = trainer.resumed_from.parent  # go on writing where it was
+        mlflow.set_tag("checkpoint_dir", str(trainer.checkpoint_dir.resolve()))
         if on_run_start is not None:
             on_run_start(run.info.run_id)
         try:
