@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -80,8 +81,10 @@ def log_data_inputs(data) -> None:
     for name, split in data.splits().items():
         source = CodeDatasetSource({"generator": "fer_exp.data.synthetic", "spec": data.source}) \
             if data.format == "synthetic" else data.source
-        dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(), source=source,
-                                         name=f"fer2013-{name}", digest=data_digest(split))
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all the same one)
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(), source=source,
+                                             name=f"fer2013-{name}", digest=data_digest(split))
         mlflow.log_input(dataset, context=contexts[name],
                          tags={"split_rule": data.split_rule[:250], "size": str(len(split))})
 
