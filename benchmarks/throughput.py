@@ -7,7 +7,8 @@ ImageFolder + per-sample transforms + DataLoader pipeline, and against the compu
 Methods, timed in interleaved rounds in this one process so machine noise hits all alike:
   conventional  torchvision ImageFolder, per-sample transforms v2 (flip, rotation, colour jitter,
                 random erasing), DataLoader workers; plain fp32 model step (the public-repo way)
-  fer-exp       ``Trainer.train_epoch`` / ``Trainer.predict``: the code ``fer-exp train`` runs
+  fer-exp       ``Trainer.train_epoch`` / ``inference.predict_probabilities``: the code ``fer-exp train``
+                and ``fer-exp predict`` run
   compute bound the same ``Trainer.optimize`` model step on one pre-made batch, no data work
 plus fer-exp ablations (channels_last off, fused AdamW off, bf16 on/off, and with ``--compile MODE``
 torch.compile) that show what each lever contributes, and ResNet18 at 112 px for fer-exp and its
@@ -33,6 +34,7 @@ from fer_exp.classes import CLASS_NAMES
 from fer_exp.config import load_config
 from fer_exp.data import load_data
 from fer_exp.data.formats import find_split_dir
+from fer_exp.inference import predict_probabilities
 from fer_exp.models import build_model
 from fer_exp.train import Trainer, resolve_device
 
@@ -168,13 +170,9 @@ def methods_for(cfg, data, folder, args, device):
         t.train_epoch(max_batches=b)
         return b * cfg.batch_size
 
-    def fer_eval(t=trainer):
-        t.model.eval()
-        with torch.no_grad(), t.autocast():
-            for start in range(0, n_eval, cfg.eval_batch_size):
-                x = to_float(val_images[start:start + cfg.eval_batch_size]).contiguous(memory_format=t.memory_format)
-                out = t.model(x).float().softmax(1)
-        out.cpu()
+    def fer_eval(t=trainer):  # the inference function evaluation, predict and the served model share
+        predict_probabilities(t.model, val_images[:n_eval], batch_size=cfg.eval_batch_size, amp_dtype=t.amp_dtype,
+                              memory_format=t.memory_format)
         return n_eval
 
     def bound_train(t=trainer):

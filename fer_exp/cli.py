@@ -8,6 +8,7 @@ import sys
 import click
 
 from fer_exp.classes import CLASS_NAMES
+from fer_exp.config import EVALUATION_SPLITS, TTA_CHOICES
 
 
 class UserError(click.ClickException):
@@ -304,6 +305,78 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **
     click.echo(f"\ntables, figures and report.html in {result.output}/")
     if result.run_id:
         click.echo(f"comparison run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--model", "model_uris", multiple=True, required=True,
+              help="runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint "
+                   "(best.pt) or weights file; repeat it to average several models.")
+@click.option("--detect-faces", is_flag=True, help="Find faces with OpenCV's Haar cascade and classify each one.")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
+              help="Test-time augmentation: average over the mirror image (flip) or ten crops and their mirrors.")
+@click.option("--output", default="", help="Write the predictions to this .csv or .json file.")
+@click.option("--show", "show_dir", default="", help="Save the images with boxes and labels drawn into this folder.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def predict(images, model_uris, detect_faces, tta, output, show_dir, device) -> None:
+    """Predict the emotion of each image (or of each face in it) in IMAGES: files or folders, any size,
+    colour or format. One row per face or image, with the emotion and all seven probabilities."""
+    from fer_exp.config import ConfigError
+    from fer_exp.faces import FaceDetectorError
+    from fer_exp.inference import ModelLoadError, load_model
+    from fer_exp.predict import PredictError, format_predictions, predict_images, write_predictions
+
+    try:
+        models = [load_model(uri, device) for uri in model_uris]
+        result = predict_images(models, list(images), detect_faces=detect_faces, tta=tta, show_dir=show_dir or None)
+        written = write_predictions(result.frame, output) if output else None
+    except (ModelLoadError, PredictError, FaceDetectorError, ConfigError) as exc:
+        raise UserError(str(exc)) from None
+    click.echo(format_predictions(result.frame))
+    for where, why in result.skipped:
+        click.echo(f"skipped {where}: {why}", err=True)
+    for where in result.no_face:
+        click.echo(f"no face found in {where}", err=True)
+    faces = f", {len(result.frame)} face(s)" if detect_faces else ""
+    click.echo(f"\n{result.frame['source'].nunique()} image(s){faces} in {result.seconds:.1f} s"
+               + (f"; {len(result.skipped)} skipped" if result.skipped else "")
+               + (f"; predictions in {written}" if written else "")
+               + (f"; drawn images in {show_dir}/" if show_dir else ""))
+
+
+@main.command()
+@click.option("--model", "model_uris", multiple=True, required=True,
+              help="A model URI or checkpoint (see fer-exp predict); repeat it for an ensemble (softmax averaged).")
+@click.option("--data", "data_source", default="", help="Data source (default: the first model's training data).")
+@click.option("--split", type=click.Choice(EVALUATION_SPLITS), default="test", show_default=True, help="Split to evaluate.")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True, help="Test-time augmentation.")
+@click.option("--experiment-name", default="", help="MLflow experiment of the evaluation run (default: the first model's).")
+@click.option("--log/--no-log", default=True, show_default=True, help="Log the evaluation as an MLflow run.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def evaluate(model_uris, data_source, split, tta, experiment_name, log, device) -> None:
+    """Evaluate one model or an ensemble, with optional test-time augmentation, and log it as a run with
+    the same metrics, confusion matrix and predictions as a training run (fer-exp compare sets them side by side)."""
+    from fer_exp.config import ConfigError
+    from fer_exp.data import DataError
+    from fer_exp.evaluate import EvaluateError
+    from fer_exp.evaluate import evaluate as run_evaluation
+    from fer_exp.experiment import TrackingError, check_tracking_server
+    from fer_exp.inference import ModelLoadError, load_model
+    from fer_exp.tracking import tracking_uri
+
+    try:
+        if log:
+            check_tracking_server(tracking_uri())
+        models = [load_model(uri, device) for uri in model_uris]
+        result = run_evaluation(models, data_source or None, split, tta, log, experiment_name or None)
+    except (ModelLoadError, EvaluateError, DataError, ConfigError, TrackingError) as exc:
+        raise UserError(str(exc)) from None
+    m = result.metrics
+    click.echo(f"{result.name} on {split}: accuracy {m[f'{split}_accuracy']:.4f}  macro-F1 {m[f'{split}_macro_f1']:.4f}  "
+               f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\nper class accuracy: "
+               + "  ".join(f"{c} {m[f'{split}_acc_{c}']:.3f}" for c in CLASS_NAMES))
+    if result.run_id:
+        click.echo(f"evaluation run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
 
 
 if __name__ == "__main__":

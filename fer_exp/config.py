@@ -31,6 +31,9 @@ CHOICES: dict[str, tuple] = {
 # ``input_size: 0`` stands for. The CNN ends in global average pooling, so larger inputs are valid.
 INPUT_SIZES: dict[str, tuple[int, ...]] = {"cnn": (48, 64, 96), "resnet18": (112, 224)}
 CHOICES["input_size"] = (0, *sorted({size for sizes in INPUT_SIZES.values() for size in sizes}))
+# fer-exp predict / evaluate: test-time augmentation, and the splits an evaluation may use
+TTA_CHOICES = ("none", "flip", "tencrop")
+EVALUATION_SPLITS = ("test", "val")
 
 
 def _f(default, help: str, **kw):
@@ -77,6 +80,7 @@ class Config:
     run_name: str = _f("", "MLflow run name (empty: one that says what the run is, e.g. 'cnn 48px lr=0.001 wd=0.0001 seed42').")
     system_metrics: bool = _f(True, "Log system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) to MLflow during training.")
     output_dir: str = _f("outputs", "Local folder for checkpoints (also logged to MLflow).")
+    register: str = _f("", "Register the logged model in MLflow's model registry under this name (empty: do not register).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,7 +118,7 @@ class StudyConfig:
 # Fields that say where and how a run ran, not what it trained: runs (and resumed studies) that
 # differ only in these count as the same.
 EXECUTION_FIELDS = ("device", "output_dir", "run_name", "experiment_name", "eval_batch_size", "channels_last",
-                    "system_metrics")
+                    "system_metrics", "register")
 
 
 class ConfigError(ValueError):

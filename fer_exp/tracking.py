@@ -1,5 +1,6 @@
 """MLflow tracking as a training-loop callback: params, tags, per-epoch metrics, test metrics,
-figures, tables, checkpoints and the model, loadable with ``mlflow.pyfunc.load_model``."""
+figures, tables, checkpoints and the model (:mod:`fer_exp.serving`), loadable with ``mlflow.pyfunc.load_model``
+and ``fer-exp predict``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fer_exp.classes import CLASS_NAMES, IMAGE_SIZE
+from fer_exp.classes import CLASS_NAMES
 from fer_exp.metrics import confusion_figure, per_class_table, report_text
 from fer_exp.models import count_parameters
 from fer_exp.train import Callback, FitResult, Trainer
@@ -97,37 +98,6 @@ def run_description(cfg, data, trainable: int, total: int) -> str:
             f"{cfg.select_metric} is selected on val (metric `{SELECTED_METRIC}`); test is evaluated once, on it.")
 
 
-class ProbabilityModel(torch.nn.Module):
-    """What is logged: float32 pixels 0-255, shape (N, 1, 48, 48) -> class probabilities (N, 7)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixels / 255.0).softmax(dim=1)
-
-
-def log_pytorch_model(model: torch.nn.Module, example_images: torch.Tensor):
-    """Log ``model`` (any device) as an MLflow model with a batch-size-free signature."""
-    import copy
-
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    wrapped = ProbabilityModel(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
-    # pt2 export fixes every dimension of size 1, so the example has 2 images to keep the batch free
-    example = example_images[:2].unsqueeze(1).float().cpu().numpy()
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(CLASS_NAMES)))]),
-    )
-    # the flavour's own pinned requirements (torch); inferring them instead re-imports the model in a
-    # subprocess, ~11 s of every run's end on a 2-core machine
-    return mlflow.pytorch.log_model(wrapped, name="model", signature=signature, input_example=example,
-                                    pip_requirements=mlflow.pytorch.get_default_pip_requirements())
-
-
 class MLflowCallback(Callback):
     """Logs a :class:`~fer_exp.train.Trainer` run to the active MLflow run: the test evaluation's
     metrics, figure and tables when the fit made one, the checkpoints and the model when asked."""
@@ -179,26 +149,36 @@ class MLflowCallback(Callback):
             mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
             mlflow.log_artifact(str(result.last_checkpoint), "checkpoints")
         if self.log_model:
-            log_pytorch_model(trainer.model, trainer.data.val.images)
+            from fer_exp.serving import log_model
+
+            log_model(trainer.model, trainer.cfg, registered_model_name=trainer.cfg.register or None)
 
     @staticmethod
     def log_test_evaluation(trainer: Trainer, result: FitResult) -> None:
         test = trainer.data.test
-        labels, predictions = test.labels.numpy(), result.test_probabilities.argmax(1)
-        mlflow.log_metrics({k: result.test_metrics[k] for k in TEST_METRICS})
-        figure = confusion_figure(labels, predictions, title=f"{trainer.cfg.model} test")
-        mlflow.log_figure(figure, "confusion_matrix.png")
-        import matplotlib.pyplot as plt
+        log_evaluation(test.labels.numpy(), result.test_probabilities, test.sources, result.test_metrics,
+                       title=f"{trainer.cfg.model} test")
 
-        plt.close(figure)
-        mlflow.log_table(per_class_table(labels, predictions), artifact_file="per_class_metrics.json")
-        mlflow.log_text(report_text(labels, predictions), "classification_report.txt")
-        frame = pd.DataFrame({"source": test.sources, "label": labels, "prediction": predictions,
-                              "label_name": [CLASS_NAMES[i] for i in labels],
-                              "prediction_name": [CLASS_NAMES[i] for i in predictions]})
-        for i, name in enumerate(CLASS_NAMES):
-            frame[f"prob_{name}"] = result.test_probabilities[:, i]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "test_predictions.csv"
-            frame.to_csv(path, index=False)
-            mlflow.log_artifact(str(path))
+
+def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[str], metrics: dict[str, float],
+                   title: str, split: str = "test") -> None:
+    """An evaluation on one split, into the active run: its metrics, the confusion-matrix figure, the
+    per-class table, the classification report and every prediction (``<split>_predictions.csv``)."""
+    import matplotlib.pyplot as plt
+
+    predictions = probabilities.argmax(1)
+    mlflow.log_metrics({k: metrics[k] for k in TEST_METRICS} if split == "test" else metrics)
+    figure = confusion_figure(labels, predictions, title=title)
+    mlflow.log_figure(figure, "confusion_matrix.png")
+    plt.close(figure)
+    mlflow.log_table(per_class_table(labels, predictions), artifact_file="per_class_metrics.json")
+    mlflow.log_text(report_text(labels, predictions), "classification_report.txt")
+    frame = pd.DataFrame({"source": sources, "label": labels, "prediction": predictions,
+                          "label_name": [CLASS_NAMES[i] for i in labels],
+                          "prediction_name": [CLASS_NAMES[i] for i in predictions]})
+    for i, name in enumerate(CLASS_NAMES):
+        frame[f"prob_{name}"] = probabilities[:, i]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{split}_predictions.csv"
+        frame.to_csv(path, index=False)
+        mlflow.log_artifact(str(path))

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fer_exp.augment import BatchAugment, to_float
+from fer_exp.augment import BatchAugment
 from fer_exp.classes import NUM_CLASSES
-from fer_exp.config import Config, check_device
+from fer_exp.config import Config
 from fer_exp.data import FerData
+from fer_exp.device import cpu_has_native_bf16, resolve_amp, resolve_device  # noqa: F401 (re-exported)
+from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
 
@@ -123,39 +125,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    check_device(name)
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return None
 
 
 def class_weight_tensor(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
@@ -286,20 +255,13 @@ class Trainer:
         return {"train_loss": train_loss, "train_accuracy": correct.item() / seen,
                 "epoch_seconds": seconds, "train_images_per_second": seen / seconds}
 
-    @torch.no_grad()
     def predict(self, split: str) -> tuple[float, np.ndarray]:
         """(mean cross-entropy, class probabilities (N, 7)) for one split, in eval mode."""
-        self.model.eval()
         images, labels = self.splits[split]
-        loss_sum, probabilities = torch.zeros((), device=self.device), []
-        for start in range(0, images.shape[0], self.cfg.eval_batch_size):
-            x = to_float(images[start:start + self.cfg.eval_batch_size]).contiguous(memory_format=self.memory_format)
-            y = labels[start:start + self.cfg.eval_batch_size]
-            with self.autocast():
-                logits = self.model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            probabilities.append(logits.softmax(1).cpu())
-        return loss_sum.item() / images.shape[0], torch.cat(probabilities).numpy()
+        probabilities, loss = predict_probabilities(self.model, images, batch_size=self.cfg.eval_batch_size,
+                                                    amp_dtype=self.amp_dtype, memory_format=self.memory_format,
+                                                    labels=labels)
+        return loss, probabilities
 
     def evaluate(self, split: str) -> tuple[dict[str, float], np.ndarray]:
         loss, probabilities = self.predict(split)

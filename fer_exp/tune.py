@@ -165,8 +165,10 @@ def make_sampler(sc: StudyConfig, seed: int):
 def make_pruner(sc: StudyConfig, epochs: int):
     optuna = _optuna()
     if sc.pruner == "median":
+        # trials report epoch 1, 2, ... and Optuna may prune at step == n_warmup_steps: +1, so that
+        # `pruner_warmup_epochs` epochs always run in full (1: never pruned inside the LR warm-up epoch)
         return optuna.pruners.MedianPruner(n_startup_trials=sc.pruner_startup_trials,
-                                           n_warmup_steps=sc.pruner_warmup_epochs)
+                                           n_warmup_steps=sc.pruner_warmup_epochs + 1)
     if sc.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
     return optuna.pruners.NopPruner()

@@ -357,3 +357,16 @@ def test_underscore_spelling_of_options_is_accepted(store):
 
     result = CliRunner().invoke(main, ["train", "--early_stopping", "abc"])
     assert result.exit_code == 2 and "early_stopping must be int" in result.output, result.output
+
+
+def test_mlflow_project_environments_list_pyprojects_dependencies():
+    """conda.yaml and python_env.yaml (what `mlflow run` builds without --env-manager local) carry
+    exactly pyproject.toml's dependency list: one source, copied, and this test keeps the copies true."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((root / "conda.yaml").read_text())
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert pip_deps == deps
+    assert yaml.safe_load((root / "python_env.yaml").read_text())["dependencies"] == deps

@@ -136,11 +136,14 @@ def test_logged_model_loads_in_a_fresh_process(finished_run):
     _, run, tmp, env, _ = finished_run
     script = (
         "import sys, numpy as np, mlflow\n"
+        f"CLASSES = {CLASSES!r}\n"
         f"model = mlflow.pyfunc.load_model('runs:/{run.info.run_id}/model')\n"
         "for n in (1, 5):\n"
         "    x = np.random.default_rng(0).integers(0, 256, (n, 1, 48, 48)).astype(np.float32)\n"
-        "    p = np.asarray(model.predict(x))\n"
+        "    frame = model.predict(x)\n"
+        "    p = frame[[f'prob_{c}' for c in CLASSES]].to_numpy()\n"
         "    assert p.shape == (n, 7), p.shape\n"
+        "    assert (frame['emotion'] == [CLASSES[i] for i in p.argmax(1)]).all()\n"
         "    assert np.allclose(p.sum(1), 1, atol=1e-4) and (p >= 0).all()\n"
         "print('OK')\n"
     )

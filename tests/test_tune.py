@@ -168,6 +168,30 @@ def test_every_sampler_and_pruner_choice_is_built():
     assert kinds == {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 2])
+def test_pruner_warmup_epochs_always_run_in_full(warmup):
+    """`pruner_warmup_epochs: k`: the first k epochs of a trial are never pruned (trials report epochs
+    1, 2, ...); the earliest prune is at epoch k + 1. (k = 1, the default, keeps the LR warm-up epoch.)"""
+    import optuna
+
+    plan = plan_study(REPO / "experiments" / "tune_cnn.yaml")
+    sc = plan.study.__class__(pruner="median", pruner_startup_trials=2, pruner_warmup_epochs=warmup)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(sc, 5))
+    for _ in range(2):  # two good trials: 0.9 at every epoch
+        trial = study.ask()
+        for epoch in range(1, 6):
+            trial.report(0.9, epoch)
+        study.tell(trial, 0.9)
+    bad = study.ask()
+    pruned_at = None
+    for epoch in range(1, 6):
+        bad.report(0.1, epoch)
+        if bad.should_prune():
+            pruned_at = epoch
+            break
+    assert pruned_at == warmup + 1
+
+
 # ================================================================ one study, resumed, on the default storage
 
 

@@ -8,17 +8,16 @@ train/val/test splits. Bad samples go through :class:`BadSamples`, which either 
 
 from __future__ import annotations
 
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from fer_exp.classes import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, class_index
 from fer_exp.data.dataset import DataError, DecodeReport, Split
+from fer_exp.data.images import ImageDecodeError, read_gray, to_model_size
 
 CSV_COLUMNS = ("emotion", "pixels", "Usage")
 CSV_USAGE_GROUPS = {"Training": "train", "PublicTest": "public", "PrivateTest": "private"}
@@ -162,19 +161,11 @@ def list_folder_split(split_dir: Path, root: Path, bad: BadSamples) -> list[tupl
 def _decode(path: Path) -> tuple[np.ndarray | None, str | None, bool, bool]:
     """Decode one image to 48x48 uint8 gray: (image, error, converted_to_gray, resized)."""
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
-            image.load()
-            converted = image.mode != "L"
-            if image.mode.startswith("I;16"):  # 16-bit gray: scale to 8 bits rather than clip at 255
-                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0 + 0.5).astype(np.uint8))
-            elif converted:
-                image = image.convert("L")
-            resized = image.size != (IMAGE_SIZE, IMAGE_SIZE)
-            if resized:
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8), None, converted, resized
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        return None, f"cannot be decoded as an image ({type(exc).__name__}: {exc})", False, False
+        gray, converted = read_gray(path)
+    except ImageDecodeError as exc:
+        return None, str(exc), False, False
+    image, resized = to_model_size(gray)
+    return image, None, converted, resized
 
 
 def decode_files(files: list[tuple[Path, int]], root: Path, bad: BadSamples, desc: str) -> Split:

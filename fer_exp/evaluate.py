@@ -1,0 +1,98 @@
+"""``fer-exp evaluate``: one or more trained models (an ensemble averages their softmax), with optional
+test-time augmentation, on a split of a data source, logged as an MLflow run with the same metrics,
+confusion matrix and predictions as a training run, so ``fer-exp compare`` sets it beside them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fer_exp.config import EVALUATION_SPLITS
+from fer_exp.data import load_data
+from fer_exp.inference import LoadedModel, ensemble_probabilities
+from fer_exp.metrics import classification_metrics
+
+
+class EvaluateError(ValueError):
+    """Models or data that cannot be evaluated together; says why."""
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, float]
+    probabilities: np.ndarray
+    images_per_second: float
+    name: str
+    run_id: str | None = None
+    experiment_id: str | None = None
+
+
+def evaluation_name(models: list[LoadedModel], tta: str) -> str:
+    """What made the predictions, e.g. 'cnn+tta:flip', 'cnn+resnet18', 'cnn:evaluated': the run's ``model``
+    tag, so ``fer-exp compare`` (grouped by model) keeps it apart from the training runs' groups."""
+    name = "+".join(m.config.model for m in models)
+    if tta != "none":
+        return f"{name}+tta:{tta}"
+    return name if len(models) > 1 else f"{name}:evaluated"
+
+
+def evaluate(models: list[LoadedModel], data_source: str | None = None, split: str = "test", tta: str = "none",
+             log: bool = True, experiment_name: str | None = None, progress: bool = True) -> EvaluationResult:
+    if split not in EVALUATION_SPLITS:
+        raise EvaluateError(f"split must be one of {', '.join(EVALUATION_SPLITS)}, got {split!r}")
+    first = models[0].config
+    if split == "val" and len({(m.config.seed, m.config.val_fraction) for m in models}) > 1:
+        raise EvaluateError("these models were trained with different seeds or val fractions, so their val "
+                            "hold-outs differ: evaluate them on test, or one at a time")
+    # the first model's seed and val fraction: its own val hold-out, where the source has none
+    data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.seed, val_fraction=first.val_fraction)
+    chosen = data.splits()[split]
+    if len(chosen) == 0:
+        raise EvaluateError(f"{data.source} has an empty {split} split ({data.split_rule})")
+    start = time.perf_counter()
+    probabilities, loss = ensemble_probabilities(models, chosen.images, tta, labels=chosen.labels)
+    seconds = time.perf_counter() - start
+    labels = chosen.labels.numpy()
+    metrics = classification_metrics(labels, probabilities.argmax(1), prefix=f"{split}_")
+    metrics[f"{split}_loss"] = loss
+    name = evaluation_name(models, tta)
+    result = EvaluationResult(metrics, probabilities, len(chosen) * len(models) / seconds if seconds else 0.0, name)
+    if progress:
+        print(f"{name}: {len(chosen)} {split} images, {result.images_per_second:,.0f} images/s "
+              f"(x{len(models)} model(s), tta {tta})")
+    if log:
+        result.run_id, result.experiment_id = log_evaluation_run(models, data, split, tta, result, chosen,
+                                                                 experiment_name or first.experiment_name)
+    return result
+
+
+def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, result: EvaluationResult, chosen,
+                       experiment_name: str) -> tuple[str, str]:
+    import mlflow
+
+    from fer_exp.tracking import log_data_inputs, log_evaluation, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = mlflow.set_experiment(experiment_name).experiment_id
+    sources = [m.source for m in models]
+    description = (f"Evaluation of {' + '.join(f'{m.name} ({m.source})' for m in models)} on the {split} split of "
+                   f"{data.source} ({len(chosen)} images), "
+                   + ("softmax averaged over the models" if len(models) > 1 else "one model")
+                   + (f", test-time augmentation {tta}." if tta != "none" else ", no test-time augmentation."))
+    tags = {"model": result.name, "fer_exp.role": "evaluation", "tta": tta, "split": split,
+            "evaluated_models": " ".join(sources)[:5000], "mlflow.note.content": description,
+            "data_source": data.source, "split_rule": data.split_rule, f"{split}_size": len(chosen),
+            **{f"source_run_{i}": m.run_id for i, m in enumerate(models) if m.run_id}}
+    with mlflow.start_run(run_name=f"evaluate {result.name} on {split}", experiment_id=experiment_id, tags=tags) as run:
+        mlflow.log_params({"models": " ".join(sources)[:6000], "tta": tta, "split": split, "data": data.source,
+                           "n_models": len(models)})
+        for i, m in enumerate(models):  # each member's config, so runs filter on them like training runs
+            prefix = "config." if len(models) == 1 else f"model{i}.config."
+            mlflow.log_params({f"{prefix}{k}": v for k, v in m.config.to_dict().items()})
+        log_data_inputs(data)
+        log_evaluation(chosen.labels.numpy(), result.probabilities, chosen.sources, result.metrics,
+                       title=f"{result.name} {split}", split=split)
+        mlflow.log_metric(f"{split}_images_per_second", result.images_per_second)
+    return run.info.run_id, experiment_id

@@ -1,0 +1,250 @@
+"""Inference: class probabilities for uint8 face images, with test-time augmentation (TTA) and model
+ensembles. One function, :func:`predict_probabilities`, serves training's val/test evaluation,
+``fer-exp predict``, ``fer-exp evaluate``, the served MLflow model and the throughput benchmark.
+
+:func:`load_model` loads a trained model from a checkpoint file (``best.pt``), a saved weights file
+(``model.safetensors``), or an MLflow model URI (``runs:/<id>/model``, ``models:/<name>/<version>``,
+``models:/<name>@<alias>``); MLflow is imported only for a URI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fer_exp.augment import to_float
+from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
+from fer_exp.config import FIELDS, TTA_CHOICES, Config
+from fer_exp.device import resolve_amp, resolve_device
+from fer_exp.models import build_model
+
+TENCROP_FRACTION = 0.875  # ten-crop: 4 corners and the centre at 42 of 48 px, resized back, and their mirrors
+WEIGHTS_FILE = "model.safetensors"  # what a logged model keeps: the weights, the config in its metadata
+
+
+class ModelLoadError(ValueError):
+    """A model URI or file that cannot be loaded; the message says which and why."""
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of a float batch (N, 1, H, W) that TTA averages over: ``none`` the batch itself,
+    ``flip`` it and its mirror, ``tencrop`` the four corner and the centre crops (resized back to H x W,
+    so the model sees faces at its own input size) and their mirrors."""
+    if tta == "none":
+        return [x]
+    if tta == "flip":
+        return [x, x.flip(-1)]
+    if tta != "tencrop":
+        raise ValueError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+    h, w = x.shape[-2:]
+    ch, cw = round(h * TENCROP_FRACTION), round(w * TENCROP_FRACTION)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crops = [x[..., :ch, :cw], x[..., :ch, w - cw:], x[..., h - ch:, :cw], x[..., h - ch:, w - cw:],
+             x[..., top:top + ch, left:left + cw]]
+    crops = [F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False) for c in crops]
+    return crops + [c.flip(-1) for c in crops]
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 1024,
+                          tta: str = "none", amp_dtype: torch.dtype | None = None,
+                          memory_format: torch.memory_format = torch.contiguous_format,
+                          labels: torch.Tensor | None = None) -> tuple[np.ndarray, float | None]:
+    """(class probabilities (N, 7) as float32, mean cross-entropy against ``labels`` or None) of uint8
+    images (N, H, W), in eval mode on the model's device. With TTA the probabilities are the mean of
+    the views' softmax, and the loss is the cross-entropy of that mean."""
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+    model.eval()
+    device = next(model.parameters()).device
+    n = images.shape[0]
+    loss_sum = torch.zeros((), device=device)
+    out = []
+    for start in range(0, n, batch_size):
+        x = to_float(images[start:start + batch_size].to(device))
+        views = tta_views(x, tta)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = [model(v.contiguous(memory_format=memory_format)).float() for v in views]
+        if len(logits) == 1:  # exactly the softmax and cross-entropy of the logits
+            probabilities = logits[0].softmax(1)
+            if labels is not None:
+                loss_sum += F.cross_entropy(logits[0], labels[start:start + batch_size].to(device), reduction="sum")
+        else:
+            probabilities = torch.stack([z.softmax(1) for z in logits]).mean(0)
+            if labels is not None:
+                loss_sum += F.nll_loss(probabilities.clamp_min(1e-12).log(), labels[start:start + batch_size].to(device),
+                                       reduction="sum")
+        out.append(probabilities.cpu())
+    probabilities = torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
+    return probabilities, (loss_sum.item() / max(n, 1) if labels is not None else None)
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready to predict, with the config it was trained with."""
+
+    model: torch.nn.Module
+    config: Config
+    source: str  # what was loaded: the URI or file
+    run_id: str | None = None  # the MLflow run that made it, where known
+    device: torch.device = torch.device("cpu")
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.model} {self.config.input_size}px"
+
+    def predict(self, images: torch.Tensor, tta: str = "none", labels: torch.Tensor | None = None,
+                batch_size: int | None = None) -> tuple[np.ndarray, float | None]:
+        return predict_probabilities(self.model, images, batch_size=batch_size or self.config.eval_batch_size,
+                                     tta=tta, amp_dtype=self.amp_dtype, labels=labels)
+
+
+def ensemble_probabilities(models: list[LoadedModel], images: torch.Tensor, tta: str = "none",
+                           labels: torch.Tensor | None = None) -> tuple[np.ndarray, float | None]:
+    """The mean of the models' (TTA) probabilities, and the cross-entropy of that mean."""
+    if len(models) == 1:
+        return models[0].predict(images, tta, labels)
+    probabilities = np.mean([m.predict(images, tta)[0] for m in models], axis=0).astype(np.float32)
+    if labels is None:
+        return probabilities, None
+    picked = probabilities[np.arange(len(labels)), labels.numpy()]
+    return probabilities, float(-np.log(np.clip(picked, 1e-12, None)).mean()) if len(labels) else 0.0
+
+
+def config_from_dict(values: dict) -> Config:
+    """The config a model was trained with, as stored beside its weights (keys of newer or older
+    versions ignored; the device is chosen where it loads, not where it trained)."""
+    known = {k: v for k, v in values.items() if k in FIELDS}
+    return dataclasses.replace(Config(**known), device="auto", pretrained="none")
+
+
+def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.device = "auto") -> LoadedModel:
+    target = resolve_device(device) if isinstance(device, str) else device
+    model = build_model(cfg.model, input_size=cfg.input_size or None, freeze_depth=0, pretrained="none", dropout=cfg.dropout)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"the weights do not fit a {cfg.model} at {cfg.input_size} px: {str(exc).splitlines()[0]}") from None
+    model.to(target).eval()
+    amp = resolve_amp(cfg.amp, target)
+    return LoadedModel(model, cfg, source="", device=target, amp_dtype=amp)
+
+
+def save_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> Path:
+    """The model's weights as safetensors (no pickle: loading runs no code), the config in its metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"fer_exp_config": json.dumps(cfg.to_dict()), "classes": ",".join(CLASS_NAMES)})
+    return Path(path)
+
+
+def load_weights_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for foreign or truncated files
+        raise ModelLoadError(f"{path}: not a safetensors weights file ({str(exc).splitlines()[0][:120]})") from None
+    if "fer_exp_config" not in metadata:
+        raise ModelLoadError(f"{path}: a safetensors file without fer-exp's config; it was not saved by fer-exp")
+    loaded = build_inference_model(config_from_dict(json.loads(metadata["fer_exp_config"])), state, device)
+    return dataclasses.replace(loaded, source=str(path))
+
+
+def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could run "
+                             "code); use a checkpoint written by fer-exp train") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ModelLoadError(f"{path}: not a fer-exp checkpoint (expected the best.pt or last.pt of a run)")
+    loaded = build_inference_model(config_from_dict(state["config"]), state["model"], device)
+    return dataclasses.replace(loaded, source=str(path))
+
+
+def load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
+    """A trained model from a checkpoint (``.pt``), a weights file (``.safetensors``), a logged MLflow
+    model's folder, or an MLflow URI: ``runs:/<run id>/model``, ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``."""
+    path = Path(uri)
+    if "://" not in uri and not uri.startswith(("runs:", "models:")):
+        if path.is_dir():
+            found = sorted(path.rglob(WEIGHTS_FILE))
+            if not found:
+                raise ModelLoadError(f"{uri}: a folder without {WEIGHTS_FILE}; give a checkpoint, a weights file "
+                                     "or an MLflow model URI (runs:/<run id>/model)")
+            return load_weights_file(found[0], device)
+        if not path.is_file():
+            raise ModelLoadError(f"{uri}: no such file; give a checkpoint (.pt), a weights file (.safetensors), or "
+                                 "an MLflow model URI (runs:/<run id>/model, models:/<name>/<version>)")
+        if path.suffix == ".safetensors":
+            return load_weights_file(path, device)
+        return load_checkpoint_file(path, device)
+    return load_mlflow_model(uri, device)
+
+
+def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
+    import mlflow
+
+    from fer_exp.tracking import tracking_uri
+
+    import os
+
+    mlflow.set_tracking_uri(tracking_uri())
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small model: no bar per file
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except Exception as exc:  # MLflow raises several types for a missing run, model or artifact
+            message = str(getattr(exc, "message", exc)).splitlines()[0][:200]
+            raise ModelLoadError(f"{uri}: cannot be loaded from the tracking store {tracking_uri()} ({message}); "
+                                 "check the URI and MLFLOW_TRACKING_URI") from None
+        found = sorted(local.rglob(WEIGHTS_FILE)) if local.is_dir() else []
+        if found:
+            loaded = load_weights_file(found[0], device)
+        elif local.is_file():
+            loaded = load_model(str(local), device)
+        else:
+            raise ModelLoadError(f"{uri}: holds no {WEIGHTS_FILE}; it was not logged by this fer-exp "
+                                 "(give the run's checkpoint instead: runs:/<run id>/checkpoints/best.pt)")
+    run_id = None
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/")[0]
+    elif uri.startswith("models:/"):
+        run_id = model_version_run_id(uri)
+    return dataclasses.replace(loaded, source=uri, run_id=run_id)
+
+
+def model_version_run_id(uri: str) -> str | None:
+    """The run that made a registered model version (``models:/name/3`` or ``models:/name@alias``)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    ref = uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, version = ref.partition("/")
+        if version.isdigit():
+            return client.get_model_version(name, version).run_id
+    except mlflow.exceptions.MlflowException:
+        return None
+    return None

@@ -1,0 +1,164 @@
+"""The model as MLflow logs and serves it: a pyfunc that takes a batch of images and returns the emotion
+and the seven class probabilities of each.
+
+Input, any of:
+  - a DataFrame with an ``image`` column of encoded image files (PNG, JPEG, ...) as base64 text or
+    bytes: what ``mlflow models serve`` receives as ``{"dataframe_split": {"columns": ["image"], ...}}``;
+  - an array of pixels 0-255, (N, H, W), (N, 1, H, W) or (N, H, W, 3): ``{"inputs": [...]}``.
+Any size and colour: images are made 48x48 grayscale exactly as training data is
+(:mod:`fer_exp.data.images`). Output: a DataFrame with ``emotion`` and ``prob_<class>`` columns.
+Optional param ``tta``: none (default), flip or tencrop.
+
+The model is logged "from code" (:mod:`fer_exp.pyfunc_model`) with its weights as safetensors: MLflow
+pickles nothing, so what is stored does not change with the MLflow version, and loading it runs no
+pickled code. The fer_exp package travels with the model (``code_paths``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from fer_exp.classes import CLASS_NAMES, IMAGE_SIZE
+from fer_exp.data.images import ImageDecodeError, decode_image, to_model_size
+from fer_exp.config import TTA_CHOICES
+from fer_exp.inference import WEIGHTS_FILE, LoadedModel, load_weights_file
+
+IMAGE_COLUMN = "image"
+PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
+SERVING_REQUIREMENTS = ("torch", "timm", "numpy", "pandas", "pillow", "safetensors", "pyyaml", "mlflow")
+
+
+class ServingInputError(ValueError):
+    """A request the model cannot read; the message says what it expected."""
+
+
+def _decode_cell(value, row: int) -> np.ndarray:
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ServingInputError(f"row {row}: the {IMAGE_COLUMN!r} value is not base64 text of an image file") from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise ServingInputError(f"row {row}: expected base64 text or bytes of an image file, got {type(value).__name__}")
+    try:
+        return decode_image(bytes(value))
+    except ImageDecodeError as exc:
+        raise ServingInputError(f"row {row}: {exc}") from None
+
+
+def _from_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype == object:
+        raise ServingInputError("an array input must be numeric pixels 0-255")
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    elif array.ndim == 4 and array.shape[-1] in (3, 4):  # RGB(A), channels last: PIL's luma ("L") weights
+        array = array[..., 0] * 0.299 + array[..., 1] * 0.587 + array[..., 2] * 0.114
+    elif array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ServingInputError(f"an array input must have shape (N, H, W), (N, 1, H, W) or (N, H, W, 3), "
+                                f"got {tuple(array.shape)}")
+    pixels = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if pixels.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
+        return pixels
+    return np.stack([to_model_size(p)[0] for p in pixels]) if len(pixels) else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+
+
+def images_from_input(model_input) -> torch.Tensor:
+    """uint8 (N, 48, 48) from whatever the pyfunc was given (see the module docstring)."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN in model_input.columns:
+            cells = model_input[IMAGE_COLUMN].tolist()
+        elif len(model_input.columns) == 1 and model_input.dtypes.iloc[0] == object:
+            cells = model_input.iloc[:, 0].tolist()
+        else:  # a DataFrame of numbers: one flattened image per row
+            values = model_input.to_numpy(dtype=np.float32)
+            side = int(round(np.sqrt(values.shape[1]))) if values.ndim == 2 else 0
+            if side * side != values.shape[1]:
+                raise ServingInputError(f"a DataFrame input needs an {IMAGE_COLUMN!r} column of base64 images "
+                                        f"(or square images flattened to rows); got columns {list(model_input.columns)[:5]}")
+            return torch.from_numpy(_from_array(values.reshape(-1, side, side)))
+        images = [_decode_cell(v, i) for i, v in enumerate(cells)]
+        return torch.from_numpy(np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
+    if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+        return images_from_input(pd.DataFrame({IMAGE_COLUMN: list(np.atleast_1d(model_input[IMAGE_COLUMN]))}))
+    if isinstance(model_input, (list, tuple)) and model_input and isinstance(model_input[0], (str, bytes)):
+        return images_from_input(pd.DataFrame({IMAGE_COLUMN: list(model_input)}))
+    if isinstance(model_input, torch.Tensor):
+        model_input = model_input.cpu().numpy()
+    return torch.from_numpy(_from_array(np.asarray(model_input)))
+
+
+def probability_frame(probabilities: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(probabilities.astype(np.float64), columns=list(PROBABILITY_COLUMNS))
+    frame.insert(0, "emotion", [CLASS_NAMES[i] for i in probabilities.argmax(1)] if len(probabilities) else [])
+    return frame
+
+
+class EmotionModel(mlflow.pyfunc.PythonModel):
+    """The served model (see the module docstring)."""
+
+    def __init__(self):
+        self.loaded: LoadedModel | None = None
+
+    def load_context(self, context) -> None:
+        self.loaded = load_weights_file(Path(context.artifacts["weights"]))
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        tta = (params or {}).get("tta") or "none"
+        if tta not in TTA_CHOICES:
+            raise ServingInputError(f"param tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+        probabilities, _ = self.loaded.predict(images_from_input(model_input), tta=tta)
+        return probability_frame(probabilities)
+
+
+def serving_requirements() -> list[str]:
+    """The packages the served model imports, pinned to the versions it was trained with."""
+    pins = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{name}=={version.split('+')[0]}")
+    return pins
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    outputs = Schema([ColSpec("string", "emotion"), *(ColSpec("double", c) for c in PROBABILITY_COLUMNS)])
+    # no input schema: the model takes base64 images in a DataFrame or pixel arrays (MLflow would
+    # otherwise refuse one of the two)
+    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("tta", "string", "none")]))
+
+
+def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = None):
+    """Log ``model`` (trained with ``cfg``) as the run's ``model``, optionally registering it."""
+    import tempfile
+
+    from fer_exp.inference import save_weights
+
+    import shutil
+
+    package = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = save_weights(model, cfg, Path(tmp) / WEIGHTS_FILE)
+        code = Path(tmp) / "fer_exp"  # the package's sources, without compiled caches
+        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(package / "pyfunc_model.py"), artifacts={"weights": str(weights)},
+            code_paths=[str(code)], signature=model_signature(), pip_requirements=serving_requirements(),
+            registered_model_name=registered_model_name or None,
+            metadata={"serialization_format": "safetensors", "classes": list(CLASS_NAMES),
+                      "model": cfg.model, "input_size": cfg.input_size})

@@ -1,0 +1,327 @@
+"""Using trained models: `fer-exp predict` (files, folders, faces, TTA, every model URI form), the
+logged pyfunc and a real `mlflow models serve`, and `fer-exp evaluate` with TTA and an ensemble."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from fer_exp.classes import CLASS_NAMES
+from fer_exp.cli import main
+from fer_exp.config import load_config
+from fer_exp.inference import load_model, predict_probabilities, tta_views
+
+TINY = {"data": "synthetic:96,24,40", "epochs": 2, "batch_size": 32, "eval_batch_size": 64, "device": "cpu",
+        "experiment_name": "use", "system_metrics": False}
+PROBS = [f"prob_{c}" for c in CLASS_NAMES]
+GRACE_HOPPER = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two CNN runs (seeds 1 and 2) with their models logged; seed 1 registered as 'fer-test' v1."""
+    from fer_exp.experiment import run_experiment
+
+    tmp = tmp_path_factory.mktemp("use")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        mp.setenv("FER_EXP_CACHE_DIR", str(tmp / "cache"))
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(name, raising=False)
+        runs = {}
+        for seed in (1, 2):
+            cfg = load_config(overrides={**TINY, "seed": seed, "output_dir": str(tmp / "out"),
+                                         "register": "fer-test" if seed == 1 else ""})
+            runs[seed] = run_experiment(cfg, progress=False)
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias("fer-test", "champion", "1")
+        images = tmp / "images"
+        images.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(3):  # asymmetric faces of several sizes and modes: a gradient plus noise
+            pixels = (np.linspace(0, 255, 64)[None, :] * 0.6 + rng.integers(0, 100, (80, 64))).clip(0, 255)
+            image = Image.fromarray(pixels.astype(np.uint8))
+            (image.convert("RGB") if i == 1 else image).resize((40 + 30 * i, 50 + 30 * i)).save(images / f"face{i}.png")
+        yield {"tmp": tmp, "runs": runs, "client": client, "images": images, "mp": mp}
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_from_env():
+    """mlflow.set_tracking_uri is process-global: point it at this test's store (the env var) again."""
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or None)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def predict_csv(trained, *args) -> pd.DataFrame:
+    out = trained["tmp"] / f"preds-{time.monotonic_ns()}.csv"
+    result = invoke("predict", *args, "--output", out)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return pd.read_csv(out)
+
+
+@pytest.mark.slow  # the tracked runs
+def test_every_model_uri_form_gives_the_same_predictions(trained):
+    run = trained["runs"][1]
+    checkpoint = trained["tmp"] / "out" / run.run_id / "checkpoints" / "best.pt"
+    forms = [f"runs:/{run.run_id}/model", "models:/fer-test/1", "models:/fer-test@champion", checkpoint]
+    frames = [predict_csv(trained, "--model", uri, trained["images"]) for uri in forms]
+    first = frames[0]
+    assert list(first["source"].map(lambda s: Path(s).name)) == ["face0.png", "face1.png", "face2.png"]
+    assert np.allclose(first[PROBS].sum(axis=1), 1, atol=1e-5)
+    assert (first["emotion"] == [CLASS_NAMES[i] for i in first[PROBS].to_numpy().argmax(1)]).all()
+    for frame in frames[1:]:
+        np.testing.assert_allclose(frame[PROBS].to_numpy(), first[PROBS].to_numpy(), atol=1e-6)
+    # and they are the run's own: the logged model predicts the test split as the run evaluated it
+    loaded = load_model(forms[1])
+    assert loaded.run_id == run.run_id
+
+
+@pytest.mark.slow
+def test_predict_matches_the_runs_logged_test_predictions(trained):
+    """The shared inference path: the model loaded from MLflow reproduces the training run's test
+    probabilities (test_predictions.csv) on the same images."""
+    from fer_exp.data import load_data
+
+    run = trained["runs"][1]
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="test_predictions.csv"))
+    test = load_data("synthetic:96,24,40", seed=1).test
+    probabilities = load_model(f"runs:/{run.run_id}/model").predict(test.images)[0]
+    np.testing.assert_allclose(probabilities, logged[PROBS].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_detect_faces_finds_the_face_and_show_draws_it(trained, tmp_path):
+    """OpenCV's Haar cascade on the photo matplotlib ships (Grace Hopper): one face, its box, a drawn image."""
+    photo = tmp_path / "grace.jpg"
+    photo.write_bytes(GRACE_HOPPER.read_bytes())
+    blank = tmp_path / "blank.png"
+    Image.new("L", (200, 200), 128).save(blank)
+    run = trained["runs"][1]
+    out = tmp_path / "faces.json"
+    result = invoke("predict", "--model", f"runs:/{run.run_id}/model", photo, blank, "--detect-faces",
+                    "--output", out, "--show", tmp_path / "shown")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["face"] == 0 and rows[0]["source"].endswith("grace.jpg")
+    x, y, w, h = (rows[0][k] for k in ("x", "y", "width", "height"))
+    assert 120 < x < 190 and 70 < y < 140 and 180 < w < 280 and w == h  # her face, not the flag or the cap
+    assert "no face found in" in result.output and "blank.png" in result.output
+    drawn = sorted((tmp_path / "shown").glob("*.png"))
+    assert len(drawn) == 1
+    pixels = np.asarray(Image.open(drawn[0]).convert("RGB")).astype(int)
+    edge = pixels[y + h // 2, x - 1:x + 2]  # the box's left edge, drawn in red
+    assert ((edge[:, 0] > 200) & (edge[:, 1] < 90)).any()
+    # the face is classified as the crop it is: the same probabilities as predicting the crop itself
+    crop = tmp_path / "crop.png"
+    Image.open(photo).convert("L").crop((x, y, x + w, y + h)).save(crop)
+    alone = predict_csv(trained, "--model", f"runs:/{run.run_id}/model", crop)
+    np.testing.assert_allclose(alone[PROBS].to_numpy()[0], [rows[0][p] for p in PROBS], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tta_changes_predictions_deterministically(trained):
+    uri = f"runs:/{trained['runs'][1].run_id}/model"
+    plain = predict_csv(trained, "--model", uri, trained["images"])
+    by_tta = {tta: predict_csv(trained, "--model", uri, trained["images"], "--tta", tta) for tta in ("flip", "tencrop")}
+    for tta, frame in by_tta.items():
+        # (a 2-epoch model is nearly uniform, so the change is small, but far above float noise)
+        assert np.abs(frame[PROBS].to_numpy() - plain[PROBS].to_numpy()).max() > 1e-5, tta
+        again = predict_csv(trained, "--model", uri, trained["images"], "--tta", tta)
+        np.testing.assert_array_equal(again[PROBS].to_numpy(), frame[PROBS].to_numpy())
+
+
+def test_tta_views():
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    assert [v.shape for v in tta_views(x, "tencrop")] == [(2, 1, 48, 48)] * 10
+    flip = tta_views(x, "flip")
+    assert torch.equal(flip[0], x) and torch.equal(flip[1], x.flip(-1))
+    tencrop = tta_views(x, "tencrop")
+    assert all(torch.equal(tencrop[i + 5], tencrop[i].flip(-1)) for i in range(5))
+    assert len({tuple(v.flatten()[:50].tolist()) for v in tencrop}) == 10  # ten different views
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tta_views(x, "rotate")
+
+
+def test_flip_tta_on_a_mirror_symmetric_face_equals_no_tta():
+    """Averaging a face with its mirror changes nothing when the face is its own mirror."""
+    from fer_exp.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn").eval()
+    half = torch.randint(0, 256, (4, 48, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    symmetric = torch.cat([half, half.flip(-1)], dim=-1)
+    plain, _ = predict_probabilities(model, symmetric)
+    flipped, _ = predict_probabilities(model, symmetric, tta="flip")
+    np.testing.assert_allclose(flipped, plain, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_unreadable_files_are_reported_and_skipped(trained, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    good = trained["images"] / "face0.png"
+    uri = f"runs:/{trained['runs'][1].run_id}/model"
+    result = invoke("predict", "--model", uri, good, tmp_path / "broken.jpg", tmp_path / "missing.png")
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg: cannot be decoded as an image" in result.output
+    assert "missing.png: no such file or folder" in result.output
+    assert "face0.png" in result.output and "Traceback" not in result.output
+    only_bad = invoke("predict", "--model", uri, tmp_path / "broken.jpg")
+    assert only_bad.exit_code == 2 and "none of the images could be read" in only_bad.output
+
+
+@pytest.mark.parametrize("case", ["missing run", "missing file", "pickled", "bad output"])
+def test_bad_model_or_output_exits_2(case, tmp_path, store):
+    image = tmp_path / "x.png"
+    Image.new("L", (48, 48), 100).save(image)
+    args = ["predict", "--model", "runs:/0123456789abcdef/model", image]
+    expected = "cannot be loaded"
+    if case == "missing file":
+        args[2], expected = str(tmp_path / "nope.pt"), "no such file"
+    elif case == "pickled":
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+        with open(tmp_path / "evil.pt", "wb") as handle:
+            pickle.dump({"model": Evil(), "config": {}}, handle)
+        args[2], expected = str(tmp_path / "evil.pt"), "refused"
+    elif case == "bad output":
+        from fer_exp.inference import save_weights
+        from fer_exp.models import build_model
+
+        args[2] = str(save_weights(build_model("cnn"), load_config(), tmp_path / "model.safetensors"))
+        args += ["--output", str(tmp_path / "preds.xlsx")]
+        expected = "write a .csv or a .json file"
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_logged_model_is_code_and_safetensors_not_a_pickle(trained):
+    run = trained["runs"][1]
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.run_id}/model"))
+    mlmodel = (folder / "MLmodel").read_text()
+    assert "serialization_format: safetensors" in mlmodel and "pyfunc_model.py" in mlmodel
+    assert not list(folder.rglob("*.pkl")) and list(folder.rglob("model.safetensors"))
+    assert (folder / "code" / "fer_exp" / "inference.py").is_file()  # the package travels with the model
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.run_id}/model")
+    as_array = pyfunc.predict(np.zeros((2, 1, 48, 48), np.float32))
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 120), (0, 0, 0)).save(buffer, "JPEG")
+    as_base64 = pyfunc.predict(pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()] * 2}))
+    assert list(as_array.columns) == ["emotion", *PROBS]
+    np.testing.assert_allclose(as_array[PROBS].to_numpy(), as_base64[PROBS].to_numpy(), atol=1e-6)  # black is black
+    with_tta = pyfunc.predict(np.zeros((1, 48, 48), np.uint8), params={"tta": "flip"})
+    assert with_tta.shape == (1, 8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_seven_probabilities_per_image(trained):
+    """A real `mlflow models serve` process on localhost, as the README shows it: base64 images in a
+    DataFrame, and pixel arrays."""
+    tmp, port = trained["tmp"], _free_port()
+    # as in an activated environment: `mlflow models serve` starts the `uvicorn` found on PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fer-test/1",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(payload):
+        request = urllib.request.Request(base + "/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base + "/ping", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        files = sorted(trained["images"].glob("*.png"))
+        encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
+        answer = post({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})
+        rows = answer["predictions"]
+        assert len(rows) == len(files)
+        for row in rows:
+            assert set(row) == {"emotion", *PROBS} and row["emotion"] in CLASS_NAMES
+            assert abs(sum(row[p] for p in PROBS) - 1) < 1e-4
+        expected = load_model("models:/fer-test/1").predict(
+            torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("L").resize((48, 48), Image.Resampling.BILINEAR))
+                                       for f in files])))[0]
+        np.testing.assert_allclose([[r[p] for p in PROBS] for r in rows], expected, atol=1e-5)
+        arrays = post({"inputs": np.zeros((2, 48, 48)).tolist(), "params": {"tta": "tencrop"}})["predictions"]
+        assert len(arrays) == 2 and all(len([k for k in r if k.startswith("prob_")]) == 7 for r in arrays)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.mark.slow
+def test_evaluate_an_ensemble_with_tta_logs_a_comparable_run(trained):
+    runs = trained["runs"]
+    uris = [f"runs:/{runs[1].run_id}/model", f"runs:/{runs[2].run_id}/model"]
+    result = invoke("evaluate", "--model", uris[0], "--model", uris[1], "--data", "synthetic:96,24,40", "--tta", "flip")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    client = trained["client"]
+    run_id = result.output.split("evaluation run ")[1].split()[0]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["model"] == "cnn+cnn+tta:flip" and run.data.tags["fer_exp.role"] == "evaluation"
+    assert {run.data.tags["source_run_0"], run.data.tags["source_run_1"]} == {runs[1].run_id, runs[2].run_id}
+    artifacts = {f.path for f in client.list_artifacts(run_id)}
+    assert {"confusion_matrix.png", "test_predictions.csv", "per_class_metrics.json"} <= artifacts
+    # the ensemble is the mean of its members' flip-TTA probabilities
+    from fer_exp.data import load_data
+
+    test = load_data("synthetic:96,24,40", seed=1).test
+    members = [load_model(u).predict(test.images, tta="flip")[0] for u in uris]
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="test_predictions.csv"))
+    np.testing.assert_allclose(logged[PROBS].to_numpy(), np.mean(members, axis=0), atol=1e-6)
+    accuracy = float((np.mean(members, axis=0).argmax(1) == test.labels.numpy()).mean())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+    # a single model without TTA reproduces its training run's test metrics exactly
+    single = invoke("evaluate", "--model", uris[0], "--data", "synthetic:96,24,40")
+    single_id = single.output.split("evaluation run ")[1].split()[0]
+    assert client.get_run(single_id).data.metrics["test_accuracy"] == pytest.approx(
+        client.get_run(runs[1].run_id).data.metrics["test_accuracy"])
+    # and compare sets the evaluations beside the training runs
+    compared = invoke("compare", "--experiment", "use", "--output", trained["tmp"] / "cmp", "--no-log")
+    assert compared.exit_code == 0, compared.output
+    assert "cnn+cnn+tta:flip" in compared.output
