@@ -19,9 +19,12 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.metadata
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 import torch
@@ -36,8 +39,11 @@ PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
 SERVING_REQUIREMENTS = ("torch", "timm", "numpy", "pandas", "pillow", "safetensors", "pyyaml", "mlflow")
 
 
-class ServingInputError(ValueError):
-    """A request the model cannot read; the message says what it expected."""
+class ServingInputError(MlflowException):
+    """A request the model cannot read; the message says what it expected (HTTP 400 when served)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def _decode_cell(value, row: int) -> np.ndarray:
@@ -104,21 +110,25 @@ def probability_frame(probabilities: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-class EmotionModel(mlflow.pyfunc.PythonModel):
-    """The served model (see the module docstring)."""
+# MLflow asks for type hints on predict to validate inputs itself; this model checks its two input kinds
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    def __init__(self):
-        self.loaded: LoadedModel | None = None
+    class EmotionModel(mlflow.pyfunc.PythonModel):
+        """The served model (see the module docstring)."""
 
-    def load_context(self, context) -> None:
-        self.loaded = load_weights_file(Path(context.artifacts["weights"]))
+        def __init__(self):
+            self.loaded: LoadedModel | None = None
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        tta = (params or {}).get("tta") or "none"
-        if tta not in TTA_CHOICES:
-            raise ServingInputError(f"param tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
-        probabilities, _ = self.loaded.predict(images_from_input(model_input), tta=tta)
-        return probability_frame(probabilities)
+        def load_context(self, context) -> None:
+            self.loaded = load_weights_file(Path(context.artifacts["weights"]))
+
+        def predict(self, context, model_input, params=None) -> pd.DataFrame:
+            tta = (params or {}).get("tta") or "none"
+            if tta not in TTA_CHOICES:
+                raise ServingInputError(f"param tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+            probabilities, _ = self.loaded.predict(images_from_input(model_input), tta=tta)
+            return probability_frame(probabilities)
 
 
 def serving_requirements() -> list[str]:
