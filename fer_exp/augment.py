@@ -1,8 +1,8 @@
 """Training augmentations applied to whole uint8 batches on the training device.
 
-Per-sample random flip, rotation, brightness/contrast jitter and random erasing, drawn from one
-``torch.Generator`` so that a seeded run repeats exactly. Flip and rotation share one affine
-resampling pass. This replaces the per-sample PIL pipeline of the usual FER2013 code (see
+Per-sample random flip, rotation, shift, zoom, brightness/contrast jitter and random erasing, drawn
+from one ``torch.Generator`` so that a seeded run repeats exactly. Flip, rotation, shift and zoom share
+one affine resampling pass. This replaces the per-sample PIL pipeline of the usual FER2013 code (see
 ``benchmarks/throughput.py`` for the measured difference).
 """
 
@@ -24,14 +24,15 @@ class BatchAugment:
 
     def __init__(self, flip: float = 0.5, rotation: float = 10.0, brightness: float = 0.2,
                  contrast: float = 0.2, erasing: float = 0.25, erase_scale=(0.02, 0.33),
-                 erase_ratio=(0.3, 3.3), erase_value: float = 0.5):
-        self.flip, self.rotation = flip, rotation
+                 erase_ratio=(0.3, 3.3), erase_value: float = 0.5, shift: float = 0.0, scale: float = 0.0):
+        self.flip, self.rotation, self.shift, self.scale = flip, rotation, shift, scale
         self.brightness, self.contrast = brightness, contrast
         self.erasing, self.erase_scale, self.erase_ratio, self.erase_value = erasing, erase_scale, erase_ratio, erase_value
 
     @classmethod
     def from_config(cls, cfg) -> "BatchAugment":
-        return cls(cfg.aug_flip, cfg.aug_rotation, cfg.aug_brightness, cfg.aug_contrast, cfg.aug_erasing)
+        return cls(cfg.aug_flip, cfg.aug_rotation, cfg.aug_brightness, cfg.aug_contrast, cfg.aug_erasing,
+                   shift=cfg.aug_shift, scale=cfg.aug_scale)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = to_float(images)
@@ -40,12 +41,17 @@ class BatchAugment:
         def uniform(low, high, *shape):
             return torch.rand(n, *shape, device=device, generator=generator) * (high - low) + low
 
-        if self.rotation > 0:
+        if self.rotation > 0 or self.shift > 0 or self.scale > 0:
             angle = uniform(-math.radians(self.rotation), math.radians(self.rotation))
             sign = torch.where(uniform(0, 1) < self.flip, -1.0, 1.0)
             cos, sin = torch.cos(angle), torch.sin(angle)
-            zero = torch.zeros_like(angle)
-            theta = torch.stack([torch.stack([cos * sign, -sin, zero], 1), torch.stack([sin * sign, cos, zero], 1)], 1)
+            tx = ty = torch.zeros_like(angle)
+            if self.shift > 0:  # a fraction of the side; affine_grid's coordinates span 2 per side
+                tx, ty = uniform(-2 * self.shift, 2 * self.shift), uniform(-2 * self.shift, 2 * self.shift)
+            if self.scale > 0:  # zoom in (> 1) or out (< 1): the sampling grid shrinks or grows
+                zoom = uniform(1 - self.scale, 1 + self.scale)
+                cos, sin = cos / zoom, sin / zoom
+            theta = torch.stack([torch.stack([cos * sign, -sin, tx], 1), torch.stack([sin * sign, cos, ty], 1)], 1)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         elif self.flip > 0:

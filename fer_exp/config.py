@@ -69,6 +69,10 @@ class Config:
     aug_brightness: float = _f(0.2, "Brightness jitter: factor uniform in [1-b, 1+b].")
     aug_contrast: float = _f(0.2, "Contrast jitter: factor uniform in [1-c, 1+c].")
     aug_erasing: float = _f(0.25, "Probability of random erasing (a rectangle of 2-33% of the image).")
+    aug_shift: float = _f(0.0, "Maximum random shift as a fraction of the side (0.1: up to 4.8 px each way at 48 px).")
+    aug_scale: float = _f(0.0, "Random zoom: factor uniform in [1-s, 1+s] (0: none).")
+    mixup_alpha: float = _f(0.0, "Mixup: mix each batch with a shuffled copy, weight ~ Beta(a, a) (0: off).")
+    ema_decay: float = _f(0.0, "Exponential moving average of the weights (e.g. 0.999), used for val, test and the model (0: off).")
     # execution
     seed: int = _f(42, "Seed for data hold-out, initialisation, shuffling and augmentation.")
     device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
@@ -200,9 +204,14 @@ def validate(cfg: Config) -> Config:
     for name in ("aug_flip", "aug_erasing", "dropout", "label_smoothing"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
-    for name in ("aug_brightness", "aug_contrast"):
+    for name in ("aug_brightness", "aug_contrast", "ema_decay"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("aug_shift", "aug_scale"):
+        if not 0.0 <= getattr(cfg, name) <= 0.5:
+            raise ConfigError(f"{name} must be between 0 and 0.5, got {getattr(cfg, name)}")
+    if cfg.mixup_alpha < 0:
+        raise ConfigError(f"mixup_alpha must not be negative, got {cfg.mixup_alpha}")
     if cfg.weight_decay < 0 or cfg.aug_rotation < 0 or cfg.warmup_epochs < 0 or cfg.early_stopping < 0:
         raise ConfigError("weight_decay, aug_rotation, warmup_epochs and early_stopping must not be negative")
     if cfg.device != "auto":

@@ -175,7 +175,10 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
         raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ModelLoadError(f"{path}: not a fer-exp checkpoint (expected the best.pt or last.pt of a run)")
-    loaded = build_inference_model(config_from_dict(state["config"]), state["model"], device)
+    weights = state["model"]
+    if "ema" in state:  # the run evaluated and logged its EMA weights: predict with those
+        weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    loaded = build_inference_model(config_from_dict(state["config"]), weights, device)
     return dataclasses.replace(loaded, source=str(path))
 
 

@@ -151,7 +151,7 @@ class MLflowCallback(Callback):
         if self.log_model:
             from fer_exp.serving import log_model
 
-            log_model(trainer.model, trainer.cfg, registered_model_name=trainer.cfg.register or None)
+            log_model(trainer.eval_model, trainer.cfg, registered_model_name=trainer.cfg.register or None)
 
     @staticmethod
     def log_test_evaluation(trainer: Trainer, result: FitResult) -> None:

@@ -190,6 +190,13 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
+        # an exponential moving average of the weights (and BatchNorm statistics): what val, test and the
+        # logged model use when ema_decay > 0
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.scheduler, self.schedule_unit = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.epoch = 0
@@ -204,20 +211,37 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are evaluated, selected and logged: the EMA where there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on a uint8 batch; returns (loss, number correct) as device tensors."""
-        return self.optimize(self.augment(images, self.generator), labels)
+        x = self.augment(images, self.generator)
+        if self.cfg.mixup_alpha > 0:  # the weight from the global stream (checkpointed), the pairing from ours
+            lam = float(torch.distributions.Beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha).sample())
+            pair = torch.randperm(x.shape[0], device=x.device, generator=self.generator)
+            return self.optimize(lam * x + (1 - lam) * x[pair], labels, labels[pair], lam)
+        return self.optimize(x, labels)
 
-    def optimize(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model step alone: forward, weighted loss, backward, AdamW, schedule, on a float batch."""
+    def optimize(self, x: torch.Tensor, labels: torch.Tensor, mixed_labels: torch.Tensor | None = None,
+                 lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model step alone: forward, weighted loss, backward, AdamW, schedule, on a float batch.
+        With ``mixed_labels`` (mixup) the loss is ``lam`` of the labels' and ``1 - lam`` of theirs."""
         x = x.contiguous(memory_format=self.memory_format)
         with self.autocast():
             logits = self.model(x)
             loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
                                    label_smoothing=self.cfg.label_smoothing)
+            if mixed_labels is not None:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), mixed_labels, weight=self.class_weights,
+                                                                label_smoothing=self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         if self.schedule_unit == "step":
             self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == labels).sum()
@@ -258,7 +282,7 @@ class Trainer:
     def predict(self, split: str) -> tuple[float, np.ndarray]:
         """(mean cross-entropy, class probabilities (N, 7)) for one split, in eval mode."""
         images, labels = self.splits[split]
-        probabilities, loss = predict_probabilities(self.model, images, batch_size=self.cfg.eval_batch_size,
+        probabilities, loss = predict_probabilities(self.eval_model, images, batch_size=self.cfg.eval_batch_size,
                                                     amp_dtype=self.amp_dtype, memory_format=self.memory_format,
                                                     labels=labels)
         return loss, probabilities
@@ -274,6 +298,7 @@ class Trainer:
         """Everything an exact resume needs: weights, optimiser, schedule, epoch, selection state,
         history, config, and every random stream (augmentation/shuffle, and the global ones dropout uses)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
                 "stale": self.stale, "history": self.history, "config": self.cfg.to_dict(),
@@ -294,6 +319,8 @@ class Trainer:
             raise ValueError(f"{path} was written by an older fer-exp without {', '.join(sorted(missing))}: "
                              "it cannot be resumed exactly")
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -355,7 +382,10 @@ class Trainer:
                 break
         test_metrics, test_probabilities = {}, None
         if evaluate_test:  # the best epoch, evaluated once on test
-            self.model.load_state_dict(torch.load(best_path, map_location=self.device, weights_only=True)["model"])
+            best = torch.load(best_path, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(best["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(best["ema"])
             test_metrics, test_probabilities = self.evaluate("test")
         result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, best_path,
                            last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start)

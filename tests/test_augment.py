@@ -173,3 +173,33 @@ def test_from_config():
                                  "aug_erasing": 0.6})
     aug = BatchAugment.from_config(cfg)
     assert (aug.flip, aug.rotation, aug.brightness, aug.contrast, aug.erasing) == (0.1, 5.0, 0.3, 0.4, 0.6)
+
+
+def bright_square(n: int, half: int = 4) -> torch.Tensor:
+    images = torch.zeros(n, H, W, dtype=torch.uint8)
+    images[:, H // 2 - half:H // 2 + half, W // 2 - half:W // 2 + half] = 255
+    return images
+
+
+def centre_of_mass(x: torch.Tensor) -> torch.Tensor:
+    """(N, 2) row and column of the bright mass of (N, 1, H, W) images."""
+    rows = torch.arange(H, dtype=torch.float32).view(1, H, 1)
+    cols = torch.arange(W, dtype=torch.float32).view(1, 1, W)
+    mass = x[:, 0].sum(dim=(1, 2))
+    return torch.stack([(x[:, 0] * rows).sum(dim=(1, 2)) / mass, (x[:, 0] * cols).sum(dim=(1, 2)) / mass], 1)
+
+
+def test_shift_moves_faces_by_up_to_the_fraction_of_the_side():
+    out = BatchAugment(**{**OFF, "shift": 0.1})(bright_square(64), gen(0))
+    moved = centre_of_mass(out) - centre_of_mass(to_float(bright_square(1)))
+    assert moved.abs().max() <= 0.1 * H + 0.5  # up to 4.8 px each way
+    assert (moved.abs() > 1).float().mean() > 0.5  # most faces moved by more than a pixel
+    assert torch.allclose(out.sum(dim=(1, 2, 3)), to_float(bright_square(64)).sum(dim=(1, 2, 3)), rtol=0.05)
+
+
+def test_zoom_scales_faces_within_the_range_and_keeps_them_centred():
+    out = BatchAugment(**{**OFF, "scale": 0.3})(bright_square(64, half=8), gen(0))
+    area = out.sum(dim=(1, 2, 3)) / to_float(bright_square(1, half=8)).sum()
+    assert area.min() >= 0.7 ** 2 - 0.05 and area.max() <= 1.3 ** 2 + 0.05
+    assert area.max() - area.min() > 0.5  # some zoomed in, some out
+    assert torch.allclose(centre_of_mass(out), torch.full((64, 2), H / 2 - 0.5), atol=0.3)

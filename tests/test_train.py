@@ -8,6 +8,7 @@ optimisation and reads its validation metrics from a script, so that the outcome
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from sklearn.metrics import (
 from sklearn.utils.class_weight import compute_class_weight
 
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
-from fer_exp.config import load_config
+from fer_exp.config import ConfigError, load_config
 from fer_exp.data import load_data
 from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table
 from fer_exp.train import (
@@ -385,8 +386,10 @@ def without_timing(history):
     return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in history]
 
 
-def test_an_interrupted_run_resumed_from_last_pt_ends_as_the_uninterrupted_one(data, tmp_path):
-    cfg = config(epochs=4, dropout=0.3)  # dropout and augmentation: both random streams must resume
+@pytest.mark.parametrize("levers", [{}, {"mixup_alpha": 0.4, "ema_decay": 0.9, "aug_shift": 0.1, "aug_scale": 0.1}],
+                         ids=["recipe", "mixup-ema-shift-zoom"])
+def test_an_interrupted_run_resumed_from_last_pt_ends_as_the_uninterrupted_one(data, tmp_path, levers):
+    cfg = config(epochs=4, dropout=0.3, **levers)  # dropout and augmentation: both random streams must resume
     full_trainer = Trainer(cfg, data, tmp_path / "full", progress=False)
     full = full_trainer.fit()
     with pytest.raises(KeyboardInterrupt):
@@ -732,3 +735,61 @@ def test_cnn_learns_synthetic_faces_far_above_chance(tmp_path):
     result = Trainer(cfg, load_data(cfg.data, seed=cfg.seed), tmp_path, progress=False).fit()
     assert result.test_metrics["test_accuracy"] > 0.35, result.history
     assert result.test_metrics["test_macro_f1"] > 0.25, result.history
+
+
+# ================================================================ accuracy levers: mixup, EMA
+
+
+def test_mixup_is_seeded_and_changes_training(data, tmp_path):
+    runs = [Trainer(config(epochs=1, mixup_alpha=a), data, tmp_path / f"{a}-{i}", progress=False).fit(evaluate_test=False)
+            for a, i in ((0.4, 0), (0.4, 1), (0.0, 0))]
+    assert without_timing(runs[0].history) == without_timing(runs[1].history)
+    assert runs[0].history[0]["train_loss"] != runs[2].history[0]["train_loss"]
+
+
+def test_mixup_loss_is_the_weighted_loss_of_both_label_sets(data, tmp_path):
+    import torch.nn.functional as F
+
+    trainer = Trainer(config(class_weights="none"), data, tmp_path, progress=False)
+    x = torch.rand(8, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    a, b = torch.arange(8) % 7, (torch.arange(8) + 3) % 7
+    trainer.model.eval()  # no dropout, BatchNorm in eval: the forward is a pure function of the weights
+    with torch.no_grad():
+        logits = trainer.model(x)
+    expected = 0.3 * F.cross_entropy(logits, a) + 0.7 * F.cross_entropy(logits, b)
+    loss, _ = trainer.optimize(x, a, b, 0.3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ema_weights_are_the_moving_average_and_are_what_is_evaluated_and_saved(data, tmp_path):
+    trainer = Trainer(config(ema_decay=0.5, epochs=1), data, tmp_path, progress=False)
+    snapshots = []
+    original = trainer.optimize
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        snapshots.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        return out
+
+    trainer.optimize = recording
+    result = trainer.fit()
+    name = next(k for k in snapshots[0] if k.endswith("weight") and snapshots[0][k].ndim == 2)
+    expected = snapshots[0][name]
+    for snap in snapshots[1:]:  # the first update copies; then ema = 0.5 ema + 0.5 w
+        expected = 0.5 * expected + 0.5 * snap[name]
+    assert torch.allclose(trainer.eval_model.state_dict()[name], expected, atol=1e-6)
+    assert not torch.allclose(trainer.model.state_dict()[name], expected)
+    # val/test are evaluated with the EMA, and a checkpoint loads for prediction as the EMA
+    from fer_exp.inference import load_model
+
+    loaded = load_model(str(result.best_checkpoint), device="cpu")
+    _, probabilities = trainer.predict("test")
+    np.testing.assert_allclose(loaded.predict(data.test.images)[0], probabilities, atol=1e-6)
+    np.testing.assert_allclose(result.test_probabilities, probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,piece", [("aug_shift", 0.6, "between 0 and 0.5"), ("ema_decay", 1.0, "[0, 1)"),
+                                             ("mixup_alpha", -1, "must not be negative")])
+def test_lever_ranges_are_checked(key, value, piece):
+    with pytest.raises(ConfigError, match=re.escape(piece)):
+        config(**{key: value})
