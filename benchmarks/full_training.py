@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-from fer_exp.config import ConfigError, load_config
+from fer_exp.classes import CLASS_NAMES
+from fer_exp.config import TTA_CHOICES, ConfigError, load_config
 from fer_exp.data import DataError, load_data
+from fer_exp.inference import predict_probabilities
+from fer_exp.metrics import classification_metrics
 from fer_exp.train import Callback, Trainer
 
 
@@ -85,8 +88,30 @@ def run(config: str | None, data_source: str | None, sets: list[str]) -> dict:
         "val_macro_f1": [round(h["val_macro_f1"], 4) for h in result.history],
         "test_accuracy": result.test_metrics["test_accuracy"],
         "test_macro_f1": result.test_metrics["test_macro_f1"],
+        "test_acc_per_class": {c: round(result.test_metrics[f"test_acc_{c}"], 4) for c in CLASS_NAMES},
         "stopped_early": result.stopped_early,
+        "tta": tta_metrics(trainer, data),
     }
+
+
+def tta_metrics(trainer: Trainer, data) -> dict:
+    """The best epoch's val and test metrics with each test-time augmentation (select one on val,
+    report its test), and how fast each predicts."""
+    out = {}
+    for tta in TTA_CHOICES:
+        row = {}
+        for split in ("val", "test"):
+            chosen = data.splits()[split]
+            start = time.perf_counter()
+            probabilities, _ = predict_probabilities(trainer.eval_model, chosen.images, batch_size=trainer.cfg.eval_batch_size,
+                                                     tta=tta, amp_dtype=trainer.amp_dtype, memory_format=trainer.memory_format)
+            seconds = time.perf_counter() - start
+            metrics = classification_metrics(chosen.labels.numpy(), probabilities.argmax(1))
+            row |= {f"{split}_accuracy": round(metrics["accuracy"], 4), f"{split}_macro_f1": round(metrics["macro_f1"], 4)}
+            if split == "test":
+                row["test_images_per_second"] = round(len(chosen) / seconds, 1)
+        out[tta] = row
+    return out
 
 
 def main(argv=None) -> int:

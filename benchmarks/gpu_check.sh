@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh wheels                       # here, once: Optuna's wheels for the tune step -> .whl/
 #   benchmarks/gpu_check.sh run [STEP ...]               # on the GPU machine, from the repo root
 #
-# STEPs, in the default order (all of them when none is named; most important first):
+# STEPs, in the default order (all speed steps when none is named; most important first):
 #   throughput  benchmarks/throughput.py: conventional vs fer-exp vs compute bound, ablations, ResNet18@112
 #   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto
 #   cnn-fp32    the same CNN training with amp off: the bf16-vs-fp32 accuracy check
@@ -13,6 +13,11 @@
 #   compile     throughput.py again with torch.compile (modes $FER_GPU_COMPILE) beside the eager path
 #   tune        benchmarks/tune_packing.py: trials per hour of a study per model ($FER_GPU_TUNE_MODELS), 1 worker
 #               against $FER_GPU_TUNE_WORKERS packed on the GPU, $FER_GPU_TUNE_SECONDS each; needs Optuna (`wheels`)
+# and, only when named (about 8 minutes on an H200; the accuracy issue's measurement):
+#   accuracy    the honest-protocol ablations (val = seeded hold-out of train, test = the test folder), all
+#               in parallel: the CNN recipe and each lever alone ($FER_GPU_ABLATIONS, $FER_GPU_EPOCHS epochs,
+#               amp $FER_GPU_ACCURACY_AMP), then experiments/best_cnn.yaml for the seeds $FER_GPU_BEST_SEEDS;
+#               every run reports val and test with no, flip and ten-crop TTA (select on val, report test)
 # Results: one JSON per step in $OUT/results/, packed after every step into $OUT/results.tar.gz (the
 # device tool returns at most 8 files: the tarball always holds them all), log.txt and summary.txt in $OUT.
 # Time: every step has its own limit and the whole run a deadline ($FER_GPU_DEADLINE s, 570): a step
@@ -29,10 +34,14 @@
 # needs Optuna: `wheels` saves it and its missing dependencies to .whl/ (5.5 MB, git-ignored); carry
 # [".gpu", ".whl"] and the step installs them into /tmp/site.
 # Without .gpu/fer2013.tar.gz the data is synthetic faces of FER2013's size: timings hold, accuracies do not.
-# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu", ".whl"], timeout_s=600).
+# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu", ".whl"], timeout_s=600);
+# the accuracy measurement alone: run(command="bash benchmarks/gpu_check.sh run accuracy", carry=[".gpu"], timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL_STEPS=(throughput cnn-bf16 cnn-fp32 resnet compile tune)
+SPEED_STEPS=(throughput cnn-bf16 cnn-fp32 resnet compile tune)
+ALL_STEPS=("${SPEED_STEPS[@]}" accuracy)
+# name:overrides (comma-separated) of each ablation arm, against experiments/cnn.yaml
+ABLATIONS="${FER_GPU_ABLATIONS-recipe: shift-zoom:aug_shift=0.1,aug_scale=0.1 smoothing:label_smoothing=0.1 ema:ema_decay=0.999 mixup:mixup_alpha=0.2 unweighted:class_weights=none}"
 
 if [[ "${1:-}" == "wheels" ]]; then  # the device's python is 3.12 on x86-64 and lacks Optuna, SQLAlchemy, Alembic
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -52,12 +61,12 @@ if [[ "${1:-}" == "pack" ]]; then
     exit 0
 fi
 if [[ "${1:-}" != "run" ]]; then
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
     exit 2
 fi
 shift
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=("${ALL_STEPS[@]}")
+[[ ${#steps[@]} -eq 0 ]] && steps=("${SPEED_STEPS[@]}")
 for s in "${steps[@]}"; do  # a typo must not cost device minutes: check before any work
     [[ " ${ALL_STEPS[*]} " == *" $s "* ]] || { echo "unknown step $s (${ALL_STEPS[*]})" >&2; exit 2; }
 done
@@ -110,6 +119,28 @@ full() {  # json name, seconds allowed, full_training.py arguments...
     step "$name" "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$name.json" "$@" "${EXTRA_SETS[@]}" >/dev/null
 }
 cnn_args=(--config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0)
+parallel_full() {  # step name, seconds allowed, then "json_name|full_training.py arguments" for each run
+    local name="$1" limit="$2"; shift 2
+    local left=$((DEADLINE - SECONDS))
+    if (( left < 30 )); then
+        echo "== $name skipped: ${left} s left before the ${DEADLINE} s deadline" >&2
+        return
+    fi
+    (( limit > left )) && limit=$left
+    echo "== $name (limit ${limit}s): $# runs in parallel" >&2
+    local start=$SECONDS spec run args pids=()
+    for spec in "$@"; do
+        run="${spec%%|*}"
+        read -ra args <<< "${spec#*|}"
+        timeout "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$run.json" "${args[@]}" \
+            "${EXTRA_SETS[@]}" > /dev/null 2> "$RESULTS/$run.log" &
+        pids+=($!)
+    done
+    local failed=0 pid
+    for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+    echo "== $name: $failed of $# runs failed or ran out of time, after $((SECONDS - start)) s" >&2
+    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null
+}
 
 for s in "${steps[@]}"; do
     case "$s" in
@@ -139,6 +170,20 @@ for s in "${steps[@]}"; do
                     --config "experiments/tune_$model.yaml" --workers "${TUNE_WORKERS[@]}" \
                     --seconds "${FER_GPU_TUNE_SECONDS:-60}" "${TUNE_SETS[@]}" --json "$RESULTS/tune_$model.json" >/dev/null
             done ;;
+        accuracy)
+            specs=()
+            for arm in $ABLATIONS; do
+                sets=(--set amp="${FER_GPU_ACCURACY_AMP:-off}")
+                IFS=, read -ra pairs <<< "${arm#*:}"
+                for pair in "${pairs[@]}"; do [[ -n "$pair" ]] && sets+=(--set "$pair"); done
+                specs+=("ablation_${arm%%:*}|${cnn_args[*]} ${sets[*]}")
+            done
+            parallel_full ablations "${FER_GPU_ABLATIONS_LIMIT:-270}" "${specs[@]}"
+            specs=()
+            for seed in ${FER_GPU_BEST_SEEDS:-42 1 2}; do
+                specs+=("best_cnn_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set amp=${FER_GPU_ACCURACY_AMP:-off} ${FER_GPU_BEST_SETS:-}")
+            done
+            parallel_full best "${FER_GPU_BEST_LIMIT:-240}" "${specs[@]}" ;;
         compile)
             step compile "${FER_GPU_COMPILE_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
                 --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --skip-resnet --skip-ablations "${THROUGHPUT_EXTRA[@]}" \
@@ -176,6 +221,16 @@ for model in ("cnn", "resnet18"):
         print(f"  {r['workers']:3d} worker(s): " + (r["error"][:300] if "error" in r else
               f"{r['finished_trials']} trials in {r['wall_seconds']} s = {r['trials_per_hour']} trials/h, "
               f"median trial {r['median_trial_seconds']} s, x{r.get('speedup')}, best val {r['best_value']}"))
+runs = sorted(p.stem for p in out.glob("ablation_*.json")) + sorted(p.stem for p in out.glob("best_cnn_seed*.json"))
+if runs:
+    print("accuracy (val = hold-out of train, test = test folder; TTA chosen on val): run | epochs | best val acc | "
+          "test acc / macro-F1 with none, flip, tencrop | disgust, fear test acc")
+for name in runs:
+    r = load(name)
+    tta = r["tta"]
+    print(f"  {name:26s} {r['epochs_run']:4d} {r['best_val'].get('val_accuracy', float('nan')):.4f}  " +
+          "  ".join(f"{k} {v['test_accuracy']:.4f}/{v['test_macro_f1']:.4f} (val {v['val_accuracy']:.4f})" for k, v in tta.items())
+          + f"  disgust {r['test_acc_per_class']['disgust']:.3f} fear {r['test_acc_per_class']['fear']:.3f}  fit {r['fit_seconds']} s")
 for name in ("cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):
     r = load(name)
     if r:

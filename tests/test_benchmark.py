@@ -170,3 +170,25 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_time_for(tmp_path):
     for name in ("throughput", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224", "compile"):
         assert f"== {name} skipped" in proc.stdout
     assert "cnn_bf16: no result" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_accuracy_step_runs_its_arms_in_parallel_with_tta(tmp_path):
+    """The accuracy issue's device measurement, on the CPU with two arms and one seed of best_cnn.yaml."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+               FER_GPU_DATA="synthetic:64,16,16", FER_GPU_EPOCHS="1", FER_GPU_SET="batch_size=16 eval_batch_size=16",
+               FER_GPU_ABLATIONS="recipe: ema-shift:ema_decay=0.9,aug_shift=0.1", FER_GPU_BEST_SEEDS="7",
+               FER_GPU_BEST_SETS="--set epochs=1")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run", "accuracy"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = out / "results"
+    assert {p.name for p in results.glob("*.json")} == {"ablation_recipe.json", "ablation_ema-shift.json",
+                                                        "best_cnn_seed7.json"}
+    arm = json.loads((results / "ablation_ema-shift.json").read_text())
+    assert arm["config"]["ema_decay"] == 0.9 and arm["config"]["aug_shift"] == 0.1 and arm["amp"] == "fp32"
+    assert set(arm["tta"]) == {"none", "flip", "tencrop"} and 0 <= arm["tta"]["tencrop"]["test_accuracy"] <= 1
+    best = json.loads((results / "best_cnn_seed7.json").read_text())
+    assert best["config"]["seed"] == 7 and best["config"]["ema_decay"] == 0.999 and best["epochs_run"] == 1
+    assert "0 of 2 runs failed" in proc.stdout + proc.stderr and "ablation_ema-shift" in (out / "summary.txt").read_text()
