@@ -71,6 +71,7 @@ def run(config: str | None, data_source: str | None, sets: list[str]) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32",
+        "amp_choice": trainer.amp_report,
         "config": cfg.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
         "load_seconds": round(loaded - begin, 2),

@@ -7,6 +7,8 @@
 #
 # STEPs, in the default order (all speed steps when none is named; most important first):
 #   throughput  benchmarks/throughput.py: conventional vs fer-exp vs compute bound, ablations, ResNet18@112
+#   cnn-graph   a full CNN training with the compiled step (compile=reduce-overhead: CUDA graphs) and amp auto
+#               (chosen by measurement, cached): the GPU-speed goal is 60 epochs in <= 45 s
 #   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto
 #   cnn-fp32    the same CNN training with amp off: the bf16-vs-fp32 accuracy check
 #   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
@@ -38,7 +40,7 @@
 # the accuracy measurement alone: run(command="bash benchmarks/gpu_check.sh run accuracy", carry=[".gpu"], timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SPEED_STEPS=(throughput cnn-bf16 cnn-fp32 resnet compile tune)
+SPEED_STEPS=(throughput cnn-graph cnn-bf16 cnn-fp32 resnet compile tune)
 ALL_STEPS=("${SPEED_STEPS[@]}" accuracy)
 # name:overrides (comma-separated) of each ablation arm, against experiments/cnn.yaml
 ABLATIONS="${FER_GPU_ABLATIONS-recipe: shift-zoom:aug_shift=0.1,aug_scale=0.1 smoothing:label_smoothing=0.1 ema:ema_decay=0.999 mixup:mixup_alpha=0.2 unweighted:class_weights=none}"
@@ -148,6 +150,7 @@ for s in "${steps[@]}"; do
             step throughput "${FER_GPU_THROUGHPUT_LIMIT:-150}" "$PY" benchmarks/throughput.py --data "$DATA" \
                 --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 "${THROUGHPUT_EXTRA[@]}" \
                 --json > "$RESULTS/throughput.json" ;;
+        cnn-graph) full cnn_graph "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile="${FER_GPU_GRAPH_MODE:-reduce-overhead}" ;;
         cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto ;;
         cnn-fp32) full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=off ;;
         resnet)
@@ -231,7 +234,7 @@ for name in runs:
     print(f"  {name:26s} {r['epochs_run']:4d} {r['best_val'].get('val_accuracy', float('nan')):.4f}  " +
           "  ".join(f"{k} {v['test_accuracy']:.4f}/{v['test_macro_f1']:.4f} (val {v['val_accuracy']:.4f})" for k, v in tta.items())
           + f"  disgust {r['test_acc_per_class']['disgust']:.3f} fear {r['test_acc_per_class']['fear']:.3f}  fit {r['fit_seconds']} s")
-for name in ("cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):
+for name in ("cnn_graph", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):
     r = load(name)
     if r:
         print(f"{name}: {r['device_name']} amp {r['amp']}, {r['epochs_run']} epochs, fit {r['fit_seconds']} s "

@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple] = {
     "scheduler": ("cosine", "onecycle", "plateau", "none"),
     "class_weights": ("balanced", "none"),
     "amp": ("auto", "bf16", "off"),
+    "compile": ("off", "default", "reduce-overhead", "max-autotune"),
     "select_metric": ("val_accuracy", "val_macro_f1", "val_loss"),
     "on_bad": ("error", "skip"),
     # StudyConfig (fer-exp tune)
@@ -76,7 +77,8 @@ class Config:
     # execution
     seed: int = _f(42, "Seed for data hold-out, initialisation, shuffling and augmentation.")
     device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
-    amp: str = _f("auto", "bf16 autocast: auto (where the device runs bf16 natively), bf16, off.")
+    amp: str = _f("auto", "bf16 autocast: auto (CUDA: whichever of bf16 and fp32 measures faster; CPU: where it runs bf16 natively), bf16, off.")
+    compile: str = _f("off", "torch.compile the training forward and backward: off, default, reduce-overhead (CUDA graphs), max-autotune.")
     channels_last: bool = _f(True, "Use the channels_last memory format for the model and batches (faster convolutions on CPU and GPU).")
     eval_batch_size: int = _f(1024, "Batch size for validation and test.")
     # tracking
@@ -122,7 +124,7 @@ class StudyConfig:
 # Fields that say where and how a run ran, not what it trained: runs (and resumed studies) that
 # differ only in these count as the same.
 EXECUTION_FIELDS = ("device", "output_dir", "run_name", "experiment_name", "eval_batch_size", "channels_last",
-                    "system_metrics", "register")
+                    "system_metrics", "register", "compile")
 
 
 class ConfigError(ValueError):

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fer_exp.augment import BatchAugment
+from fer_exp.augment import BatchAugment, to_float
 from fer_exp.classes import NUM_CLASSES
 from fer_exp.config import Config
 from fer_exp.data import FerData
-from fer_exp.device import cpu_has_native_bf16, resolve_amp, resolve_device  # noqa: F401 (re-exported)
+from fer_exp.device import cpu_has_native_bf16, measured_amp, resolve_amp, resolve_device  # noqa: F401 (re-exported)
 from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
@@ -174,15 +174,21 @@ class Trainer:
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.amp_report = f"{cfg.amp}: {'bf16' if self.amp_dtype else 'fp32'} by rule"
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if self.device.type == "cuda":  # every batch has the same shape: let cuDNN pick its fastest kernels once
             torch.backends.cudnn.benchmark = True
         self.model = build_model(cfg.model, num_classes=NUM_CLASSES, input_size=cfg.input_size,
                                  freeze_depth=cfg.freeze_depth, pretrained=cfg.pretrained, dropout=cfg.dropout)
         self.model.to(self.device, memory_format=self.memory_format)
+        # the training forward: compiled (torch.compile; reduce-overhead = CUDA graphs) or the model itself.
+        # Parameters are shared, so checkpoints and evaluation use the plain module.
+        self.forward = self.model if cfg.compile == "off" else torch.compile(self.model, mode=cfg.compile)
         # the whole dataset lives on the training device as uint8
         self.splits = {name: (split.images.to(self.device), split.labels.to(self.device))
                        for name, split in data.splits().items()}
+        if cfg.amp == "auto" and self.device.type == "cuda" and self.amp_dtype is not None:
+            self.amp_dtype, self.amp_report = self.measure_amp()
         weights = class_weight_tensor(data.train.labels, cfg.class_weights)
         self.class_weights = None if weights is None else weights.to(self.device)
         self.augment = BatchAugment.from_config(cfg)
@@ -206,6 +212,30 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.should_stop = False  # a callback may set it to end training after the current epoch
         self.created, self.first_step_seconds = time.perf_counter(), None
+
+    def measure_amp(self) -> tuple[torch.dtype | None, str]:
+        """fp32 or bf16 autocast, whichever runs this model's training step faster here (cached per
+        device, torch, model, input size and batch). Measured on a copy of the model, under a forked RNG:
+        the run itself is untouched."""
+        import copy
+
+        probe = copy.deepcopy(self.model)
+        images, labels = self.splits["train"]
+        x = to_float(images[: self.cfg.batch_size]).contiguous(memory_format=self.memory_format)
+        y = labels[: self.cfg.batch_size]
+
+        def step(dtype):
+            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = F.cross_entropy(probe(x).float(), y)
+            loss.backward()
+            probe.zero_grad(set_to_none=True)
+
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+        key = (f"{name}|torch {torch.__version__}|{self.cfg.model}|{self.cfg.input_size}px|batch {self.cfg.batch_size}"
+               f"|{'channels_last' if self.cfg.channels_last else 'contiguous'}")
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return measured_amp(self.device, step, key)
 
     # -- one pass -------------------------------------------------------------------------------
     def autocast(self):
@@ -231,7 +261,7 @@ class Trainer:
         With ``mixed_labels`` (mixup) the loss is ``lam`` of the labels' and ``1 - lam`` of theirs."""
         x = x.contiguous(memory_format=self.memory_format)
         with self.autocast():
-            logits = self.model(x)
+            logits = self.forward(x)
             loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
                                    label_smoothing=self.cfg.label_smoothing)
             if mixed_labels is not None:

@@ -66,6 +66,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
                FER_GPU_DATA="synthetic:64,16,16", FER_GPU_EPOCHS="1", FER_GPU_RESNET_EPOCHS="1", FER_GPU_BATCHES="1",
                FER_GPU_WORKERS="0", FER_GPU_SET="batch_size=16 eval_batch_size=16", FER_GPU_COMPILE="",
+               FER_GPU_GRAPH_MODE="off",  # the compiled step costs minutes here; test_train.py compiles it on the CPU
                FER_GPU_THROUGHPUT_ARGS="--batch-size 16 --eval-batch-size 16 --rounds 1 --resnet-batches 1 "
                                        "--resnet-batch-size 4 --skip-ablations",
                FER_GPU_TUNE_WORKERS="1", FER_GPU_TUNE_SECONDS="5",  # in-process: a trial starts within 5 s
@@ -75,7 +76,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert {p.name for p in out.iterdir()} == {"log.txt", "summary.txt", "results", "results.tar.gz"}  # <= 8 files back
-    names = {"throughput.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
+    names = {"throughput.json", "cnn_graph.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
              "compile.json", "tune_resnet18.json"}
     with tarfile.open(out / "results.tar.gz") as packed:
         assert {Path(m).name for m in packed.getnames() if m.endswith(".json")} == names
@@ -88,6 +89,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     assert tune["config"].endswith("experiments/tune_resnet18.yaml") and "pretrained=none" in tune["set"]
     assert json.loads((out / "compile.json").read_text())["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
     assert json.loads((out / "cnn_fp32.json").read_text())["amp"] == "fp32"
+    assert json.loads((out / "cnn_graph.json").read_text())["config"]["compile"] == "off"
     assert json.loads((out / "resnet18_224.json").read_text())["config"]["input_size"] == 224
     assert json.loads((out / "throughput.json").read_text())["images_per_second"]["cnn"]["conventional"]["train"] > 0
     for line in ("ratio cnn train fer-exp/conventional", "cnn_bf16: cpu amp", "resnet18_224: cpu", "tune resnet18: 5.0 s",

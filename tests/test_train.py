@@ -7,6 +7,7 @@ optimisation and reads its validation metrics from a script, so that the outcome
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -793,3 +794,55 @@ def test_ema_weights_are_the_moving_average_and_are_what_is_evaluated_and_saved(
 def test_lever_ranges_are_checked(key, value, piece):
     with pytest.raises(ConfigError, match=re.escape(piece)):
         config(**{key: value})
+
+
+# ================================================================ precision by measurement, compiled step
+
+
+def test_measured_amp_picks_the_faster_keeps_fp32_when_close_and_caches(tmp_path, monkeypatch):
+    import time
+
+    from fer_exp.device import measured_amp
+
+    monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def step_with(fp32_ms, bf16_ms):
+        def step(dtype):
+            calls.append(dtype)
+            time.sleep((bf16_ms if dtype is torch.bfloat16 else fp32_ms) / 1000)
+        return step
+
+    cpu = torch.device("cpu")
+    assert measured_amp(cpu, step_with(20, 2), "fast bf16", repeats=2)[0] is torch.bfloat16
+    assert measured_amp(cpu, step_with(2, 20), "fast fp32", repeats=2)[0] is None
+    assert measured_amp(cpu, step_with(20, 19.5), "close", repeats=2)[0] is None  # not 5% faster: fp32
+    calls.clear()
+    dtype, report = measured_amp(cpu, step_with(2, 20), "fast bf16", repeats=2)
+    assert dtype is torch.bfloat16 and report.endswith("(cached)") and calls == []  # kept, not measured again
+    assert set(json.loads((tmp_path / "amp.json").read_text())) == {"fast bf16", "fast fp32", "close"}
+
+
+def test_measuring_amp_leaves_the_run_untouched(data, tmp_path, monkeypatch):
+    """The measurement trains a copy under a forked RNG: weights, BatchNorm statistics and the
+    random streams of the run are as before, so a measured run and a cached one train alike."""
+    monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path / "cache"))
+    trainer = Trainer(config(), data, tmp_path, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    dtype, report = trainer.measure_amp()
+    assert report.startswith("measured ") and dtype in (None, torch.bfloat16)
+    assert same_weights(before, trainer.model.state_dict()) and torch.equal(rng, torch.get_rng_state())
+    assert "(cached)" in trainer.measure_amp()[1]
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(data, tmp_path):
+    """compile=default (torch.compile of the training forward and backward) on the CPU: the same run
+    as eager within float tolerance; checkpoints keep the plain module's keys."""
+    eager = Trainer(config(epochs=1), data, tmp_path / "eager", progress=False).fit(evaluate_test=False)
+    compiled_trainer = Trainer(config(epochs=1, compile="default"), data, tmp_path / "compiled", progress=False)
+    compiled = compiled_trainer.fit(evaluate_test=False)
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert compiled.history[0][key] == pytest.approx(eager.history[0][key], abs=1e-3), key
+    assert not any(k.startswith("_orig_mod") for k in load_checkpoint(compiled.last_checkpoint)["model"])
