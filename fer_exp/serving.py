@@ -166,9 +166,11 @@ def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = N
         weights = save_weights(model, cfg, Path(tmp) / WEIGHTS_FILE)
         code = Path(tmp) / "fer_exp"  # the package's sources, without compiled caches
         shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=str(package / "pyfunc_model.py"), artifacts={"weights": str(weights)},
-            code_paths=[str(code)], signature=model_signature(), pip_requirements=serving_requirements(),
-            registered_model_name=registered_model_name or None,
-            metadata={"serialization_format": "safetensors", "classes": list(CLASS_NAMES),
-                      "model": cfg.model, "input_size": cfg.input_size})
+        with warnings.catch_warnings():  # "no input example": the README and the signature's docs say what it takes
+            warnings.simplefilter("ignore", UserWarning)
+            return mlflow.pyfunc.log_model(
+                name="model", python_model=str(package / "pyfunc_model.py"), artifacts={"weights": str(weights)},
+                code_paths=[str(code)], signature=model_signature(), pip_requirements=serving_requirements(),
+                registered_model_name=registered_model_name or None,
+                metadata={"serialization_format": "safetensors", "classes": list(CLASS_NAMES),
+                          "model": cfg.model, "input_size": cfg.input_size})
