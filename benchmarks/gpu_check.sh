@@ -102,14 +102,18 @@ echo "== $(date -u +%FT%TZ) data=$DATA epochs=$EPOCHS steps=${steps[*]} deadline
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
-step() {  # name, seconds allowed, command... (stdout is the caller's: it may be the result file)
-    local name="$1" limit="$2"; shift 2
+allowed() {  # name, seconds wanted: prints the seconds it may have, or says it is skipped (status 1)
     local left=$((DEADLINE - SECONDS))
     if (( left < 30 )); then
-        echo "== $name skipped: ${left} s left before the ${DEADLINE} s deadline" >&2
-        return
+        echo "== $1 skipped: ${left} s left before the ${DEADLINE} s deadline" >&2
+        return 1
     fi
-    (( limit > left )) && limit=$left
+    echo $(( $2 < left ? $2 : left ))
+}
+step() {  # name, seconds allowed, command... (stdout is the caller's: it may be the result file)
+    local name="$1" limit
+    limit=$(allowed "$1" "$2") || return 0
+    shift 2
     echo "== $name (limit ${limit}s): $*" >&2
     local start=$SECONDS
     timeout "$limit" "$@"
@@ -122,13 +126,9 @@ full() {  # json name, seconds allowed, full_training.py arguments...
 }
 cnn_args=(--config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0)
 parallel_full() {  # step name, seconds allowed, then "json_name|full_training.py arguments" for each run
-    local name="$1" limit="$2"; shift 2
-    local left=$((DEADLINE - SECONDS))
-    if (( left < 30 )); then
-        echo "== $name skipped: ${left} s left before the ${DEADLINE} s deadline" >&2
-        return
-    fi
-    (( limit > left )) && limit=$left
+    local name="$1" limit
+    limit=$(allowed "$1" "$2") || return 0
+    shift 2
     echo "== $name (limit ${limit}s): $# runs in parallel" >&2
     local start=$SECONDS spec run args pids=()
     for spec in "$@"; do

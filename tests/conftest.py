@@ -1,5 +1,6 @@
 """Shared fixtures."""
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -11,16 +12,68 @@ from pathlib import Path
 import pytest
 
 
+
+
+@contextlib.contextmanager
+def _isolated_store(folder: Path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        mp.setenv("FER_EXP_CACHE_DIR", str(folder / "cache"))
+        # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; leaving the block removes it again
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(name, raising=False)
+        yield mp
+
+
+@pytest.fixture(scope="session")
+def isolated_store():
+    """``with isolated_store(folder) as mp:`` what :func:`store` does, for module-scoped fixtures that
+    track several runs once for many tests."""
+    return _isolated_store
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, isolated_store):
     """An isolated working directory with its own MLflow sqlite store and decode cache."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path / "cache"))
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; the fixture removes it again afterwards
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
+    with isolated_store(tmp_path):
+        yield tmp_path
+
+
+@contextlib.contextmanager
+def _local_server(cmd: list[str], health: str, **popen):
+    """Start a server process, wait until ``health`` (a URL) answers, yield it, stop it."""
+    import time
+    import urllib.request
+
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(health, timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="session")
+def local_server():
+    """``with local_server(cmd, health_url, cwd=..., env=...):`` a real server (mlflow server, mlflow
+    models serve) on localhost for the block, started and stopped by the test."""
+    return _local_server
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    return _free_port
 
 
 def _postgres_bin() -> Path | None:

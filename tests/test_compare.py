@@ -22,17 +22,12 @@ TINY = {"data": "synthetic:96,24,40", "epochs": 2, "batch_size": 32, "eval_batch
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
+def tracked(tmp_path_factory, isolated_store):
     """Two models x two seeds, trained and tracked by the real training path in a fresh store."""
     from fer_exp.experiment import run_experiment
 
     tmp = tmp_path_factory.mktemp("compare")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        mp.setenv("FER_EXP_CACHE_DIR", str(tmp / "cache"))
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(name, raising=False)
+    with isolated_store(tmp) as mp:
         runs = {}
         for model in ("cnn", "resnet18"):
             for seed in (1, 2):
@@ -234,23 +229,14 @@ def test_bad_study_files_exit_2(tracked, tmp_path, text, piece):
 
 
 @pytest.mark.slow  # the four tracked runs
-def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tracked, by_model):
+def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tracked, by_model, local_server,
+                                                                              free_port):
     """`mlflow server` on localhost over the store: what users open in the UI is really served."""
     import os
-    import socket
-    import subprocess
     import sys
-    import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = tracked["tmp"]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    tmp, port = tracked["tmp"], free_port()
     base = f"http://127.0.0.1:{port}"
 
     def get(path, data=None):
@@ -259,14 +245,9 @@ def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tr
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 
-    try:
-        for _ in range(120):
-            try:
-                get("/health")
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                time.sleep(0.5)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with local_server(cmd, base + "/health", cwd=tmp, env={**os.environ, "MLFLOW_TRACKING_URI": ""}):
         experiment = json.loads(get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=cmp"))["experiment"]
         found = json.loads(get("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
                                                                "max_results": 100}))["runs"]
@@ -284,12 +265,6 @@ def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tr
         page = get(f"/get-artifact?path=report.html&run_uuid={comparison['info']['run_id']}").decode()
         assert "fer-exp comparison by model" in page and page.count("data:image/png;base64,") == 3
         assert b"<html" in get("/").lower()  # the UI itself
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 @pytest.mark.slow  # the four tracked runs

@@ -8,8 +8,6 @@ import io
 import json
 import os
 import pickle
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -35,17 +33,12 @@ GRACE_HOPPER = Path(__import__("matplotlib").get_data_path()) / "sample_data" / 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, isolated_store):
     """Two CNN runs (seeds 1 and 2) with their models logged; seed 1 registered as 'fer-test' v1."""
     from fer_exp.experiment import run_experiment
 
     tmp = tmp_path_factory.mktemp("use")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        mp.setenv("FER_EXP_CACHE_DIR", str(tmp / "cache"))
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(name, raising=False)
+    with isolated_store(tmp) as mp:
         runs = {}
         for seed in (1, 2):
             cfg = load_config(overrides={**TINY, "seed": seed, "output_dir": str(tmp / "out"),
@@ -238,23 +231,14 @@ def test_logged_model_is_code_and_safetensors_not_a_pickle(trained):
     assert with_tta.shape == (1, 8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_with_seven_probabilities_per_image(trained):
+def test_mlflow_models_serve_answers_with_seven_probabilities_per_image(trained, local_server, free_port):
     """A real `mlflow models serve` process on localhost, as the README shows it: base64 images in a
     DataFrame, and pixel arrays."""
-    tmp, port = trained["tmp"], _free_port()
+    tmp, port = trained["tmp"], free_port()
     # as in an activated environment: `mlflow models serve` starts the `uvicorn` found on PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fer-test/1",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
 
     def post(payload):
@@ -263,14 +247,9 @@ def test_mlflow_models_serve_answers_with_seven_probabilities_per_image(trained)
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(base + "/ping", timeout=5).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                time.sleep(0.5)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fer-test/1", "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with local_server(cmd, base + "/ping", cwd=tmp, env=env):
         files = sorted(trained["images"].glob("*.png"))
         encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
         answer = post({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})
@@ -285,12 +264,6 @@ def test_mlflow_models_serve_answers_with_seven_probabilities_per_image(trained)
         np.testing.assert_allclose([[r[p] for p in PROBS] for r in rows], expected, atol=1e-5)
         arrays = post({"inputs": np.zeros((2, 48, 48)).tolist(), "params": {"tta": "tencrop"}})["predictions"]
         assert len(arrays) == 2 and all(len([k for k in r if k.startswith("prob_")]) == 7 for r in arrays)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 @pytest.mark.slow
