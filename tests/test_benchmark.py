@@ -194,3 +194,31 @@ def test_gpu_check_accuracy_step_runs_its_arms_in_parallel_with_tta(tmp_path):
     best = json.loads((results / "best_cnn_seed7.json").read_text())
     assert best["config"]["seed"] == 7 and best["config"]["ema_decay"] == 0.999 and best["epochs_run"] == 1
     assert "0 of 2 runs failed" in proc.stdout + proc.stderr and "ablation_ema-shift" in (out / "summary.txt").read_text()
+
+
+def test_pruning_replay_feeds_a_finished_study_through_the_pruners(tmp_path):
+    """Two learning trials, then two flat ones: median pruning with warmup 1 stops the flat ones at
+    epoch 2 and keeps the best; the table says so."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="none", storage=storage, direction="maximize")
+    for curve in ([0.2, 0.4, 0.6, 0.7], [0.2, 0.5, 0.6, 0.8], [0.3, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.1]):
+        trial = study.ask()
+        for epoch, value in enumerate(curve, 1):
+            trial.report(value, epoch)
+        study.tell(trial, curve[-1])
+    out = tmp_path / "replay.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pruning_replay.py"), "--storage", storage,
+                           "--study", "none", "--json", str(out)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(out.read_text())
+    assert table["epochs"] == 16 and table["best"] == 0.8
+    row = next(r for r in table["rows"] if r["pruner"] == "median startup 2 warmup 1")
+    assert row["pruned_at"] == [2, 2] and row["epochs"] == 12 and row["best_lost"] == 0
+    assert "median startup 2 warmup 1" in proc.stdout and "25% saved)" in proc.stdout
+    missing = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pruning_replay.py"), "--storage", storage,
+                              "--study", "nope"], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert missing.returncode == 2 and "no study 'nope'" in missing.stderr
