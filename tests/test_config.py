@@ -330,8 +330,12 @@ def test_experiment_files_load(path):
     assert isinstance(cfg, Config)
     if path.stem in CHOICES["model"]:
         assert cfg.model == path.stem
-    # every key in the file took effect
-    for key, value in yaml.safe_load(path.read_text()).items():
+    # every key in the file took effect, and those of its base where it names one
+    values = yaml.safe_load(path.read_text())
+    base = values.pop("base", None)
+    if base is not None:
+        values = {**yaml.safe_load((path.parent / base).read_text()), **values}
+    for key, value in values.items():
         assert getattr(cfg, key) == value, key
 
 
