@@ -119,10 +119,11 @@ class Conventional:
 
 
 def compiled_train(cfg, data, args, mode: str, notes: dict):
-    """fer-exp's training path with ``torch.compile(model, mode=mode)``; the untimed warm-up call
-    compiles (its seconds go to ``notes``). A compile that fails is reported, not fatal."""
-    trainer = fer_exp_trainer(cfg, data)
-    trainer.model = torch.compile(trainer.model, mode=mode)
+    """fer-exp's training path with the compiled step (config ``compile: mode``); the untimed warm-up
+    call compiles (its seconds go to ``notes``). A compile that fails is reported, not fatal."""
+    import dataclasses
+
+    trainer = fer_exp_trainer(dataclasses.replace(cfg, compile=mode), data)
     key = f"torch.compile {mode}"
     state = {"failed": False}
 
