@@ -51,7 +51,7 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def run(config: str | None, data_source: str | None, sets: list[str]) -> dict:
+def run(config: str | None, data_source: str | None, sets: list[str], tta: bool = True) -> dict:
     overrides = parse_sets(sets)
     if data_source:
         overrides["data"] = data_source
@@ -91,7 +91,7 @@ def run(config: str | None, data_source: str | None, sets: list[str]) -> dict:
         "test_macro_f1": result.test_metrics["test_macro_f1"],
         "test_acc_per_class": {c: round(result.test_metrics[f"test_acc_{c}"], 4) for c in CLASS_NAMES},
         "stopped_early": result.stopped_early,
-        "tta": tta_metrics(trainer, data),
+        "tta": tta_metrics(trainer, data) if tta else {},
     }
 
 
@@ -122,9 +122,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="FER2013 source; overrides the config's data")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config field")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
+    parser.add_argument("--no-tta", action="store_true", help="skip the val/test evaluation with flip and ten-crop TTA")
     args = parser.parse_args(argv)
     try:
-        result = run(args.config or None, args.data, args.set)
+        result = run(args.config or None, args.data, args.set, tta=not args.no_tta)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

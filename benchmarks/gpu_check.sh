@@ -122,7 +122,8 @@ step() {  # name, seconds allowed, command... (stdout is the caller's: it may be
 }
 full() {  # json name, seconds allowed, full_training.py arguments...
     local name="$1" limit="$2"; shift 2
-    step "$name" "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$name.json" "$@" "${EXTRA_SETS[@]}" >/dev/null
+    step "$name" "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$name.json" --no-tta "$@" \
+        "${EXTRA_SETS[@]}" >/dev/null  # speed steps: no TTA evaluation (the accuracy step has it)
 }
 cnn_args=(--config experiments/cnn.yaml --set epochs="$EPOCHS" --set early_stopping=0)
 parallel_full() {  # step name, seconds allowed, then "json_name|full_training.py arguments" for each run

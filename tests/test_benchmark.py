@@ -90,6 +90,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     assert json.loads((out / "compile.json").read_text())["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
     assert json.loads((out / "cnn_fp32.json").read_text())["amp"] == "fp32"
     assert json.loads((out / "cnn_graph.json").read_text())["config"]["compile"] == "off"
+    assert json.loads((out / "cnn_fp32.json").read_text())["tta"] == {}  # speed steps skip the TTA evaluation
     assert json.loads((out / "resnet18_224.json").read_text())["config"]["input_size"] == 224
     assert json.loads((out / "throughput.json").read_text())["images_per_second"]["cnn"]["conventional"]["train"] > 0
     for line in ("ratio cnn train fer-exp/conventional", "cnn_bf16: cpu amp", "resnet18_224: cpu", "tune resnet18: 5.0 s",
