@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fer_exp.augment import to_float
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.config import FIELDS, TTA_CHOICES, Config
-from fer_exp.device import resolve_amp, resolve_device
+from fer_exp.device import autocast, resolve_amp, resolve_device
 from fer_exp.models import build_model
 
 TENCROP_FRACTION = 0.875  # ten-crop: 4 corners and the centre at 42 of 48 px, resized back, and their mirrors
@@ -71,7 +71,7 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, *, batch
     for start in range(0, n, batch_size):
         x = to_float(images[start:start + batch_size].to(device))
         views = tta_views(x, tta)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             logits = [model(v.contiguous(memory_format=memory_format)).float() for v in views]
         if len(logits) == 1:  # exactly the softmax and cross-entropy of the logits
             probabilities = logits[0].softmax(1)

@@ -25,7 +25,7 @@ from fer_exp.augment import BatchAugment, to_float
 from fer_exp.classes import NUM_CLASSES
 from fer_exp.config import Config
 from fer_exp.data import FerData
-from fer_exp.device import cpu_has_native_bf16, measured_amp, resolve_amp, resolve_device  # noqa: F401 (re-exported)
+from fer_exp.device import autocast, cpu_has_native_bf16, measured_amp, resolve_amp, resolve_device  # noqa: F401 (re-exported)
 from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
@@ -225,7 +225,7 @@ class Trainer:
         y = labels[: self.cfg.batch_size]
 
         def step(dtype):
-            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with autocast(self.device, dtype):
                 loss = F.cross_entropy(probe(x).float(), y)
             loss.backward()
             probe.zero_grad(set_to_none=True)
@@ -239,7 +239,7 @@ class Trainer:
 
     # -- one pass -------------------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
     @property
     def eval_model(self) -> torch.nn.Module:
