@@ -73,7 +73,7 @@ class Config:
     aug_shift: float = _f(0.0, "Maximum random shift as a fraction of the side (0.1: up to 4.8 px each way at 48 px).")
     aug_scale: float = _f(0.0, "Random zoom: factor uniform in [1-s, 1+s] (0: none).")
     mixup_alpha: float = _f(0.0, "Mixup: mix each batch with a shuffled copy, weight ~ Beta(a, a) (0: off).")
-    ema_decay: float = _f(0.0, "Exponential moving average of the weights (e.g. 0.999), used for val, test and the model (0: off).")
+    ema_decay: float = _f(0.0, "Exponential moving average of the weights (e.g. 0.999; warmed up as min(d, (1+t)/(10+t)) over update t), used for val, test and the model (0: off).")
     # execution
     seed: int = _f(42, "Seed for data hold-out, initialisation, shuffling and augmentation.")
     device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")

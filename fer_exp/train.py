@@ -166,6 +166,30 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The EMA decay of the update after ``updates`` earlier ones: ``min(decay, (1 + t) / (10 + t))``.
+    The warm-up (as timm's ModelEmaV3) keeps the first weights, those of an untrained model, from
+    dominating a short run: with 0.999 they would still weigh 0.999**600 = 55% after 600 steps."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+def ema_with_warmup(decay: float):
+    """AveragedModel's ``multi_avg_fn``: ema = d * ema + (1 - d) * w with d = :func:`ema_decay_at`."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        # n_averaged counts the updates including the first (a copy); AveragedModel reads it on the host anyway
+        weight = 1 - ema_decay_at(decay, int(n_averaged) - 1)
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, model_params, weight)
+        else:  # integer buffers (BatchNorm's num_batches_tracked)
+            for ema, current in zip(ema_params, model_params, strict=True):
+                ema.copy_(ema * (1 - weight) + current * weight)
+
+    return update
+
+
 class Trainer:
     """Trains ``cfg.model`` on ``data``; ``fit()`` runs the epochs and the final test evaluation."""
 
@@ -200,9 +224,9 @@ class Trainer:
         # logged model use when ema_decay > 0
         self.ema = None
         if cfg.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
         self.scheduler, self.schedule_unit = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.epoch = 0

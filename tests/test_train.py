@@ -762,8 +762,20 @@ def test_mixup_loss_is_the_weighted_loss_of_both_label_sets(data, tmp_path):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_ema_decay_warms_up_so_a_short_run_forgets_its_untrained_start():
+    from fer_exp.train import ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+    # the weight left on the first (untrained) weights after 600 updates: without warm-up 0.999**600
+    left = 1.0
+    for t in range(600):
+        left *= ema_decay_at(0.999, t)
+    assert left < 0.02 < 0.5 < 0.999 ** 600
+
+
 def test_ema_weights_are_the_moving_average_and_are_what_is_evaluated_and_saved(data, tmp_path):
-    trainer = Trainer(config(ema_decay=0.5, epochs=1), data, tmp_path, progress=False)
+    trainer = Trainer(config(ema_decay=0.5, epochs=4, early_stopping=0), data, tmp_path, progress=False)
     snapshots = []
     original = trainer.optimize
 
@@ -775,9 +787,12 @@ def test_ema_weights_are_the_moving_average_and_are_what_is_evaluated_and_saved(
     trainer.optimize = recording
     result = trainer.fit()
     name = next(k for k in snapshots[0] if k.endswith("weight") and snapshots[0][k].ndim == 2)
-    expected = snapshots[0][name]
-    for snap in snapshots[1:]:  # the first update copies; then ema = 0.5 ema + 0.5 w
-        expected = 0.5 * expected + 0.5 * snap[name]
+    averages = [snapshots[0][name]]
+    for t, snap in enumerate(snapshots[1:]):  # the first update copies; then ema = d ema + (1 - d) w
+        d = min(0.5, (1 + t) / (10 + t))  # warm-up: 0.1, 0.18, 0.25, ... then 0.5 from the 9th update
+        averages.append(d * averages[-1] + (1 - d) * snap[name])
+    assert len(snapshots) == 4 * trainer.steps_per_epoch > 10  # the warm-up and the plain decay both ran
+    expected = averages[result.best_epoch * trainer.steps_per_epoch - 1]  # the best epoch's EMA is kept
     assert torch.allclose(trainer.eval_model.state_dict()[name], expected, atol=1e-6)
     assert not torch.allclose(trainer.model.state_dict()[name], expected)
     # val/test are evaluated with the EMA, and a checkpoint loads for prediction as the EMA
