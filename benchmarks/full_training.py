@@ -82,6 +82,9 @@ def run(config: str | None, data_source: str | None, sets: list[str], tta: bool 
         "epochs_run": len(result.history),
         "epoch_seconds": [round(s, 3) for s in epoch_seconds],
         "median_epoch_seconds": round(statistics.median(epoch_seconds), 3),
+        # the work around the steps (val pass, checkpoints, syncs): per epoch, and as a share of the loop
+        "median_epoch_overhead_seconds": round(statistics.median(h.get("epoch_overhead_seconds", 0.0) for h in result.history), 4),
+        "overhead_fraction": round(result.overhead_fraction, 4),
         "median_train_images_per_second": round(statistics.median(h["train_images_per_second"] for h in result.history), 1),
         "best_epoch": result.best_epoch,
         "best_val": {cfg.select_metric: result.best_value},

@@ -240,7 +240,8 @@ for name in ("cnn_graph", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"
     if r:
         print(f"{name}: {r['device_name']} amp {r['amp']}, {r['epochs_run']} epochs, fit {r['fit_seconds']} s "
               f"(total {r['total_seconds']} s), median epoch {r['median_epoch_seconds']} s, "
-              f"{r['median_train_images_per_second']} train img/s, best val acc {max(r['val_accuracy']):.4f}, "
+              f"{r['median_train_images_per_second']} train img/s, around the steps {r['median_epoch_overhead_seconds']} s an epoch "
+              f"({100 * r['overhead_fraction']:.1f}% of the loop), best val acc {max(r['val_accuracy']):.4f}, "
               f"final val acc {r['val_accuracy'][-1]:.4f}, test acc {r['test_accuracy']:.4f}, test macro-F1 {r['test_macro_f1']:.4f}")
     else:
         print(f"{name}: no result")

@@ -23,7 +23,7 @@ from fer_exp.train import Callback, FitResult, Trainer
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECTED_METRIC = "best_val"  # the val value of the selected epoch, whichever metric selected it (tag select_metric)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
-                 "epoch_seconds", "train_images_per_second")
+                 "epoch_seconds", "epoch_overhead_seconds", "train_images_per_second")
 TEST_METRICS = ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_macro_precision", "test_macro_recall",
                 "test_weighted_precision", "test_weighted_recall", "test_loss",
                 *(f"test_acc_{c}" for c in CLASS_NAMES), *(f"test_f1_{c}" for c in CLASS_NAMES))
@@ -142,7 +142,8 @@ class MLflowCallback(Callback):
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         mlflow.log_metrics({"best_epoch": result.best_epoch, SELECTED_METRIC: result.best_value,
-                            "epochs_run": trainer.epoch, "fit_seconds": result.seconds})
+                            "epochs_run": trainer.epoch, "fit_seconds": result.seconds,
+                            "overhead_fraction": result.overhead_fraction})
         if result.test_metrics:
             self.log_test_evaluation(trainer, result)
         if self.log_checkpoints:

@@ -94,6 +94,15 @@ class FitResult:
     stopped_early: bool
     seconds: float
     extras: dict = field(default_factory=dict)
+    # the epoch loop of this fit: its wall time, and the part of it spent in training steps; the rest is
+    # the work around them (val pass, checkpoints, host syncs, the callbacks' logging)
+    loop_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+    @property
+    def overhead_fraction(self) -> float:
+        """The share of the epoch loop's wall time not spent in training steps."""
+        return 1 - self.step_seconds / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
 
 def write_atomically(path: Path, write) -> None:
@@ -398,11 +407,14 @@ class Trainer:
         last_path = self.checkpoint_dir / "last.pt" if self.epoch else None
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        loop_start, step_seconds = time.perf_counter(), 0.0
         for epoch in range(self.epoch, cfg.epochs):
             if cfg.early_stopping and self.stale >= cfg.early_stopping:
                 break  # resumed after the epoch that stopped it early
             self.epoch = epoch + 1
+            epoch_start = time.perf_counter()
             metrics = self.train_epoch()
+            step_seconds += metrics["epoch_seconds"]
             val_metrics, _ = self.evaluate("val")
             metrics |= {k: val_metrics[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")}
             for name in ("train_loss", "val_loss"):
@@ -423,6 +435,9 @@ class Trainer:
             if improved:  # the same state: copy rather than serialise twice
                 best_path = self.checkpoint_dir / "best.pt"
                 write_atomically(best_path, lambda partial: shutil.copyfile(last_path, partial))
+            # val pass, checks and checkpoints (the callbacks' share shows in FitResult.overhead_fraction)
+            metrics["epoch_overhead_seconds"] = time.perf_counter() - epoch_start - metrics["epoch_seconds"]
+            self.history[-1]["epoch_overhead_seconds"] = metrics["epoch_overhead_seconds"]  # (not in last.pt's copy)
             if self.progress:
                 tqdm.write(f"epoch {self.epoch:3d}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
                            f"train_acc {metrics['train_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
@@ -434,6 +449,7 @@ class Trainer:
                 self.should_stop = True
             if self.should_stop:
                 break
+        loop_seconds = time.perf_counter() - loop_start
         test_metrics, test_probabilities = {}, None
         if evaluate_test:  # the best epoch, evaluated once on test
             best = torch.load(best_path, map_location=self.device, weights_only=True)
@@ -442,7 +458,8 @@ class Trainer:
                 self.ema.load_state_dict(best["ema"])
             test_metrics, test_probabilities = self.evaluate("test")
         result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, best_path,
-                           last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start)
+                           last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start,
+                           loop_seconds=loop_seconds, step_seconds=step_seconds)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result

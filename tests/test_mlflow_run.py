@@ -65,6 +65,8 @@ def test_run_finished_with_metrics_in_range(finished_run):
     assert run.data.metrics["train_loss"] > 0 and run.data.metrics["val_loss"] > 0
     assert run.data.metrics["best_val"] == run.data.metrics["val_accuracy"]  # one epoch: it is the selected one
     assert 0 < run.data.metrics["lr"] <= 1e-3
+    # the work around the steps (val pass, checkpoints, logging) is measured and logged
+    assert 0 < run.data.metrics["overhead_fraction"] < 1 and run.data.metrics["epoch_overhead_seconds"] > 0
 
 
 def test_params_and_tags(finished_run):

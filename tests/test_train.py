@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ DATA = "synthetic:96,32,32"
 SMALL = "synthetic:32,16,16"
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr")
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config"}
-TIMING_KEYS = ("epoch_seconds", "train_images_per_second")
+TIMING_KEYS = ("epoch_seconds", "epoch_overhead_seconds", "train_images_per_second")
 
 
 def config(**overrides):
@@ -338,8 +339,23 @@ def test_fit_result_and_history(fitted):
         for key in ("train_loss", "val_loss"):
             assert math.isfinite(h[key]) and h[key] > 0, key
         assert h["lr"] > 0 and h["epoch_seconds"] > 0 and h["train_images_per_second"] > 0
+        assert h["epoch_overhead_seconds"] > 0  # the val pass and the checkpoints take time
     assert not result.stopped_early
-    assert result.seconds > 0
+    assert result.seconds >= result.loop_seconds > result.step_seconds == pytest.approx(
+        sum(h["epoch_seconds"] for h in result.history))
+    assert 0 < result.overhead_fraction < 1
+
+
+def test_slow_work_around_the_steps_shows_in_the_overhead(small, tmp_path):
+    class SlowLogging(Callback):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            time.sleep(0.5)
+
+    cfg = config(data=SMALL, batch_size=16, epochs=2)
+    quick = Trainer(cfg, small, tmp_path / "quick", progress=False).fit()
+    slow = Trainer(cfg, small, tmp_path / "slow", callbacks=[SlowLogging()], progress=False).fit()
+    assert slow.loop_seconds - slow.step_seconds >= 1.0  # two epochs of 0.5 s logging
+    assert slow.overhead_fraction > quick.overhead_fraction
 
 
 def test_fit_lr_follows_the_schedule(fitted):
