@@ -72,6 +72,7 @@ def run(config: str | None, data_source: str | None, sets: list[str], tta: bool 
         "torch": torch.__version__,
         "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32",
         "amp_choice": trainer.amp_report,
+        "compile_choice": trainer.compile_report,
         "config": cfg.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
         "load_seconds": round(loaded - begin, 2),
@@ -118,6 +119,21 @@ def tta_metrics(trainer: Trainer, data) -> dict:
     return out
 
 
+def study_arms(path: str, base: str | None = None) -> list[str]:
+    """A study file's arms as ``NAME|--config FILE --set K=V ...`` lines (for gpu_check.sh, where MLflow
+    and ``fer-exp study`` are not installed); with ``base``, only the arms built on that experiment file."""
+    import yaml
+
+    study = Path(path)
+    lines = []
+    for name, arm in yaml.safe_load(study.read_text())["arms"].items():
+        if base and arm["config"] != base:
+            continue
+        sets = " ".join(f"--set {key}={value}" for key, value in (arm.get("set") or {}).items())
+        lines.append(f"{name}|--config {study.parent / arm['config']} {sets}".rstrip())
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_config = Path(__file__).resolve().parents[1] / "experiments" / "cnn.yaml"
@@ -126,7 +142,14 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config field")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
     parser.add_argument("--no-tta", action="store_true", help="skip the val/test evaluation with flip and ten-crop TTA")
+    parser.add_argument("--study-arms", default=None, metavar="STUDY_FILE",
+                        help="print the study file's arms (NAME|options, a line each) and exit")
+    parser.add_argument("--arms-on", default=None, metavar="FILE",
+                        help="with --study-arms: only the arms built on this experiment file (e.g. cnn.yaml)")
     args = parser.parse_args(argv)
+    if args.study_arms:
+        print("\n".join(study_arms(args.study_arms, args.arms_on)))
+        return 0
     try:
         result = run(args.config or None, args.data, args.set, tta=not args.no_tta)
     except (ConfigError, DataError) as exc:

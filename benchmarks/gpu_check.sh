@@ -7,18 +7,20 @@
 #
 # STEPs, in the default order (all speed steps when none is named; most important first):
 #   throughput  benchmarks/throughput.py: conventional vs fer-exp vs compute bound, ablations, ResNet18@112
-#   cnn-graph   a full CNN training with the compiled step (compile=reduce-overhead: CUDA graphs) and amp auto
-#               (chosen by measurement, cached): the GPU-speed goal is 60 epochs in <= 45 s
-#   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto
-#   cnn-fp32    the same CNN training with amp off: the bf16-vs-fp32 accuracy check
+#   cnn-graph   a full CNN training as a user gets it: compile auto ($FER_GPU_GRAPH_MODE; CUDA graphs where the
+#               measured saving exceeds the compile time) and amp auto (both measured, cached; the JSON's
+#               compile_choice and amp_choice say what was measured): the goal is 60 epochs in <= 45 s
+#   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto, eager
+#   cnn-fp32    the same CNN training with amp off, eager: the bf16-vs-fp32 accuracy check
 #   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
 #   compile     throughput.py again with torch.compile (modes $FER_GPU_COMPILE) beside the eager path
 #   tune        benchmarks/tune_packing.py: trials per hour of a study per model ($FER_GPU_TUNE_MODELS), 1 worker
 #               against $FER_GPU_TUNE_WORKERS packed on the GPU, $FER_GPU_TUNE_SECONDS each; needs Optuna (`wheels`)
 # and, only when named (about 8 minutes on an H200; the accuracy issue's measurement):
 #   accuracy    the honest-protocol ablations (val = seeded hold-out of train, test = the test folder), all
-#               in parallel: the CNN recipe and each lever alone ($FER_GPU_ABLATIONS, $FER_GPU_EPOCHS epochs,
-#               amp $FER_GPU_ACCURACY_AMP), then experiments/best_cnn.yaml for the seeds $FER_GPU_BEST_SEEDS;
+#               in parallel: the CNN recipe and each lever alone (experiments/ablation_cnn.yaml's arms on cnn.yaml,
+#               or $FER_GPU_ABLATIONS; $FER_GPU_EPOCHS epochs, amp $FER_GPU_ACCURACY_AMP, compile
+#               $FER_GPU_ACCURACY_COMPILE), then experiments/best_cnn.yaml for the seeds $FER_GPU_BEST_SEEDS;
 #               every run reports val and test with no, flip and ten-crop TTA (select on val, report test)
 # Results: one JSON per step in $OUT/results/, packed after every step into $OUT/results.tar.gz (the
 # device tool returns at most 8 files: the tarball always holds them all), log.txt and summary.txt in $OUT.
@@ -29,7 +31,7 @@
 # FER_GPU_WORKERS (8), FER_GPU_COMPILE ("default reduce-overhead"), FER_GPU_TAR (.gpu/fer2013.tar.gz),
 # FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config overrides for every training),
 # FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_DEADLINE, FER_GPU_<STEP>_LIMIT,
-# FER_GPU_TUNE_MODELS ("cnn resnet18"), FER_GPU_TUNE_WORKERS ("1 8"), FER_GPU_TUNE_SECONDS (60),
+# FER_GPU_TUNE_MODELS ("cnn cnn-graph resnet18"; cnn-graph: the CNN study with compile=reduce-overhead), FER_GPU_TUNE_WORKERS ("1 8"), FER_GPU_TUNE_SECONDS (60),
 # FER_GPU_TUNE_SET_CNN ("epochs=6 input_size=48"), FER_GPU_TUNE_SET_RESNET18 ("epochs=2 input_size=112 pretrained=none").
 # The machine needs torch, torchvision, timm, numpy, pillow, pyyaml, click, tqdm, safetensors and
 # scikit-learn; not mlflow (the training path and studies run without tracking here). The tune step
@@ -42,8 +44,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SPEED_STEPS=(throughput cnn-graph cnn-bf16 cnn-fp32 resnet compile tune)
 ALL_STEPS=("${SPEED_STEPS[@]}" accuracy)
-# name:overrides (comma-separated) of each ablation arm, against experiments/cnn.yaml
-ABLATIONS="${FER_GPU_ABLATIONS-recipe: shift-zoom:aug_shift=0.1,aug_scale=0.1 smoothing:label_smoothing=0.1 ema:ema_decay=0.999 mixup:mixup_alpha=0.2 unweighted:class_weights=none}"
+# the ablation arms: experiments/ablation_cnn.yaml's arms on cnn.yaml (the recipe and each lever alone), or
+# FER_GPU_ABLATIONS: "name:overrides ..." (overrides comma-separated) against experiments/cnn.yaml
 
 if [[ "${1:-}" == "wheels" ]]; then  # the device's python is 3.12 on x86-64 and lacks Optuna, SQLAlchemy, Alembic
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -151,9 +153,9 @@ for s in "${steps[@]}"; do
             step throughput "${FER_GPU_THROUGHPUT_LIMIT:-150}" "$PY" benchmarks/throughput.py --data "$DATA" \
                 --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 "${THROUGHPUT_EXTRA[@]}" \
                 --json > "$RESULTS/throughput.json" ;;
-        cnn-graph) full cnn_graph "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile="${FER_GPU_GRAPH_MODE:-reduce-overhead}" ;;
-        cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto ;;
-        cnn-fp32) full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=off ;;
+        cnn-graph) full cnn_graph "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile="${FER_GPU_GRAPH_MODE:-auto}" ;;
+        cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile=off ;;
+        cnn-fp32) full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=off --set compile=off ;;
         resnet)
             for size in 112 224; do
                 full "resnet18_$size" "${FER_GPU_RESNET_LIMIT:-120}" --config experiments/resnet18.yaml --set pretrained=none \
@@ -165,27 +167,38 @@ for s in "${steps[@]}"; do
                 export PYTHONPATH="$PYTHONPATH:/tmp/site"
             fi
             read -ra TUNE_WORKERS <<< "${FER_GPU_TUNE_WORKERS:-1 8}"
-            for model in ${FER_GPU_TUNE_MODELS:-cnn resnet18}; do
-                if [[ "$model" == resnet18 ]]; then sets="${FER_GPU_TUNE_SET_RESNET18-epochs=2 input_size=112 pretrained=none}"
-                else sets="${FER_GPU_TUNE_SET_CNN-epochs=6 input_size=48}"; fi
+            for model in ${FER_GPU_TUNE_MODELS:-cnn cnn-graph resnet18}; do
+                case "$model" in  # cnn-graph: the CNN study with every trial's step a captured CUDA graph
+                    resnet18) sets="${FER_GPU_TUNE_SET_RESNET18-epochs=2 input_size=112 pretrained=none}" ;;
+                    cnn-graph) sets="${FER_GPU_TUNE_SET_CNN-epochs=6 input_size=48} compile=reduce-overhead" ;;
+                    *) sets="${FER_GPU_TUNE_SET_CNN-epochs=6 input_size=48} compile=off" ;;
+                esac
                 TUNE_SETS=()
                 for pair in $sets ${FER_GPU_SET:-}; do TUNE_SETS+=(--set "$pair"); done
                 step "tune-$model" "${FER_GPU_TUNE_LIMIT:-240}" "$PY" benchmarks/tune_packing.py --data "$DATA" \
-                    --config "experiments/tune_$model.yaml" --workers "${TUNE_WORKERS[@]}" \
+                    --config "experiments/tune_${model%-graph}.yaml" --workers "${TUNE_WORKERS[@]}" \
                     --seconds "${FER_GPU_TUNE_SECONDS:-60}" "${TUNE_SETS[@]}" --json "$RESULTS/tune_$model.json" >/dev/null
             done ;;
         accuracy)
             specs=()
-            for arm in $ABLATIONS; do
-                sets=(--set amp="${FER_GPU_ACCURACY_AMP:-off}")
-                IFS=, read -ra pairs <<< "${arm#*:}"
-                for pair in "${pairs[@]}"; do [[ -n "$pair" ]] && sets+=(--set "$pair"); done
-                specs+=("ablation_${arm%%:*}|${cnn_args[*]} ${sets[*]}")
-            done
-            parallel_full ablations "${FER_GPU_ABLATIONS_LIMIT:-270}" "${specs[@]}"
+            accuracy_sets="--set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off}"
+            if [[ -n "${FER_GPU_ABLATIONS+set}" ]]; then
+                for arm in $FER_GPU_ABLATIONS; do
+                    sets=()
+                    IFS=, read -ra pairs <<< "${arm#*:}"
+                    for pair in "${pairs[@]}"; do [[ -n "$pair" ]] && sets+=(--set "$pair"); done
+                    specs+=("ablation_${arm%%:*}|${cnn_args[*]} $accuracy_sets ${sets[*]}")
+                done
+            else
+                arms=$("$PY" benchmarks/full_training.py --study-arms experiments/ablation_cnn.yaml --arms-on cnn.yaml) || exit 1
+                while IFS='|' read -r name options; do  # the arm's own options last: they win over cnn_args
+                    specs+=("ablation_$name|${cnn_args[*]} $accuracy_sets $options")
+                done <<< "$arms"
+            fi
+            parallel_full ablations "${FER_GPU_ABLATIONS_LIMIT:-300}" "${specs[@]}"
             specs=()
             for seed in ${FER_GPU_BEST_SEEDS:-42 1 2}; do
-                specs+=("best_cnn_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set amp=${FER_GPU_ACCURACY_AMP:-off} ${FER_GPU_BEST_SETS:-}")
+                specs+=("best_cnn_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off} ${FER_GPU_BEST_SETS:-}")
             done
             parallel_full best "${FER_GPU_BEST_LIMIT:-240}" "${specs[@]}" ;;
         compile)
@@ -216,7 +229,7 @@ for name in ("throughput", "compile"):
         print(f"  ratio {k}: {v}")
     for k, v in t.get("compile", {}).items():
         print(f"  {k}: {v}")
-for model in ("cnn", "resnet18"):
+for model in ("cnn", "cnn-graph", "resnet18"):
     t = load(f"tune_{model}")
     if not t:
         continue

@@ -205,7 +205,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     data = load_data(args.data)
     base = dict(data=args.data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
-                epochs=1000, scheduler="none")
+                epochs=1000, scheduler="none", compile="off")  # eager; --compile MODE adds the compiled rows
     cfg = load_config(overrides=base | {"model": "cnn"})
     device = resolve_device(cfg.device)
     tmp = Path(tempfile.mkdtemp(prefix="fer-bench-"))

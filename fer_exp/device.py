@@ -3,6 +3,9 @@
 ``amp: auto`` on CUDA is chosen by measurement (:func:`measured_amp`): bf16 autocast adds cast kernels,
 and for a small model such as the CNN fp32 (TF32) measured faster on an H200. On a CPU the rule stands:
 bf16 where the CPU has native bf16 instructions (3.5x there), never where it is emulated (10x slower).
+``compile: auto`` on CUDA is chosen by measurement too (:func:`measured_compile`): CUDA graphs where the
+time they save over the run exceeds the compilation; on a CPU it is off (measured on the 2-core dev
+machine: the compiled CNN step no faster than eager, after 55 s of compilation).
 """
 
 from __future__ import annotations
@@ -61,39 +64,91 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class MeasurementCache:
+    """One JSON file of measurements in the cache folder (``amp.json``, ``compile.json``), keyed by what
+    they depend on (device, torch, model, input size, batch, ...). A read-only cache is not an error:
+    the next run measures again."""
+
+    def __init__(self, name: str):
+        from fer_exp.data.cache import cache_dir
+
+        self.path = cache_dir() / name
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, entry: dict) -> None:
+        self.entries[key] = entry
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps(self.entries, indent=1))
+            os.replace(partial, self.path)
+        except OSError:
+            pass
+
+
+def time_steps(device: torch.device, step: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    """Seconds per call of ``step`` after ``warmup`` untimed calls (the device synchronised around)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
 def measured_amp(device: torch.device, step: Callable[[torch.dtype | None], None], key: str,
                  repeats: int = 5) -> tuple[torch.dtype | None, str]:
     """(the faster of fp32 and bf16 autocast for ``step(dtype)``, what was measured). The choice is kept
     in the cache (``amp.json``) under ``key`` (device, torch, model, input size, batch), so every run of
     that setting on that machine makes the same one and pays for the measurement once. bf16 must be 5%
     faster to be chosen: fp32 is the more exact, and the reproducible, default."""
-    from fer_exp.data.cache import cache_dir
-
-    path = cache_dir() / "amp.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        entry = known[key]
+    cache = MeasurementCache("amp.json")
+    entry = cache.get(key)
+    if entry is not None:
         return (torch.bfloat16 if entry["choice"] == "bf16" else None), f"{entry['report']} (cached)"
-    seconds = {}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        step(dtype)  # warm-up: kernel selection, allocations
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step(dtype)
-        _sync(device)
-        seconds[name] = (time.perf_counter() - start) / repeats
+    seconds = {name: time_steps(device, lambda: step(dtype), repeats)
+               for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
     choice = "bf16" if seconds["bf16"] < 0.95 * seconds["fp32"] else "fp32"
     report = f"measured {choice}: fp32 {seconds['fp32'] * 1e3:.2f} ms, bf16 {seconds['bf16'] * 1e3:.2f} ms a step"
-    known[key] = {"choice": choice, "report": report}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(known, indent=1))
-        os.replace(partial, path)
-    except OSError:
-        pass  # a read-only cache: measure again next time
+    cache.put(key, {"choice": choice, "report": report})
     return (torch.bfloat16 if choice == "bf16" else None), report
+
+
+AUTO_COMPILE_MODE = "reduce-overhead"  # what compile: auto tries on CUDA: CUDA graphs, for launch-bound steps
+
+
+def measured_compile(device: torch.device, eager_step: Callable[[], None], compiled_step: Callable[[], None],
+                     key: str, total_steps: int, repeats: int = 10) -> tuple[bool, str]:
+    """(whether the compiled step pays off over ``total_steps`` steps, what was measured). Pays off: the
+    time it saves a step, times the run's steps, exceeds the compilation's seconds (measured on the first
+    compile, so on the safe side: later runs find inductor's caches warm). The measurement (eager and
+    compiled seconds a step, compile seconds) is kept in ``compile.json`` under ``key``; the choice is
+    made per run, as it depends on the run's length."""
+    cache = MeasurementCache("compile.json")
+    entry = cache.get(key)
+    cached = entry is not None
+    if not cached:
+        eager = time_steps(device, eager_step, repeats)
+        start = time.perf_counter()
+        compiled_step()  # compiles (and, for CUDA graphs, warms up and records on the next calls)
+        compiled_step()
+        _sync(device)
+        first_calls = time.perf_counter() - start
+        compiled = time_steps(device, compiled_step, repeats)
+        entry = {"eager_ms": round(eager * 1e3, 3), "compiled_ms": round(compiled * 1e3, 3),
+                 "compile_seconds": round(max(first_calls - 2 * compiled, 0.0), 2)}
+        cache.put(key, entry)
+    saved = total_steps * (entry["eager_ms"] - entry["compiled_ms"]) / 1e3
+    pays = saved > entry["compile_seconds"]
+    report = (f"{'measured' if not cached else 'cached'} {AUTO_COMPILE_MODE if pays else 'off'}: eager "
+              f"{entry['eager_ms']:.2f} ms, compiled {entry['compiled_ms']:.2f} ms a step, compile "
+              f"{entry['compile_seconds']:.1f} s; {total_steps} steps would save {saved:.1f} s")
+    return pays, report

@@ -130,6 +130,7 @@ class MLflowCallback(Callback):
             "torch_version": torch.__version__, "timm_version": importlib.metadata.version("timm"),
             "pretrained_load": getattr(trainer.model, "load_report", None) or "",
             "select_metric": cfg.select_metric, "amp_choice": trainer.amp_report,
+            "compile_choice": trainer.compile_report,
         })
         if "mlflow.note.content" not in mlflow.get_run(mlflow.active_run().info.run_id).data.tags:
             mlflow.set_tag("mlflow.note.content", run_description(cfg, data, trainable, total))

@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,15 @@ from fer_exp.augment import BatchAugment, to_float
 from fer_exp.classes import NUM_CLASSES
 from fer_exp.config import Config
 from fer_exp.data import FerData
-from fer_exp.device import autocast, cpu_has_native_bf16, measured_amp, resolve_amp, resolve_device  # noqa: F401 (re-exported)
+from fer_exp.device import (  # noqa: F401 (cpu_has_native_bf16, resolve_amp: re-exported)
+    AUTO_COMPILE_MODE,
+    autocast,
+    cpu_has_native_bf16,
+    measured_amp,
+    measured_compile,
+    resolve_amp,
+    resolve_device,
+)
 from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
@@ -110,6 +119,16 @@ def write_atomically(path: Path, write) -> None:
     partial = path.with_suffix(path.suffix + ".partial")
     write(partial)
     os.replace(partial, path)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system has them (no bytes written; :func:`write_atomically` replaces
+    ``source`` with a new file later, so the link keeps this version), else a copy."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def global_rng_state() -> dict:
@@ -214,20 +233,25 @@ class Trainer:
         self.model = build_model(cfg.model, num_classes=NUM_CLASSES, input_size=cfg.input_size,
                                  freeze_depth=cfg.freeze_depth, pretrained=cfg.pretrained, dropout=cfg.dropout)
         self.model.to(self.device, memory_format=self.memory_format)
-        # the training forward: compiled (torch.compile; reduce-overhead = CUDA graphs) or the model itself.
-        # Parameters are shared, so checkpoints and evaluation use the plain module.
-        self.forward = self.model if cfg.compile == "off" else torch.compile(self.model, mode=cfg.compile)
         # the whole dataset lives on the training device as uint8
         self.splits = {name: (split.images.to(self.device), split.labels.to(self.device))
                        for name, split in data.splits().items()}
+        self.steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
         if cfg.amp == "auto" and self.device.type == "cuda" and self.amp_dtype is not None:
             self.amp_dtype, self.amp_report = self.measure_amp()
+        # the training forward: compiled (torch.compile; reduce-overhead = CUDA graphs) or the model itself.
+        # Parameters are shared, so checkpoints and evaluation use the plain module.
+        if cfg.compile == "auto":
+            self.forward, self.compile_report = (self.measure_compile() if self.device.type == "cuda" else
+                                                 (self.model, "auto: off (not CUDA)"))
+        else:
+            self.forward = self.model if cfg.compile == "off" else torch.compile(self.model, mode=cfg.compile)
+            self.compile_report = cfg.compile
         weights = class_weight_tensor(data.train.labels, cfg.class_weights)
         self.class_weights = None if weights is None else weights.to(self.device)
         self.augment = BatchAugment.from_config(cfg)
         # a stream of its own, apart from the global one that initialises weights and drives dropout
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self.steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         # an exponential moving average of the weights (and BatchNorm statistics): what val, test and the
         # logged model use when ema_decay > 0
@@ -263,12 +287,46 @@ class Trainer:
             loss.backward()
             probe.zero_grad(set_to_none=True)
 
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
-        key = (f"{name}|torch {torch.__version__}|{self.cfg.model}|{self.cfg.input_size}px|batch {self.cfg.batch_size}"
+        key = (f"{self.device_name()}|torch {torch.__version__}|{self.cfg.model}|{self.cfg.input_size}px|batch {self.cfg.batch_size}"
                f"|{'channels_last' if self.cfg.channels_last else 'contiguous'}")
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             return measured_amp(self.device, step, key)
+
+    def measure_compile(self) -> tuple[Callable, str]:
+        """(the training forward, what was measured) for ``compile: auto``: the model compiled with CUDA
+        graphs where the seconds it saves over this run's steps exceed the compilation's, else the model.
+        Measured (forward and backward of one batch, eager and compiled) on the run's own model, so a
+        chosen compilation is not paid twice; its weights, BatchNorm statistics and random streams are
+        restored afterwards. A compilation that fails leaves the run eager and says why."""
+        compiled = torch.compile(self.model, mode=AUTO_COMPILE_MODE)
+        images, labels = self.splits["train"]
+        x = to_float(images[: self.cfg.batch_size]).contiguous(memory_format=self.memory_format)
+        y = labels[: self.cfg.batch_size]
+
+        def step(forward):
+            with self.autocast():
+                loss = F.cross_entropy(forward(x).float(), y)
+            loss.backward()
+            self.model.zero_grad(set_to_none=True)
+
+        key = (f"{self.device_name()}|torch {torch.__version__}|{self.cfg.model}|{self.cfg.input_size}px"
+               f"|batch {self.cfg.batch_size}|{'channels_last' if self.cfg.channels_last else 'contiguous'}"
+               f"|{'bf16' if self.amp_dtype else 'fp32'}")
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                pays, report = measured_compile(self.device, lambda: step(self.model), lambda: step(compiled), key,
+                                                total_steps=self.cfg.epochs * self.steps_per_epoch)
+        except Exception as error:  # noqa: BLE001 - an optional speed-up: never the end of a run
+            pays, report = False, f"auto: off (compiling failed: {type(error).__name__}: {str(error)[:200]})"
+        finally:
+            self.model.load_state_dict(saved)  # in place: a recorded CUDA graph keeps its buffers
+        return (compiled if pays else self.model), f"auto: {report}"
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
 
     # -- one pass -------------------------------------------------------------------------------
     def autocast(self):
@@ -432,9 +490,9 @@ class Trainer:
             if improved:
                 self.best_value, self.best_epoch = value, self.epoch
             last_path = self.save("last")
-            if improved:  # the same state: copy rather than serialise twice
+            if improved:  # the same state: link (or copy) rather than serialise twice
                 best_path = self.checkpoint_dir / "best.pt"
-                write_atomically(best_path, lambda partial: shutil.copyfile(last_path, partial))
+                write_atomically(best_path, lambda partial: link_or_copy(last_path, partial))
             # val pass, checks and checkpoints (the callbacks' share shows in FitResult.overhead_fraction)
             metrics["epoch_overhead_seconds"] = time.perf_counter() - epoch_start - metrics["epoch_seconds"]
             self.history[-1]["epoch_overhead_seconds"] = metrics["epoch_overhead_seconds"]  # (not in last.pt's copy)

@@ -50,6 +50,24 @@ def test_full_training_benchmark_reports_speed_and_accuracy(tmp_path):
     assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["test_macro_f1"] <= 1
     assert all(0 <= a <= 1 for a in result["val_accuracy"]) and result["amp"] in ("fp32", "bfloat16")
     assert "epoch 2/2" in proc.stderr  # one progress line per epoch
+    assert result["compile_choice"] == "auto: off (not CUDA)" and 0 < result["overhead_fraction"] < 1
+    assert result["median_epoch_overhead_seconds"] > 0
+
+
+def test_full_training_lists_a_study_file_s_arms_for_the_gpu_script(tmp_path):
+    (tmp_path / "study.yaml").write_text(
+        "seeds: [1]\narms:\n  plain: {config: cnn.yaml}\n  shift: {config: cnn.yaml, set: {aug_shift: 0.1, seed: 3}}\n"
+        "  together: {config: best_cnn.yaml}\n")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "full_training.py"), "--study-arms", str(tmp_path / "study.yaml")]
+    lines = subprocess.run(cmd + ["--arms-on", "cnn.yaml"], capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert lines == [f"plain|--config {tmp_path}/cnn.yaml",
+                     f"shift|--config {tmp_path}/cnn.yaml --set aug_shift=0.1 --set seed=3"]
+    assert len(subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.splitlines()) == 3
+    # the shipped ablation study: the recipe and each lever alone on cnn.yaml
+    shipped = subprocess.run([sys.executable, str(REPO / "benchmarks" / "full_training.py"), "--study-arms",
+                              "experiments/ablation_cnn.yaml", "--arms-on", "cnn.yaml"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120).stdout.splitlines()
+    assert shipped[0] == "recipe|--config experiments/cnn.yaml" and len(shipped) >= 6
 
 
 def test_full_training_benchmark_rejects_a_bad_override(tmp_path):
