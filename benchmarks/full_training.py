@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,9 +34,25 @@ from fer_exp.train import Callback, Trainer
 
 
 class EpochClock(Callback):
-    """Prints one line per epoch (stderr) so a long run shows progress."""
+    """Prints one line per epoch (stderr) so a long run shows progress; with ``partial_json``, also
+    writes what the run has measured so far there after every epoch ("partial": true), so a run cut off
+    by a time limit still returns its val curve and speed (the finished run overwrites it)."""
+
+    def __init__(self, partial_json: str | None = None):
+        self.partial_json = partial_json
 
     def on_epoch_end(self, trainer, epoch, metrics):
+        if self.partial_json:
+            history = trainer.history
+            partial = {"partial": True, "device": str(trainer.device), "config": trainer.cfg.to_dict(),
+                       "amp_choice": trainer.amp_report, "compile_choice": trainer.compile_report,
+                       "epochs_run": epoch, "epoch_seconds": [round(h["epoch_seconds"], 3) for h in history],
+                       "best_epoch": trainer.best_epoch, "best_val": {trainer.cfg.select_metric: trainer.best_value},
+                       "val_accuracy": [round(h["val_accuracy"], 4) for h in history],
+                       "val_macro_f1": [round(h["val_macro_f1"], 4) for h in history]}
+            path = Path(self.partial_json)  # written whole, then renamed: a kill never leaves half a file
+            path.with_suffix(".partial").write_text(json.dumps(partial, indent=2) + "\n")
+            os.replace(path.with_suffix(".partial"), path)
         print(f"[{trainer.cfg.model} amp={trainer.amp_dtype or 'fp32'}] epoch {epoch}/{trainer.cfg.epochs} "
               f"{metrics['epoch_seconds']:.2f}s  {metrics['train_images_per_second']:.0f} img/s  "
               f"val_acc {metrics['val_accuracy']:.4f}", file=sys.stderr, flush=True)
@@ -51,7 +68,8 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def run(config: str | None, data_source: str | None, sets: list[str], tta: bool = True) -> dict:
+def run(config: str | None, data_source: str | None, sets: list[str], tta: bool = True,
+        partial_json: str | None = None) -> dict:
     overrides = parse_sets(sets)
     if data_source:
         overrides["data"] = data_source
@@ -59,7 +77,7 @@ def run(config: str | None, data_source: str | None, sets: list[str], tta: bool 
     begin = time.perf_counter()
     data = load_data(cfg.data, on_bad=cfg.on_bad, seed=cfg.seed, val_fraction=cfg.val_fraction)
     loaded = time.perf_counter()
-    trainer = Trainer(cfg, data, checkpoint_dir=tempfile.mkdtemp(prefix="fer-full-"), callbacks=[EpochClock()],
+    trainer = Trainer(cfg, data, checkpoint_dir=tempfile.mkdtemp(prefix="fer-full-"), callbacks=[EpochClock(partial_json)],
                       progress=False)
     built = time.perf_counter()
     result = trainer.fit()
@@ -151,7 +169,7 @@ def main(argv=None) -> int:
         print("\n".join(study_arms(args.study_arms, args.arms_on)))
         return 0
     try:
-        result = run(args.config or None, args.data, args.set, tta=not args.no_tta)
+        result = run(args.config or None, args.data, args.set, tta=not args.no_tta, partial_json=args.json)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -244,13 +244,20 @@ if runs:
           "test acc / macro-F1 with none, flip, tencrop | disgust, fear test acc")
 for name in runs:
     r = load(name)
+    if r.get("partial"):  # cut off by its time limit: what it measured until then
+        print(f"  {name:26s} {r['epochs_run']:4d} {max(r['val_accuracy']):.4f}  (cut off: no test; "
+              f"median epoch {sorted(r['epoch_seconds'])[len(r['epoch_seconds']) // 2]} s)")
+        continue
     tta = r["tta"]
     print(f"  {name:26s} {r['epochs_run']:4d} {r['best_val'].get('val_accuracy', float('nan')):.4f}  " +
           "  ".join(f"{k} {v['test_accuracy']:.4f}/{v['test_macro_f1']:.4f} (val {v['val_accuracy']:.4f})" for k, v in tta.items())
           + f"  disgust {r['test_acc_per_class']['disgust']:.3f} fear {r['test_acc_per_class']['fear']:.3f}  fit {r['fit_seconds']} s")
 for name in ("cnn_graph", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):
     r = load(name)
-    if r:
+    if r and r.get("partial"):
+        print(f"{name}: cut off after {r['epochs_run']} epochs ({r['compile_choice']}), epoch seconds "
+              f"{r['epoch_seconds'][:3]} ... {r['epoch_seconds'][-3:]}, best val acc {max(r['val_accuracy']):.4f}")
+    elif r:
         print(f"{name}: {r['device_name']} amp {r['amp']}, {r['epochs_run']} epochs, fit {r['fit_seconds']} s "
               f"(total {r['total_seconds']} s), median epoch {r['median_epoch_seconds']} s, "
               f"{r['median_train_images_per_second']} train img/s, around the steps {r['median_epoch_overhead_seconds']} s an epoch "

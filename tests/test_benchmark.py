@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,24 @@ def test_full_training_benchmark_reports_speed_and_accuracy(tmp_path):
     assert "epoch 2/2" in proc.stderr  # one progress line per epoch
     assert result["compile_choice"] == "auto: off (not CUDA)" and 0 < result["overhead_fraction"] < 1
     assert result["median_epoch_overhead_seconds"] > 0
+
+
+def test_a_full_training_cut_off_by_its_time_limit_still_returns_what_it_measured(tmp_path):
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "full_training.py"), "--data", "synthetic:64,16,16",
+           "--set", "epochs=500", "--set", "batch_size=16", "--set", "early_stopping=0", "--json", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out.exists() and json.loads(out.read_text() or "{}").get("epochs_run", 0) >= 2):
+            time.sleep(0.2)
+    finally:
+        proc.kill()  # as gpu_check's timeout does
+        proc.wait()
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and partial["epochs_run"] >= 2 and partial["config"]["epochs"] == 500
+    assert len(partial["val_accuracy"]) == len(partial["epoch_seconds"]) == partial["epochs_run"]
 
 
 def test_full_training_lists_a_study_file_s_arms_for_the_gpu_script(tmp_path):
