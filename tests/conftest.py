@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on 2 cores: one thread per worker (and per process it starts) instead of two threads
+    # each, which would oversubscribe the cores and slow both workers down
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 
 
 
