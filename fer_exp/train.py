@@ -194,7 +194,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-
 def ema_decay_at(decay: float, updates: int) -> float:
     """The EMA decay of the update after ``updates`` earlier ones: ``min(decay, (1 + t) / (10 + t))``.
     The warm-up (as timm's ModelEmaV3) keeps the first weights, those of an untrained model, from
@@ -287,11 +286,9 @@ class Trainer:
             loss.backward()
             probe.zero_grad(set_to_none=True)
 
-        key = (f"{self.device_name()}|torch {torch.__version__}|{self.cfg.model}|{self.cfg.input_size}px|batch {self.cfg.batch_size}"
-               f"|{'channels_last' if self.cfg.channels_last else 'contiguous'}")
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            return measured_amp(self.device, step, key)
+            return measured_amp(self.device, step, self.measurement_key())
 
     def measure_compile(self) -> tuple[Callable, str]:
         """(the training forward, what was measured) for ``compile: auto``: the model compiled with CUDA
@@ -310,9 +307,7 @@ class Trainer:
             loss.backward()
             self.model.zero_grad(set_to_none=True)
 
-        key = (f"{self.device_name()}|torch {torch.__version__}|{self.cfg.model}|{self.cfg.input_size}px"
-               f"|batch {self.cfg.batch_size}|{'channels_last' if self.cfg.channels_last else 'contiguous'}"
-               f"|{'bf16' if self.amp_dtype else 'fp32'}")
+        key = f"{self.measurement_key()}|{'bf16' if self.amp_dtype else 'fp32'}"
         saved = {k: v.clone() for k, v in self.model.state_dict().items()}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
@@ -325,8 +320,11 @@ class Trainer:
             self.model.load_state_dict(saved)  # in place: a recorded CUDA graph keeps its buffers
         return (compiled if pays else self.model), f"auto: {report}"
 
-    def device_name(self) -> str:
-        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+    def measurement_key(self) -> str:
+        """What a speed measurement of this run's training step depends on (its cache key)."""
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+        return (f"{device}|torch {torch.__version__}|{self.cfg.model}|{self.cfg.input_size}px|batch {self.cfg.batch_size}"
+                f"|{'channels_last' if self.cfg.channels_last else 'contiguous'}")
 
     # -- one pass -------------------------------------------------------------------------------
     def autocast(self):
