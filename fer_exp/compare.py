@@ -47,6 +47,12 @@ class RunInfo:
     def seed(self) -> str | None:
         return self.params.get("config.seed")
 
+    @property
+    def label(self) -> str:
+        """The run as tables name it: its name, led by its group where the name does not say it (a
+        study's arms share run names such as 'cnn 48px lr=0.001 wd=0.0001 seed42')."""
+        return self.name if self.name == self.group or self.name.startswith(f"{self.group} ") else f"{self.group}: {self.name}"
+
 
 # ================================================================== selecting runs
 
@@ -169,7 +175,7 @@ def paired_test(a: RunInfo, b: RunInfo) -> dict:
     right_a = (merged["prediction_a"] == merged["label_a"]).to_numpy()
     right_b = (merged["prediction_b"] == merged["label_b"]).to_numpy()
     labels = merged["label_a"].to_numpy()
-    result = {"a": a.name, "a_run_id": a.run_id, "b": b.name, "b_run_id": b.run_id, **mcnemar(right_a, right_b),
+    result = {"a": a.label, "a_run_id": a.run_id, "b": b.label, "b_run_id": b.run_id, **mcnemar(right_a, right_b),
               "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean())}
     for index, name in enumerate(CLASS_NAMES):
         mask = labels == index

@@ -197,6 +197,9 @@ def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
     assert first.exit_code == 0, first.output + repr(first.exception)
     assert "2 run(s) in experiment mini, 0 already made, 2 to make" in first.output
     assert "| Arm | Runs | Accuracy |" in first.output and "| unweighted | 1 |" in first.output
+    # the paired test names each run by its arm: the two runs' names alone would read the same
+    tests = pd.read_csv(tmp_path / "r1" / "paired_tests.csv")
+    assert {tests["a"][0].split(":")[0], tests["b"][0].split(":")[0]} == {"weighted", "unweighted"}
     client = tracked["client"]
     experiment = client.get_experiment_by_name("mini").experiment_id
     made = client.search_runs([experiment], "tags.study_file = 'mini'")
