@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from fer_exp.config import TTA_CHOICES, ConfigError, load_config
 from fer_exp.data import DataError, load_data
 from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
-from fer_exp.train import Callback, Trainer
+from fer_exp.train import Callback, Trainer, write_atomically
 
 
 class EpochClock(Callback):
@@ -42,17 +41,9 @@ class EpochClock(Callback):
         self.partial_json = partial_json
 
     def on_epoch_end(self, trainer, epoch, metrics):
-        if self.partial_json:
-            history = trainer.history
-            partial = {"partial": True, "device": str(trainer.device), "config": trainer.cfg.to_dict(),
-                       "amp_choice": trainer.amp_report, "compile_choice": trainer.compile_report,
-                       "epochs_run": epoch, "epoch_seconds": [round(h["epoch_seconds"], 3) for h in history],
-                       "best_epoch": trainer.best_epoch, "best_val": {trainer.cfg.select_metric: trainer.best_value},
-                       "val_accuracy": [round(h["val_accuracy"], 4) for h in history],
-                       "val_macro_f1": [round(h["val_macro_f1"], 4) for h in history]}
-            path = Path(self.partial_json)  # written whole, then renamed: a kill never leaves half a file
-            path.with_suffix(".partial").write_text(json.dumps(partial, indent=2) + "\n")
-            os.replace(path.with_suffix(".partial"), path)
+        if self.partial_json:  # written whole, then renamed: a kill never leaves half a file
+            text = json.dumps({"partial": True, **so_far(trainer)}, indent=2) + "\n"
+            write_atomically(Path(self.partial_json), lambda partial: partial.write_text(text))
         print(f"[{trainer.cfg.model} amp={trainer.amp_dtype or 'fp32'}] epoch {epoch}/{trainer.cfg.epochs} "
               f"{metrics['epoch_seconds']:.2f}s  {metrics['train_images_per_second']:.0f} img/s  "
               f"val_acc {metrics['val_accuracy']:.4f}", file=sys.stderr, flush=True)
@@ -66,6 +57,17 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--set takes NAME=VALUE, got {pair!r}")
         overrides[name.strip().replace("-", "_")] = value
     return overrides
+
+
+def so_far(trainer: Trainer) -> dict:
+    """What a run has measured after its latest epoch: the partial result and the start of the final one."""
+    history = trainer.history
+    return {"device": str(trainer.device), "amp_choice": trainer.amp_report, "compile_choice": trainer.compile_report,
+            "config": trainer.cfg.to_dict(), "epochs_run": len(history),
+            "epoch_seconds": [round(h["epoch_seconds"], 3) for h in history],
+            "best_epoch": trainer.best_epoch, "best_val": {trainer.cfg.select_metric: trainer.best_value},
+            "val_accuracy": [round(h["val_accuracy"], 4) for h in history],
+            "val_macro_f1": [round(h["val_macro_f1"], 4) for h in history]}
 
 
 def run(config: str | None, data_source: str | None, sets: list[str], tta: bool = True,
@@ -85,30 +87,21 @@ def run(config: str | None, data_source: str | None, sets: list[str], tta: bool 
     epoch_seconds = [h["epoch_seconds"] for h in result.history]
     device = trainer.device
     return {
-        "device": str(device),
+        **so_far(trainer),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32",
-        "amp_choice": trainer.amp_report,
-        "compile_choice": trainer.compile_report,
-        "config": cfg.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
         "load_seconds": round(loaded - begin, 2),
         "build_seconds": round(built - loaded, 2),
         "first_step_seconds": round(trainer.first_step_seconds, 2),
         "fit_seconds": round(done - built, 2),
         "total_seconds": round(done - begin, 2),
-        "epochs_run": len(result.history),
-        "epoch_seconds": [round(s, 3) for s in epoch_seconds],
         "median_epoch_seconds": round(statistics.median(epoch_seconds), 3),
         # the work around the steps (val pass, checkpoints, syncs): per epoch, and as a share of the loop
         "median_epoch_overhead_seconds": round(statistics.median(h.get("epoch_overhead_seconds", 0.0) for h in result.history), 4),
         "overhead_fraction": round(result.overhead_fraction, 4),
         "median_train_images_per_second": round(statistics.median(h["train_images_per_second"] for h in result.history), 1),
-        "best_epoch": result.best_epoch,
-        "best_val": {cfg.select_metric: result.best_value},
-        "val_accuracy": [round(h["val_accuracy"], 4) for h in result.history],
-        "val_macro_f1": [round(h["val_macro_f1"], 4) for h in result.history],
         "test_accuracy": result.test_metrics["test_accuracy"],
         "test_macro_f1": result.test_metrics["test_macro_f1"],
         "test_acc_per_class": {c: round(result.test_metrics[f"test_acc_{c}"], 4) for c in CLASS_NAMES},
