@@ -78,7 +78,7 @@ class Config:
     seed: int = _f(42, "Seed for data hold-out, initialisation, shuffling and augmentation.")
     device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
     amp: str = _f("auto", "bf16 autocast: auto (CUDA: whichever of bf16 and fp32 measures faster; CPU: where it runs bf16 natively), bf16, off.")
-    compile: str = _f("auto", "torch.compile the training forward and backward: auto (CUDA: reduce-overhead where the measured saving over the run exceeds the compile time; CPU: off), off, default, reduce-overhead (CUDA graphs), max-autotune.")
+    compile: str = _f("auto", "torch.compile the training step's augmentation, forward and loss (and so its backward): auto (CUDA: reduce-overhead where the measured saving over the run exceeds the compile time; CPU: off), off, default, reduce-overhead (CUDA graphs), max-autotune.")
     channels_last: bool = _f(True, "Use the channels_last memory format for the model and batches (faster convolutions on CPU and GPU).")
     eval_batch_size: int = _f(1024, "Batch size for validation and test.")
     # tracking

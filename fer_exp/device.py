@@ -5,7 +5,7 @@ and for a small model such as the CNN fp32 (TF32) measured faster on an H200. On
 bf16 where the CPU has native bf16 instructions (3.5x there), never where it is emulated (10x slower).
 ``compile: auto`` on CUDA is chosen by measurement too (:func:`measured_compile`): CUDA graphs where the
 time they save over the run exceeds the compilation; on a CPU it is off (measured on the 2-core dev
-machine: the compiled CNN step no faster than eager, after 55 s of compilation).
+machine: the compiled CNN step, augmentation included, 547 ms against eager's 485 ms at batch 128).
 """
 
 from __future__ import annotations

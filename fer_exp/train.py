@@ -201,20 +201,47 @@ def ema_decay_at(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-def ema_with_warmup(decay: float):
-    """AveragedModel's ``multi_avg_fn``: ema = d * ema + (1 - d) * w with d = :func:`ema_decay_at`."""
+class WeightAverage:
+    """The exponential moving average of a model's weights and buffers (BatchNorm statistics), updated
+    with :func:`ema_decay_at` after every optimiser step. It counts its updates on the host: an update
+    launches two multi-tensor kernels and reads nothing back from the device (``AveragedModel.
+    update_parameters`` reads its counter every step, a host sync that stalls an asynchronous step).
+    Stored as an ``AveragedModel``'s state (``module.*`` and ``n_averaged``), as prediction loads it."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel
+
+        self.averaged = AveragedModel(model, use_buffers=True)  # a copy of the model: the averaged weights
+        self.decay, self.updates = decay, 0
+        pairs = list(zip([*self.averaged.module.parameters(), *self.averaged.module.buffers()],
+                         [*model.parameters(), *model.buffers()], strict=True))
+        self.floats = ([a for a, m in pairs if a.is_floating_point()], [m for a, m in pairs if a.is_floating_point()])
+        # integer buffers (BatchNorm's num_batches_tracked, unused with a momentum) follow the model
+        self.counts = ([a for a, m in pairs if not a.is_floating_point()], [m for a, m in pairs if not a.is_floating_point()])
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.averaged.module
 
     @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        # n_averaged counts the updates including the first (a copy); AveragedModel reads it on the host anyway
-        weight = 1 - ema_decay_at(decay, int(n_averaged) - 1)
-        if torch.is_floating_point(ema_params[0]):
-            torch._foreach_lerp_(ema_params, model_params, weight)
-        else:  # integer buffers (BatchNorm's num_batches_tracked)
-            for ema, current in zip(ema_params, model_params, strict=True):
-                ema.copy_(ema * (1 - weight) + current * weight)
+    def update(self) -> None:
+        """ema = d * ema + (1 - d) * weights, d = ema_decay_at(decay, updates - 1); the first update copies."""
+        averaged, current = self.floats
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1 - ema_decay_at(self.decay, self.updates - 1))
+        if self.counts[0]:
+            torch._foreach_copy_(*self.counts)
+        self.updates += 1
 
-    return update
+    def state_dict(self) -> dict:
+        self.averaged.n_averaged.fill_(self.updates)
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged.load_state_dict(state)
+        self.updates = int(self.averaged.n_averaged)
 
 
 class Trainer:
@@ -238,27 +265,31 @@ class Trainer:
         self.steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
         if cfg.amp == "auto" and self.device.type == "cuda" and self.amp_dtype is not None:
             self.amp_dtype, self.amp_report = self.measure_amp()
-        # the training forward: compiled (torch.compile; reduce-overhead = CUDA graphs) or the model itself.
-        # Parameters are shared, so checkpoints and evaluation use the plain module.
-        if cfg.compile == "auto":
-            self.forward, self.compile_report = (self.measure_compile() if self.device.type == "cuda" else
-                                                 (self.model, "auto: off (not CUDA)"))
-        else:
-            self.forward = self.model if cfg.compile == "off" else torch.compile(self.model, mode=cfg.compile)
-            self.compile_report = cfg.compile
         weights = class_weight_tensor(data.train.labels, cfg.class_weights)
         self.class_weights = None if weights is None else weights.to(self.device)
         self.augment = BatchAugment.from_config(cfg)
+        # mixup's weight: drawn on the training device from the global stream (checkpointed), so no step
+        # waits for a host-to-device copy
+        self.mixup_weight = None
+        if cfg.mixup_alpha > 0:
+            alpha = torch.tensor(float(cfg.mixup_alpha), device=self.device)
+            self.mixup_weight = torch.distributions.Beta(alpha, alpha)
+        # the captured part of a training step (augmentation, forward, loss; backward through the same
+        # graph): compiled (torch.compile; reduce-overhead = CUDA graphs) or plain. The model's parameters
+        # are shared, so checkpoints and evaluation use the plain module.
+        if cfg.compile == "auto":
+            self.forward_loss, self.compile_report = (self.measure_compile() if self.device.type == "cuda" else
+                                                      (self.augmented_loss, "auto: off (not CUDA)"))
+        else:
+            self.forward_loss = (self.augmented_loss if cfg.compile == "off"
+                                 else torch.compile(self.augmented_loss, mode=cfg.compile))
+            self.compile_report = cfg.compile
         # a stream of its own, apart from the global one that initialises weights and drives dropout
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         # an exponential moving average of the weights (and BatchNorm statistics): what val, test and the
         # logged model use when ema_decay > 0
-        self.ema = None
-        if cfg.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel
-
-            self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.scheduler, self.schedule_unit = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.epoch = 0
@@ -291,34 +322,39 @@ class Trainer:
             return measured_amp(self.device, step, self.measurement_key())
 
     def measure_compile(self) -> tuple[Callable, str]:
-        """(the training forward, what was measured) for ``compile: auto``: the model compiled with CUDA
-        graphs where the seconds it saves over this run's steps exceed the compilation's, else the model.
-        Measured (forward and backward of one batch, eager and compiled) on the run's own model, so a
-        chosen compilation is not paid twice; its weights, BatchNorm statistics and random streams are
-        restored afterwards. A compilation that fails leaves the run eager and says why."""
-        compiled = torch.compile(self.model, mode=AUTO_COMPILE_MODE)
+        """(the step's forward and loss, what was measured) for ``compile: auto``: :meth:`augmented_loss`
+        compiled with CUDA graphs where the seconds it saves over this run's steps exceed the
+        compilation's, else plain. Measured (augmentation, forward, loss and backward of one batch, eager
+        and compiled) on the run's own model, so a chosen compilation is not paid twice; its weights,
+        BatchNorm statistics and random streams are restored afterwards. A compilation that fails leaves
+        the run eager and says why."""
+        compiled = torch.compile(self.augmented_loss, mode=AUTO_COMPILE_MODE)
         images, labels = self.splits["train"]
-        x = to_float(images[: self.cfg.batch_size]).contiguous(memory_format=self.memory_format)
-        y = labels[: self.cfg.batch_size]
+        images, labels = images[: self.cfg.batch_size], labels[: self.cfg.batch_size]
+        draws = self.augment.draw(images.shape[0], self.device, torch.Generator(self.device).manual_seed(0))
+        mixup = ()
+        if self.mixup_weight is not None:  # the run's own step: compiled with the same arguments
+            mixup = (torch.arange(images.shape[0], device=self.device).flip(0), torch.tensor(0.5, device=self.device))
 
-        def step(forward):
-            with self.autocast():
-                loss = F.cross_entropy(forward(x).float(), y)
+        def step(forward_loss):
+            loss, _ = forward_loss(images, labels, draws, *mixup)
             loss.backward()
             self.model.zero_grad(set_to_none=True)
 
-        key = f"{self.measurement_key()}|{'bf16' if self.amp_dtype else 'fp32'}"
+        # what is captured is part of the key: earlier measurements of the model alone do not count
+        key = (f"{self.measurement_key()}|{'bf16' if self.amp_dtype else 'fp32'}"
+               f"|augmentation, {'mixup, ' if mixup else ''}forward, loss")
         saved = {k: v.clone() for k, v in self.model.state_dict().items()}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                pays, report = measured_compile(self.device, lambda: step(self.model), lambda: step(compiled), key,
+                pays, report = measured_compile(self.device, lambda: step(self.augmented_loss), lambda: step(compiled), key,
                                                 total_steps=self.cfg.epochs * self.steps_per_epoch)
         except Exception as error:  # noqa: BLE001 - an optional speed-up: never the end of a run
             pays, report = False, f"auto: off (compiling failed: {type(error).__name__}: {str(error)[:200]})"
         finally:
             self.model.load_state_dict(saved)  # in place: a recorded CUDA graph keeps its buffers
-        return (compiled if pays else self.model), f"auto: {report}"
+        return (compiled if pays else self.augmented_loss), f"auto: {report}"
 
     def measurement_key(self) -> str:
         """What a speed measurement of this run's training step depends on (its cache key)."""
@@ -336,34 +372,59 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step on a uint8 batch; returns (loss, number correct) as device tensors."""
-        x = self.augment(images, self.generator)
-        if self.cfg.mixup_alpha > 0:  # the weight from the global stream (checkpointed), the pairing from ours
-            lam = float(torch.distributions.Beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha).sample())
-            pair = torch.randperm(x.shape[0], device=x.device, generator=self.generator)
-            return self.optimize(lam * x + (1 - lam) * x[pair], labels, labels[pair], lam)
-        return self.optimize(x, labels)
+        """One optimisation step on a uint8 batch; returns (loss, number correct) as device tensors.
+        The random numbers are drawn here, from the run's streams; what they decide runs in
+        :attr:`forward_loss` (compiled or plain); then the backward pass and the update."""
+        draws = self.augment.draw(images.shape[0], images.device, self.generator)
+        if self.mixup_weight is not None:  # the weight from the global stream, the pairing from ours
+            lam = self.mixup_weight.sample()
+            pair = torch.randperm(images.shape[0], device=images.device, generator=self.generator)
+            loss, hits = self.forward_loss(images, labels, draws, pair, lam)
+        else:
+            loss, hits = self.forward_loss(images, labels, draws)
+        self.update(loss)
+        return loss.detach(), hits
 
-    def optimize(self, x: torch.Tensor, labels: torch.Tensor, mixed_labels: torch.Tensor | None = None,
-                 lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model step alone: forward, weighted loss, backward, AdamW, schedule, on a float batch.
-        With ``mixed_labels`` (mixup) the loss is ``lam`` of the labels' and ``1 - lam`` of theirs."""
+    def augmented_loss(self, images: torch.Tensor, labels: torch.Tensor, draws: torch.Tensor,
+                       pair: torch.Tensor | None = None, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward part of a step, a pure function of tensors (what ``compile`` captures): the
+        augmentation that ``draws`` decide, mixup of the batch with its permutation ``pair`` by weight
+        ``lam`` (if given), the model, the weighted loss. Returns (loss, number correct)."""
+        x = self.augment.apply(images, draws)
+        if pair is None:
+            return self.model_loss(x, labels)
+        return self.model_loss(lam * x + (1 - lam) * x[pair], labels, labels[pair], lam)
+
+    def model_loss(self, x: torch.Tensor, labels: torch.Tensor, mixed_labels: torch.Tensor | None = None,
+                   lam: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss, number correct) of the model on a float batch. With ``mixed_labels`` (mixup)
+        the loss is ``lam`` of the labels' and ``1 - lam`` of theirs."""
         x = x.contiguous(memory_format=self.memory_format)
         with self.autocast():
-            logits = self.forward(x)
+            logits = self.model(x)
             loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
                                    label_smoothing=self.cfg.label_smoothing)
             if mixed_labels is not None:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), mixed_labels, weight=self.class_weights,
                                                                 label_smoothing=self.cfg.label_smoothing)
+        return loss, (logits.argmax(1) == labels).sum()
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, AdamW, the EMA and the schedule: the rest of a step."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update()
         if self.schedule_unit == "step":
             self.scheduler.step()
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    def optimize(self, x: torch.Tensor, labels: torch.Tensor, mixed_labels: torch.Tensor | None = None,
+                 lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model step alone on a float batch, no augmentation (the benchmarks' compute bound)."""
+        loss, hits = self.model_loss(x, labels, mixed_labels, lam)
+        self.update(loss)
+        return loss.detach(), hits
 
     def train_epoch(self, max_batches: int | None = None) -> dict[str, float]:
         """One epoch (or its first ``max_batches`` batches) over a fresh seeded shuffle of train."""
