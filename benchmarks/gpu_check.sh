@@ -6,14 +6,18 @@
 #   benchmarks/gpu_check.sh run [STEP ...]               # on the GPU machine, from the repo root
 #
 # STEPs, in the default order (all speed steps when none is named; most important first):
-#   throughput  benchmarks/throughput.py: conventional vs fer-exp vs compute bound, ablations, ResNet18@112
+#   throughput  benchmarks/throughput.py: conventional vs fer-exp (eager, and with the CUDA-graph step:
+#               --compile $FER_GPU_THROUGHPUT_COMPILE) vs compute bound, ablations, ResNet18 at 112 and 224 px
 #   cnn-graph   a full CNN training as a user gets it: compile auto ($FER_GPU_GRAPH_MODE; CUDA graphs where the
 #               measured saving exceeds the compile time) and amp auto (both measured, cached; the JSON's
 #               compile_choice and amp_choice say what was measured): the goal is 60 epochs in <= 45 s
+#   profile     benchmarks/profile_step.py: where a step's time goes (wall against device-busy ms, launches,
+#               graph replays, syncs, top operators) for the CNN as configured by default (compile and amp
+#               auto) and for ResNet18 at 112 and 224 px, each against its compute bound
 #   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto, eager
 #   cnn-fp32    the same CNN training with amp off, eager: the bf16-vs-fp32 accuracy check
 #   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
-#   compile     throughput.py again with torch.compile (modes $FER_GPU_COMPILE) beside the eager path
+#   compile     throughput.py again with torch.compile's other modes ($FER_GPU_COMPILE) beside the eager path
 #   tune        benchmarks/tune_packing.py: trials per hour of a study per model ($FER_GPU_TUNE_MODELS), 1 worker
 #               against $FER_GPU_TUNE_WORKERS packed on the GPU, $FER_GPU_TUNE_SECONDS each; needs Optuna (`wheels`)
 # and, only when named (about 8 minutes on an H200; the accuracy issue's measurement):
@@ -28,7 +32,8 @@
 # that cannot start with 30 s left is skipped and said so, so one call of the device tool always
 # returns what it measured; a second call can name the steps left.
 # Knobs (environment): FER_GPU_EPOCHS (60), FER_GPU_RESNET_EPOCHS (2), FER_GPU_BATCHES (50),
-# FER_GPU_WORKERS (8), FER_GPU_COMPILE ("default reduce-overhead"), FER_GPU_TAR (.gpu/fer2013.tar.gz),
+# FER_GPU_WORKERS (8), FER_GPU_COMPILE (the compile step's modes: "default max-autotune"),
+# FER_GPU_THROUGHPUT_COMPILE ("reduce-overhead"), FER_GPU_PROFILE_ARGS, FER_GPU_TAR (.gpu/fer2013.tar.gz),
 # FER_GPU_DATA (a source instead of it), FER_GPU_SET ("k=v ..." config overrides for every training),
 # FER_GPU_THROUGHPUT_ARGS (extra throughput.py options), FER_GPU_DEADLINE, FER_GPU_<STEP>_LIMIT,
 # FER_GPU_TUNE_MODELS ("cnn cnn-graph resnet18"; cnn-graph: the CNN study with compile=reduce-overhead), FER_GPU_TUNE_WORKERS ("1 8"), FER_GPU_TUNE_SECONDS (60),
@@ -42,7 +47,7 @@
 # the accuracy measurement alone: run(command="bash benchmarks/gpu_check.sh run accuracy", carry=[".gpu"], timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SPEED_STEPS=(throughput cnn-graph cnn-bf16 cnn-fp32 resnet compile tune)
+SPEED_STEPS=(throughput cnn-graph profile cnn-bf16 cnn-fp32 resnet compile tune)
 ALL_STEPS=("${SPEED_STEPS[@]}" accuracy)
 # the ablation arms: experiments/ablation_cnn.yaml's arms on cnn.yaml (the recipe and each lever alone), or
 # FER_GPU_ABLATIONS: "name:overrides ..." (overrides comma-separated) against experiments/cnn.yaml
@@ -84,7 +89,9 @@ RESNET_EPOCHS="${FER_GPU_RESNET_EPOCHS:-2}"
 BATCHES="${FER_GPU_BATCHES:-50}"
 WORKERS="${FER_GPU_WORKERS:-8}"
 DEADLINE="${FER_GPU_DEADLINE:-570}"
-read -ra COMPILE_MODES <<< "${FER_GPU_COMPILE-default reduce-overhead}"  # set but empty: eager only
+read -ra COMPILE_MODES <<< "${FER_GPU_COMPILE-default max-autotune}"  # set but empty: eager only
+read -ra THROUGHPUT_COMPILE <<< "${FER_GPU_THROUGHPUT_COMPILE-reduce-overhead}"  # the goal's row (empty: none)
+read -ra PROFILE_EXTRA <<< "${FER_GPU_PROFILE_ARGS:-}"  # e.g. "--steps 2 --warmup 1"
 read -ra THROUGHPUT_EXTRA <<< "${FER_GPU_THROUGHPUT_ARGS:-}"  # e.g. "--rounds 1" (later options win)
 EXTRA_SETS=()
 for pair in ${FER_GPU_SET:-}; do EXTRA_SETS+=(--set "$pair"); done  # e.g. "batch_size=16 eval_batch_size=16"
@@ -150,9 +157,18 @@ parallel_full() {  # step name, seconds allowed, then "json_name|full_training.p
 for s in "${steps[@]}"; do
     case "$s" in
         throughput)
-            step throughput "${FER_GPU_THROUGHPUT_LIMIT:-150}" "$PY" benchmarks/throughput.py --data "$DATA" \
-                --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 "${THROUGHPUT_EXTRA[@]}" \
+            step throughput "${FER_GPU_THROUGHPUT_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
+                --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --resnet-batches 20 --resnet-sizes 112 224 \
+                ${THROUGHPUT_COMPILE[@]:+--compile "${THROUGHPUT_COMPILE[@]}"} "${THROUGHPUT_EXTRA[@]}" \
                 --json > "$RESULTS/throughput.json" ;;
+        profile)
+            for spec in "cnn|--config experiments/cnn.yaml" \
+                        "resnet18_112|--config experiments/resnet18.yaml --set pretrained=none --set input_size=112" \
+                        "resnet18_224|--config experiments/resnet18.yaml --set pretrained=none --set input_size=224"; do
+                read -ra args <<< "${spec#*|}"
+                step "profile-${spec%%|*}" "${FER_GPU_PROFILE_LIMIT:-90}" "$PY" benchmarks/profile_step.py --data "$DATA" \
+                    "${args[@]}" "${EXTRA_SETS[@]}" "${PROFILE_EXTRA[@]}" --json "$RESULTS/profile_${spec%%|*}.json" >/dev/null
+            done ;;
         cnn-graph) full cnn_graph "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile="${FER_GPU_GRAPH_MODE:-auto}" ;;
         cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile=off ;;
         cnn-fp32) full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=off --set compile=off ;;
@@ -229,6 +245,17 @@ for name in ("throughput", "compile"):
         print(f"  ratio {k}: {v}")
     for k, v in t.get("compile", {}).items():
         print(f"  {k}: {v}")
+for name in ("cnn", "resnet18_112", "resnet18_224"):
+    t = load(f"profile_{name}")
+    if not t:
+        continue
+    print(f"profile {name} ({t['compile_choice']}; amp {t['amp_choice']}), ms a step of {t['batch_size']}:")
+    for method in ("fer-exp", "compute bound"):
+        r = t[method]
+        print(f"  {method:14s} wall {r['wall_ms_per_step']:8.3f}  device busy {r['device_busy_ms_per_step']}  "
+              f"launches {r['kernel_launches_per_step']}  graph replays {r['graph_replays_per_step']}  "
+              f"syncs {r['host_syncs_per_step']}  aten ops {r['aten_ops_per_step']}")
+    print(f"  fer-exp/compute bound {t['fer-exp/compute bound']}")
 for model in ("cnn", "cnn-graph", "resnet18"):
     t = load(f"tune_{model}")
     if not t:

@@ -12,7 +12,8 @@ Methods, timed in interleaved rounds in this one process so machine noise hits a
   compute bound the same ``Trainer.optimize`` model step on one pre-made batch, no data work
 plus fer-exp ablations (channels_last off, fused AdamW off, bf16 on/off, and with ``--compile MODE``
 torch.compile) that show what each lever contributes, and ResNet18 at 112 px for fer-exp and its
-compute bound.
+compute bound (``--resnet-sizes 112 224`` for both sizes). The compiled rows (``--compile``) get ratios
+against the conventional pipeline and the eager compute bound of the same run.
 """
 
 from __future__ import annotations
@@ -227,11 +228,11 @@ def run(args) -> dict:
                 lambda t=trainer, n=batches, bs=acfg.batch_size: (t.train_epoch(max_batches=n), n * bs)[1], None)
     for mode in args.compile:
         groups.setdefault("cnn ablations", {})[f"torch.compile {mode}"] = (compiled_train(cfg, data, args, mode, compile_notes), None)
-    if not args.skip_resnet:
-        rcfg = load_config(overrides=base | {"model": "resnet18", "input_size": 112,
+    for size in [] if args.skip_resnet else args.resnet_sizes:
+        rcfg = load_config(overrides=base | {"model": "resnet18", "input_size": size,
                                              "batch_size": args.resnet_batch_size, "eval_batch_size": args.resnet_batch_size})
         rargs = argparse.Namespace(**{**vars(args), "batches": args.resnet_batches})
-        groups["resnet18@112"] = methods_for(rcfg, data, None, rargs, device)
+        groups[f"resnet18@{size}"] = methods_for(rcfg, data, None, rargs, device)
 
     # warm up every method once, then interleave the timed rounds
     for methods in groups.values():
@@ -254,14 +255,17 @@ def run(args) -> dict:
         results["images_per_second"].setdefault(group, {}).setdefault(name, {})[phase] = round(statistics.median(values), 1)
     ips = results["images_per_second"]
     ratios = {}
-    for group in ("cnn", "resnet18@112"):
-        if group not in ips:
-            continue
+    for group in [g for g in ips if g == "cnn" or g.startswith("resnet18@")]:
         for phase in ("train", "eval"):
             fer = ips[group]["fer-exp"][phase]
             if "conventional" in ips[group]:
                 ratios[f"{group} {phase} fer-exp/conventional"] = round(fer / ips[group]["conventional"][phase], 2)
             ratios[f"{group} {phase} fer-exp/compute bound"] = round(fer / ips[group]["compute bound"][phase], 2)
+    for name, phases in ips.get("cnn ablations", {}).items():  # the compiled step against the same baselines
+        if name.startswith("torch.compile") and phases["train"] > 0:
+            for baseline in ("conventional", "compute bound"):
+                if baseline in ips["cnn"]:
+                    ratios[f"cnn train {name}/{baseline}"] = round(phases["train"] / ips["cnn"][baseline]["train"], 2)
     results["ratios"] = ratios
     if compile_notes:
         results["compile"] = compile_notes
@@ -305,6 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers of the conventional pipeline")
     parser.add_argument("--resnet-batches", type=int, default=4)
     parser.add_argument("--resnet-batch-size", type=int, default=64)
+    parser.add_argument("--resnet-sizes", type=int, nargs="+", default=[112], help="ResNet18 input sizes to time (e.g. 112 224)")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--skip-ablations", action="store_true")
     parser.add_argument("--compile", nargs="*", default=[], choices=["default", "reduce-overhead", "max-autotune"],

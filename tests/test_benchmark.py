@@ -103,6 +103,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
                FER_GPU_DATA="synthetic:64,16,16", FER_GPU_EPOCHS="1", FER_GPU_RESNET_EPOCHS="1", FER_GPU_BATCHES="1",
                FER_GPU_WORKERS="0", FER_GPU_SET="batch_size=16 eval_batch_size=16", FER_GPU_COMPILE="",
+               FER_GPU_THROUGHPUT_COMPILE="", FER_GPU_PROFILE_ARGS="--steps 1 --warmup 1 --top 3",
                FER_GPU_GRAPH_MODE="off",  # the compiled step costs minutes here; test_train.py compiles it on the CPU
                FER_GPU_THROUGHPUT_ARGS="--batch-size 16 --eval-batch-size 16 --rounds 1 --resnet-batches 1 "
                                        "--resnet-batch-size 4 --skip-ablations",
@@ -114,7 +115,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert {p.name for p in out.iterdir()} == {"log.txt", "summary.txt", "results", "results.tar.gz"}  # <= 8 files back
     names = {"throughput.json", "cnn_graph.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
-             "compile.json", "tune_resnet18.json"}
+             "compile.json", "tune_resnet18.json", "profile_cnn.json", "profile_resnet18_112.json", "profile_resnet18_224.json"}
     with tarfile.open(out / "results.tar.gz") as packed:
         assert {Path(m).name for m in packed.getnames() if m.endswith(".json")} == names
     log = (out / "log.txt").read_text()
@@ -129,9 +130,13 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     assert json.loads((out / "cnn_graph.json").read_text())["config"]["compile"] == "off"
     assert json.loads((out / "cnn_fp32.json").read_text())["tta"] == {}  # speed steps skip the TTA evaluation
     assert json.loads((out / "resnet18_224.json").read_text())["config"]["input_size"] == 224
-    assert json.loads((out / "throughput.json").read_text())["images_per_second"]["cnn"]["conventional"]["train"] > 0
+    throughput = json.loads((out / "throughput.json").read_text())
+    assert throughput["images_per_second"]["cnn"]["conventional"]["train"] > 0
+    assert throughput["ratios"]["resnet18@224 train fer-exp/compute bound"] > 0  # both ResNet18 sizes
+    profile = json.loads((out / "profile_resnet18_224.json").read_text())
+    assert profile["config"]["input_size"] == 224 and profile["fer-exp"]["wall_ms_per_step"] > 0
     for line in ("ratio cnn train fer-exp/conventional", "cnn_bf16: cpu amp", "resnet18_224: cpu", "tune resnet18: 5.0 s",
-                 "1 worker(s): "):
+                 "1 worker(s): ", "profile cnn (auto: off (not CUDA)", "fer-exp/compute bound"):
         assert line in proc.stdout
     assert "exit 0" in log and "exit 1" not in proc.stdout
 
@@ -198,6 +203,44 @@ def test_a_failing_torch_compile_is_reported_not_fatal(tmp_path, monkeypatch, ca
                                   "torch.compile reduce-overhead": "failed: RuntimeError: backend exploded"}
     assert results["images_per_second"]["cnn ablations"]["torch.compile default"]["train"] == 0
     assert results["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
+
+
+def test_throughput_sets_the_compiled_step_against_the_conventional_pipeline(tmp_path, monkeypatch, capsys):
+    """The issue's goal is a ratio within one benchmark run: the compiled fer-exp step's train img/s over
+    the conventional pipeline's (and over the eager compute bound's). Here torch.compile is the identity."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    monkeypatch.setattr(torch, "compile", lambda function, mode=None: function)
+    monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = throughput.main(["--data", "synthetic:64,16,16", "--batches", "1", "--batch-size", "16", "--eval-batch-size", "16",
+                            "--rounds", "1", "--workers", "0", "--skip-resnet", "--skip-ablations",
+                            "--compile", "reduce-overhead", "--json"])
+    assert code == 0
+    ratios = json.loads(capsys.readouterr().out)["ratios"]
+    assert ratios["cnn train torch.compile reduce-overhead/conventional"] > 0
+    assert ratios["cnn train torch.compile reduce-overhead/compute bound"] > 0
+
+
+def test_profile_step_reports_where_a_step_s_time_goes(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--data", "synthetic:64,16,16",
+           "--set", "batch_size=16", "--set", "aug_shift=0.1", "--steps", "2", "--warmup", "1", "--top", "5",
+           "--json", str(tmp_path / "p.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "p.json").read_text())
+    fer, bound = result["fer-exp"], result["compute bound"]
+    assert result["config"]["aug_shift"] == 0.1 and result["batch_size"] == 16
+    # the real step runs the augmentation and the gather on top of the compute bound's model step
+    assert fer["aten_ops_per_step"] > bound["aten_ops_per_step"] > 50
+    assert fer["device_busy_ms_per_step"] is None and fer["kernel_launches_per_step"] == 0  # no CUDA here
+    assert "fer-exp        wall" in proc.stdout and "by self_cpu_time_total" in proc.stdout
+    bad = subprocess.run(cmd[:-2] + ["--set", "epochz=3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "epochz" in bad.stderr
 
 
 def test_gpu_check_skips_what_the_deadline_leaves_no_time_for(tmp_path):
