@@ -82,8 +82,8 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, *, batch
             if labels is not None:
                 loss_sum += F.nll_loss(probabilities.clamp_min(1e-12).log(), labels[start:start + batch_size].to(device),
                                        reduction="sum")
-        out.append(probabilities.cpu())
-    probabilities = torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
+        out.append(probabilities)  # kept on the device: one copy to the host at the end, not one per batch
+    probabilities = torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
     return probabilities, (loss_sum.item() / max(n, 1) if labels is not None else None)
 
 
