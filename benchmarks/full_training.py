@@ -145,13 +145,18 @@ def study_arms(path: str, base: str | None = None) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --data, --set and --json: how a benchmark that trains is told what to train."""
     default_config = Path(__file__).resolve().parents[1] / "experiments" / "cnn.yaml"
     parser.add_argument("--config", default=str(default_config), help="experiment YAML ('' for the defaults)")
     parser.add_argument("--data", default=None, help="FER2013 source; overrides the config's data")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config field")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
     parser.add_argument("--no-tta", action="store_true", help="skip the val/test evaluation with flip and ten-crop TTA")
     parser.add_argument("--study-arms", default=None, metavar="STUDY_FILE",
                         help="print the study file's arms (NAME|options, a line each) and exit")

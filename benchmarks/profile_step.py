@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,11 @@ import torch
 from fer_exp.augment import to_float
 from fer_exp.config import ConfigError, load_config
 from fer_exp.data import DataError, load_data
+from fer_exp.device import time_steps
 from fer_exp.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from full_training import add_config_arguments, parse_sets  # noqa: E402 (the benchmarks folder is not a package)
 
 # host-side events that stand for one kernel launch, one CUDA graph replay, one host sync
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -35,28 +38,17 @@ GRAPH_REPLAYS = ("cudaGraphLaunch",)
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile(step, device: torch.device, steps: int, warmup: int, top: int) -> dict:
     """Times ``step`` over ``steps`` calls (after ``warmup``), then profiles as many more."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    wall = (time.perf_counter() - start) / steps
+    wall = time_steps(device, step, steps, warmup=warmup)
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     events = prof.key_averages()
     counts = {e.key: e.count for e in events}
     # device time: the kernels' own time (self), summed over every operator
@@ -79,8 +71,6 @@ def profile(step, device: torch.device, steps: int, warmup: int, top: int) -> di
 
 
 def run(config: str | None, data_source: str | None, sets: list[str], steps: int, warmup: int, top: int) -> dict:
-    from full_training import parse_sets
-
     overrides = parse_sets(sets)
     if data_source:
         overrides["data"] = data_source
@@ -116,16 +106,11 @@ def run(config: str | None, data_source: str | None, sets: list[str], steps: int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_config = Path(__file__).resolve().parents[1] / "experiments" / "cnn.yaml"
-    parser.add_argument("--config", default=str(default_config), help="experiment YAML ('' for the defaults)")
-    parser.add_argument("--data", default=None, help="FER2013 source; overrides the config's data")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config field")
+    add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=20, help="steps timed, then as many profiled")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (a compiled step compiles here)")
     parser.add_argument("--top", type=int, default=15, help="operators in each table")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # full_training's --set parsing
     try:
         result = run(args.config or None, args.data, args.set, args.steps, args.warmup, args.top)
     except (ConfigError, DataError) as exc:
