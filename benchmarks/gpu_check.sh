@@ -43,8 +43,11 @@
 # needs Optuna: `wheels` saves it and its missing dependencies to .whl/ (5.5 MB, git-ignored); carry
 # [".gpu", ".whl"] and the step installs them into /tmp/site.
 # Without .gpu/fer2013.tar.gz the data is synthetic faces of FER2013's size: timings hold, accuracies do not.
-# With the workplace's device tool: run(command="bash benchmarks/gpu_check.sh run", carry=[".gpu", ".whl"], timeout_s=600);
-# the accuracy measurement alone: run(command="bash benchmarks/gpu_check.sh run accuracy", carry=[".gpu"], timeout_s=600).
+# With the workplace's device tool (15 device minutes a session, the start included: one ~9-minute call and
+# a short one): the speed issue's goals first, run(command="bash benchmarks/gpu_check.sh run throughput
+# cnn-graph profile", carry=[".gpu"], timeout_s=600); every speed step: run(command="bash benchmarks/gpu_check.sh
+# run", carry=[".gpu", ".whl"], timeout_s=600); the accuracy measurement alone (a session of its own):
+# run(command="bash benchmarks/gpu_check.sh run accuracy", carry=[".gpu"], timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SPEED_STEPS=(throughput cnn-graph profile cnn-bf16 cnn-fp32 resnet compile tune)
