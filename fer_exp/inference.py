@@ -102,10 +102,15 @@ class LoadedModel:
     def name(self) -> str:
         return f"{self.config.model} {self.config.input_size}px"
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout the model trained and was evaluated in: the same kernels, the same numbers."""
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
     def predict(self, images: torch.Tensor, tta: str = "none", labels: torch.Tensor | None = None,
                 batch_size: int | None = None) -> tuple[np.ndarray, float | None]:
         return predict_probabilities(self.model, images, batch_size=batch_size or self.config.eval_batch_size,
-                                     tta=tta, amp_dtype=self.amp_dtype, labels=labels)
+                                     tta=tta, amp_dtype=self.amp_dtype, memory_format=self.memory_format, labels=labels)
 
 
 def ensemble_probabilities(models: list[LoadedModel], images: torch.Tensor, tta: str = "none",
@@ -134,9 +139,9 @@ def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.dev
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
         raise ModelLoadError(f"the weights do not fit a {cfg.model} at {cfg.input_size} px: {str(exc).splitlines()[0]}") from None
-    model.to(target).eval()
-    amp = resolve_amp(cfg.amp, target)
-    return LoadedModel(model, cfg, source="", device=target, amp_dtype=amp)
+    loaded = LoadedModel(model, cfg, source="", device=target, amp_dtype=resolve_amp(cfg.amp, target))
+    model.to(target, memory_format=loaded.memory_format).eval()
+    return loaded
 
 
 def save_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> Path:

