@@ -4,8 +4,8 @@ Per-sample random flip, rotation, shift, zoom, brightness/contrast jitter and ra
 from one ``torch.Generator`` so that a seeded run repeats exactly. Flip, rotation, shift and zoom share
 one affine resampling pass. The random numbers are drawn in one call (:meth:`BatchAugment.draw`) and
 applied by a pure function of tensors (:meth:`BatchAugment.apply`), which ``torch.compile`` captures
-with the model's forward (a CUDA graph records the whole of it). This replaces the per-sample PIL pipeline of the usual FER2013 code (see
-``benchmarks/throughput.py`` for the measured difference).
+with the model's forward (a CUDA graph records the whole of it). This replaces the per-sample PIL
+pipeline of the usual FER2013 code (see ``benchmarks/throughput.py`` for the measured difference).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 # the columns of BatchAugment.draw's random numbers, one per decision an image's augmentation makes
 (ANGLE, FLIP, SHIFT_X, SHIFT_Y, ZOOM, BRIGHTNESS, CONTRAST, ERASE_AREA, ERASE_RATIO, ERASE_TOP, ERASE_LEFT,
  ERASE_APPLY) = range(12)
-DRAWS = 12
+DRAWS = ERASE_APPLY + 1
 
 
 class BatchAugment:
