@@ -54,6 +54,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def memory_format_for(channels_last: bool) -> torch.memory_format:
+    """The layout a model trains, evaluates and predicts in (config ``channels_last``): one source, so a
+    loaded model runs the same kernels, and gives the same numbers, as its training run's evaluation."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """bf16 autocast on ``device`` when ``dtype`` is given; a no-op context for fp32 (None)."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

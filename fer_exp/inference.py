@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fer_exp.augment import to_float
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.config import FIELDS, TTA_CHOICES, Config
-from fer_exp.device import autocast, resolve_amp, resolve_device
+from fer_exp.device import autocast, memory_format_for, resolve_amp, resolve_device
 from fer_exp.models import build_model
 
 TENCROP_FRACTION = 0.875  # ten-crop: 4 corners and the centre at 42 of 48 px, resized back, and their mirrors
@@ -105,7 +105,7 @@ class LoadedModel:
     @property
     def memory_format(self) -> torch.memory_format:
         """The layout the model trained and was evaluated in: the same kernels, the same numbers."""
-        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+        return memory_format_for(self.config.channels_last)
 
     def predict(self, images: torch.Tensor, tta: str = "none", labels: torch.Tensor | None = None,
                 batch_size: int | None = None) -> tuple[np.ndarray, float | None]:

@@ -32,6 +32,7 @@ from fer_exp.device import (  # noqa: F401 (cpu_has_native_bf16, resolve_amp: re
     cpu_has_native_bf16,
     measured_amp,
     measured_compile,
+    memory_format_for,
     resolve_amp,
     resolve_device,
 )
@@ -253,7 +254,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.amp_report = f"{cfg.amp}: {'bf16' if self.amp_dtype else 'fp32'} by rule"
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = memory_format_for(cfg.channels_last)
         if self.device.type == "cuda":  # every batch has the same shape: let cuDNN pick its fastest kernels once
             torch.backends.cudnn.benchmark = True
         self.model = build_model(cfg.model, num_classes=NUM_CLASSES, input_size=cfg.input_size,
