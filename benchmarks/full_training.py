@@ -9,7 +9,9 @@ each, checkpoints, the final test evaluation of the best epoch), without MLflow.
 the fit, seconds and train images/s per epoch, the val curve and the test metrics, so two runs that
 differ in one lever (``amp=off`` against ``amp=bf16``, say) can be compared for both speed and accuracy.
 MLflow is left out on purpose: this measures the training path; ``fer-exp train`` adds its logging
-(per-epoch metrics, then artifacts and the model export at the end) on top.
+(per-epoch metrics, then artifacts and the model export at the end) on top. ``--export PATH`` writes
+the finished run (best weights, history, config, data digests), which ``fer-exp study --import PATH``
+tracks on a machine with MLflow (a GPU machine's runs, say).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def so_far(trainer: Trainer) -> dict:
 
 
 def run(config: str | None, data_source: str | None, sets: list[str], tta: bool = True,
-        partial_json: str | None = None) -> dict:
+        partial_json: str | None = None, export: str | None = None) -> dict:
     overrides = parse_sets(sets)
     if data_source:
         overrides["data"] = data_source
@@ -84,6 +86,8 @@ def run(config: str | None, data_source: str | None, sets: list[str], tta: bool 
     built = time.perf_counter()
     result = trainer.fit()
     done = time.perf_counter()
+    if export:  # the finished run, for `fer-exp study --import` on a machine with MLflow
+        trainer.export(result, export)
     epoch_seconds = [h["epoch_seconds"] for h in result.history]
     device = trainer.device
     return {
@@ -158,6 +162,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     parser.add_argument("--no-tta", action="store_true", help="skip the val/test evaluation with flip and ten-crop TTA")
+    parser.add_argument("--export", default=None, metavar="PATH",
+                        help="also write the finished run there (best weights, history, config): "
+                             "`fer-exp study --import PATH` tracks it where MLflow is")
     parser.add_argument("--study-arms", default=None, metavar="STUDY_FILE",
                         help="print the study file's arms (NAME|options, a line each) and exit")
     parser.add_argument("--arms-on", default=None, metavar="FILE",
@@ -167,7 +174,8 @@ def main(argv=None) -> int:
         print("\n".join(study_arms(args.study_arms, args.arms_on)))
         return 0
     try:
-        result = run(args.config or None, args.data, args.set, tta=not args.no_tta, partial_json=args.json)
+        result = run(args.config or None, args.data, args.set, tta=not args.no_tta, partial_json=args.json,
+                     export=args.export)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,12 @@
 #               in parallel: the CNN recipe and each lever alone (experiments/ablation_cnn.yaml's arms on cnn.yaml,
 #               or $FER_GPU_ABLATIONS; $FER_GPU_EPOCHS epochs, amp $FER_GPU_ACCURACY_AMP, compile
 #               $FER_GPU_ACCURACY_COMPILE), then experiments/best_cnn.yaml for the seeds $FER_GPU_BEST_SEEDS;
-#               every run reports val and test with no, flip and ten-crop TTA (select on val, report test)
+#               every run reports val and test with no, flip and ten-crop TTA (select on val, report test);
+#               the finished runs come back as $OUT/runs.tar.gz.part00, 01, ... (weights, history, config):
+#               mkdir runs && cat runs.tar.gz.part* | tar -xz -C runs; then, where MLflow is, track and compare
+#               them: fer-exp study experiments/ablation_cnn.yaml --data data/fer2013 --seeds 42 --epochs 60
+#               --early-stopping 0 --amp off --import runs (the ablations), and ... --arms best --seeds 42,1,2
+#               --amp off --import runs (best_cnn.yaml's seeds); test is evaluated there, on the same data
 # Results: one JSON per step in $OUT/results/, packed after every step into $OUT/results.tar.gz (the
 # device tool returns at most 8 files: the tarball always holds them all), log.txt and summary.txt in $OUT.
 # Time: every step has its own limit and the whole run a deadline ($FER_GPU_DEADLINE s, 570): a step
@@ -85,6 +90,7 @@ done
 
 OUT="${OUT:-$PWD/gpu-check-out}"
 RESULTS="$OUT/results"
+RUNS="$(mktemp -d)"  # the accuracy step's finished runs (Trainer.export), packed into $OUT as they come
 mkdir -p "$RESULTS"
 PY="${PYTHON:-python3}"
 EPOCHS="${FER_GPU_EPOCHS:-60}"
@@ -148,13 +154,18 @@ parallel_full() {  # step name, seconds allowed, then "json_name|full_training.p
         run="${spec%%|*}"
         read -ra args <<< "${spec#*|}"
         timeout "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$run.json" "${args[@]}" \
-            "${EXTRA_SETS[@]}" > /dev/null 2> "$RESULTS/$run.log" &
+            "${EXTRA_SETS[@]}" --export "$RUNS/$run.pt" > /dev/null 2> "$RESULTS/$run.log" &
         pids+=($!)
     done
     local failed=0 pid
     for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
     echo "== $name: $failed of $# runs failed or ran out of time, after $((SECONDS - start)) s" >&2
     tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null
+    # the finished runs (best weights, history, config; ~2.4 MB each, twice with EMA) in parts of at most
+    # 15 MiB (the device tool returns files up to 16 MiB): cat runs.tar.gz.part* | tar -xz -C runs, then
+    # fer-exp study ... --import runs tracks them where MLflow is
+    rm -f "$OUT"/runs.tar.gz.part*
+    tar -czf - -C "$RUNS" . | split -b 15M -d - "$OUT/runs.tar.gz.part"
 }
 
 for s in "${steps[@]}"; do

@@ -261,12 +261,18 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
 @click.option("--seeds", default="", help="Comma-separated seeds instead of the file's (e.g. 42 for a quick pass).")
 @click.option("--arms", default="", help="Comma-separated arms to make (default: all).")
 @click.option("--dry-run", is_flag=True, help="List the runs and which exist; make nothing.")
+@click.option("--import", "imports", multiple=True, metavar="PATH",
+              help="Track runs trained elsewhere instead of making them: exports (benchmarks/full_training.py "
+                   "--export, gpu_check.sh's accuracy step) or folders of them, matched to arms and seeds by "
+                   "their config; trains nothing (repeatable).")
 @click.option("--output", default="", help="Folder for the comparison (default: reports/<study>-<time>).")
 @config_options
-def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **options) -> None:
+def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[str, ...], output: str, **options) -> None:
     """Make the runs a study file lists (arms x seeds) that are not tracked yet, then compare them.
 
-    Every `fer-exp train` option fixes that field for all runs (e.g. --data, --epochs)."""
+    Every `fer-exp train` option fixes that field for all runs (e.g. --data, --epochs). With --import,
+    runs trained elsewhere (on a GPU machine without MLflow, say) are tracked instead: their test split
+    is evaluated here, on the same data (checked by digest)."""
     from fer_exp.compare import CompareError, compare
     from fer_exp.config import ConfigError
     from fer_exp.data import DataError
@@ -285,7 +291,7 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **
         raise UserError(str(exc)) from None
     stop_on_signals()
     try:
-        run_ids, made = run_study(plan, dry_run=dry_run)
+        run_ids, made = run_study(plan, dry_run=dry_run, imports=list(imports))
     except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
@@ -293,7 +299,7 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, output: str, **
         sys.exit(130)
     if dry_run:
         return
-    click.echo(f"\nmade {len(made)} run(s); comparing all {len(run_ids)} by {plan.group_by}\n")
+    click.echo(f"\n{'imported' if imports else 'made'} {len(made)} run(s); comparing all {len(run_ids)} by {plan.group_by}\n")
     import time
 
     try:

@@ -203,3 +203,70 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                   file=sys.stderr)
             raise
     return RunSummary(run.info.run_id, run.info.experiment_id, uri, result)
+
+
+def read_export(path: str | Path) -> dict:
+    """A finished run's export (:meth:`~fer_exp.train.Trainer.export`), or a ConfigError that says what
+    the file is instead and how to make one."""
+    import pickle
+
+    import torch
+
+    from fer_exp.train import EXPORT_FORMAT
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{path}: cannot be read as a fer-exp run export ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != EXPORT_FORMAT:
+        what = " It is a training checkpoint: a tracked run's is in MLflow already, and an interrupted one resumes " \
+               "with fer-exp train --resume." if isinstance(state, dict) and "optimizer" in state else ""
+        raise ConfigError(f"{path}: not a fer-exp run export.{what} Write exports with "
+                          "benchmarks/full_training.py --export PATH (gpu_check.sh's accuracy step does).")
+    return state
+
+
+def check_same_data(export: dict, data: FerData, source: Path) -> None:
+    """The data here holds the very splits the exported run trained, selected and was tested on."""
+    theirs = export.get("digests", {})
+    differ = [name for name, split in data.splits().items() if theirs.get(name) != split.digest()]
+    if differ:
+        raise ConfigError(f"{source} was trained on other data than {data.source}: its {', '.join(differ)} split(s) "
+                          "differ. Pass the --data it was trained on (the same images), with the same --seed and "
+                          "--val-fraction, so that val and test are the same faces.")
+
+
+def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: dict | None = None) -> RunSummary:
+    """Track a run trained elsewhere without MLflow (its :meth:`~fer_exp.train.Trainer.export`, from a GPU
+    machine, say) as a new FINISHED run of ``cfg.experiment_name``: its config, every epoch's metrics,
+    its best epoch evaluated on test here (the same splits: the digests must match), the figure,
+    tables and predictions, the export as its checkpoint and the model, as ``fer-exp train`` logs a run.
+    Tags say where it trained (device, torch, amp and compile choices) and where test was evaluated."""
+    import mlflow
+
+    from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
+
+    check_tracking_server(tracking_uri())
+    check_same_data(export, data, source)
+    check_output_dir(cfg.output_dir)
+    trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=False, callbacks=[MLflowCallback()])
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.set_experiment(cfg.experiment_name)
+        check_artifact_store(experiment)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
+    trained = export["trained"]
+    with mlflow.start_run(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment.experiment_id,
+                         tags={**(tags or {}), "imported_from": str(source)}, log_system_metrics=False) as run:
+        result = trainer.replay(export, source)
+        where = {"device": trained["device"], "torch_version": trained["torch"], "amp": trained["amp"],
+                 "amp_choice": trained["amp_choice"], "compile_choice": trained["compile_choice"]}
+        mlflow.set_tags({**where, "test_evaluated_on": str(trainer.device),
+                         **({"test_accuracy_where_trained": trained["test_metrics"]["test_accuracy"]}
+                            if "test_accuracy" in trained["test_metrics"] else {})})
+        note = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
+        mlflow.set_tag("mlflow.note.content", f"{note}\n\nTrained on {trained['device']} (torch {trained['torch']}) "
+                       f"without tracking and imported from {source.name}; test evaluated here, on {trainer.device}.")
+    return RunSummary(run.info.run_id, run.info.experiment_id, uri, result)

@@ -100,8 +100,89 @@ def find_made_run(client, experiment_id: str | None, study: StudyFile, planned: 
     return None
 
 
-def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True) -> tuple[list[str], list[str]]:
-    """Make the runs the store lacks; returns (all run ids of the study, the ids made now)."""
+def config_differences(config: dict, planned: PlannedRun) -> list[str]:
+    """How an exported run's config differs from a planned run's, where and how it ran aside, and its
+    data too (the same images under another path: the split digests decide)."""
+    wanted = planned.config.to_dict()
+    return [f"{k}: {config.get(k)!r} there, {v!r} here" for k, v in wanted.items()
+            if k not in EXECUTION_FIELDS and k != "data" and str(config.get(k)) != str(v)]
+
+
+def export_files(paths: list[str]) -> list[Path]:
+    """The .pt files named, and those in the folders named."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(path.glob("*.pt"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ConfigError(f"--import {name}: no such file or folder")
+    if not files:
+        raise ConfigError(f"--import {' '.join(paths)}: no .pt files there")
+    return files
+
+
+def match_exports(study: StudyFile, paths: list[str]) -> tuple[list[tuple[PlannedRun, Path, dict]], list[str]]:
+    """Each export (``Trainer.export``) paired with the planned run whose config it has; and, for those
+    that have none, a line that names the closest planned run and the fields that differ."""
+    from fer_exp.experiment import read_export
+
+    matched, unmatched = [], []
+    for path in export_files(paths):
+        export = read_export(path)
+        differences = {id(p): config_differences(export["config"], p) for p in study.runs}
+        planned = min(study.runs, key=lambda p: len(differences[id(p)]))
+        if differences[id(planned)]:
+            unmatched.append(f"{path}: no run of the study has its config; the closest, {planned.arm} seed "
+                             f"{planned.seed}, differs in {'; '.join(differences[id(planned)])}")
+        else:
+            matched.append((planned, path, export))
+    return matched, unmatched
+
+
+def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool = False) -> list[str]:
+    """Track the study's runs that were trained elsewhere (exports, matched to arms and seeds by their
+    config) and are not in the store yet; returns the ids imported. Exports of no planned run are
+    listed; if none matches, that is an error."""
+    from fer_exp.experiment import import_run, load_run_data
+
+    matched, unmatched = match_exports(study, paths)
+    for line in unmatched:
+        print(f"not imported: {line}", flush=True)
+    if not matched:
+        raise ConfigError(f"none of the exports is a run of {study.path} as configured here: pass the options they "
+                          "were trained with (e.g. --epochs, --amp), and --arms/--seeds for the runs they are")
+    existing = client.get_experiment_by_name(study.experiment_name)
+    imported, taken, data_cache = [], set(), {}
+    for planned, path, export in matched:
+        made = find_made_run(client, existing.experiment_id if existing else None, study, planned)
+        if made or (planned.arm, planned.seed) in taken:
+            print(f"  {planned.arm:20s} seed {planned.seed:<6d} made already ({made or 'by another export'}): "
+                  f"{path} not imported")
+            continue
+        taken.add((planned.arm, planned.seed))
+        if dry_run:
+            print(f"  {planned.arm:20s} seed {planned.seed:<6d} would be imported from {path}")
+            continue
+        here = planned.config  # the exported config, run and tracked here: this data, device, experiment
+        cfg = build_config(export["config"], {"data": here.data, "device": here.device, "output_dir": here.output_dir,
+                                              "experiment_name": study.experiment_name, "system_metrics": False})
+        key = (cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction)
+        if key not in data_cache:
+            data_cache = {key: load_run_data(cfg)}
+        summary = import_run(export, path, cfg, data_cache[key], tags={"study_file": study.name, "arm": planned.arm})
+        print(f"  {planned.arm:20s} seed {planned.seed:<6d} imported from {path}: run {summary.run_id}", flush=True)
+        imported.append(summary.run_id)
+    return imported
+
+
+def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
+              imports: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Make the runs the store lacks; returns (all run ids of the study, the ids made now). With
+    ``imports`` (exports of runs trained elsewhere, or folders of them), track those instead and train
+    nothing: the runs still missing are listed, for the same command without them to make."""
     import mlflow
 
     from fer_exp.experiment import load_run_data, run_experiment
@@ -109,6 +190,7 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True) ->
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
+    new = import_study_runs(study, imports, client, dry_run) if imports else []
     existing = client.get_experiment_by_name(study.experiment_name)
     experiment_id = existing.experiment_id if existing else None
     plan = [(planned, find_made_run(client, experiment_id, study, planned)) for planned in study.runs]
@@ -117,8 +199,10 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True) ->
           f"{len(study.runs) - len(todo)} already made, {len(todo)} to make", flush=True)
     for planned, made in plan:
         print(f"  {planned.arm:20s} seed {planned.seed:<6d} {'made: ' + made if made else 'to make'}")
-    if dry_run:
-        return [made for _, made in plan if made], []
+    if dry_run or imports:
+        if imports and todo and not dry_run:
+            print(f"{len(todo)} run(s) still to make: the same command without --import makes them", flush=True)
+        return [made for _, made in plan if made], new
     data_cache: dict = {}
     ids, new = [], []
     for index, (planned, made) in enumerate(plan):

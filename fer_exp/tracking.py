@@ -65,15 +65,6 @@ def run_page_url(run_id: str, experiment_id: str, uri: str | None = None, base: 
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def data_digest(split) -> str:
-    """A content digest of one split (every pixel and label), so runs on different data tell apart."""
-    import hashlib
-
-    digest = hashlib.sha256(split.images.numpy().tobytes())
-    digest.update(split.labels.numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 def log_data_inputs(data) -> None:
     """The three splits as MLflow dataset inputs (the UI's Datasets panel): source, digest, shape."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -85,7 +76,7 @@ def log_data_inputs(data) -> None:
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all the same one)
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(), source=source,
-                                             name=f"fer2013-{name}", digest=data_digest(split))
+                                             name=f"fer2013-{name}", digest=split.digest())
         mlflow.log_input(dataset, context=contexts[name],
                          tags={"split_rule": data.split_rule[:250], "size": str(len(split))})
 
@@ -106,22 +97,29 @@ class MLflowCallback(Callback):
         self.log_model, self.log_checkpoints = log_model, log_checkpoints
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        cfg, data = trainer.cfg, trainer.data
-        trainable, total = count_parameters(trainer.model)
-        if trainer.resumed_from is None:
-            # `mlflow run` logs its own -P values under the plain names (an empty one means "not given"),
-            # and MLflow never lets a param change, so the resolved config lives under `config.*`.
-            mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
-        else:  # the run's params, inputs and config stay as first logged; how often and where it resumed is kept
+        if trainer.resumed_from is not None:  # params, inputs and config stay as first logged; how often and where it resumed is kept
             run_id = mlflow.active_run().info.run_id
             resumes = int(mlflow.get_run(run_id).data.tags.get("resumes", "0")) + 1
             mlflow.set_tags({"resumes": resumes, f"resume_{resumes}_after_epoch": trainer.epoch})
-            # a kill between an epoch's checkpoint and its metrics: log what the checkpoint's history has
+        else:
+            self.log_run_description(trainer)
+        # the epochs the trainer holds that the run lacks: after a kill between an epoch's checkpoint and
+        # its metrics (a resume), or every epoch of a run trained elsewhere (Trainer.replay)
+        if trainer.history:
+            run_id = mlflow.active_run().info.run_id
             logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
             for row in trainer.history:
                 if row["epoch"] not in logged:
                     self.on_epoch_end(trainer, row["epoch"], row)
-            return
+
+    @staticmethod
+    def log_run_description(trainer: Trainer) -> None:
+        """A new run's config (params and config.yaml), tags, data inputs and description."""
+        cfg, data = trainer.cfg, trainer.data
+        trainable, total = count_parameters(trainer.model)
+        # `mlflow run` logs its own -P values under the plain names (an empty one means "not given"),
+        # and MLflow never lets a param change, so the resolved config lives under `config.*`.
+        mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
         mlflow.set_tags({
             "model": cfg.model, "num_params": total, "num_params_trainable": trainable,
             "data_source": data.source, "data_format": data.format, "split_rule": data.split_rule,
@@ -148,8 +146,9 @@ class MLflowCallback(Callback):
         if result.test_metrics:
             self.log_test_evaluation(trainer, result)
         if self.log_checkpoints:
-            mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
-            mlflow.log_artifact(str(result.last_checkpoint), "checkpoints")
+            for checkpoint in (result.best_checkpoint, result.last_checkpoint):
+                if checkpoint is not None:
+                    mlflow.log_artifact(str(checkpoint), "checkpoints")
         if self.log_model:
             from fer_exp.serving import log_model
 

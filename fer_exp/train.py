@@ -40,6 +40,7 @@ from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
 
+EXPORT_FORMAT = "fer-exp finished run 1"  # Trainer.export's files; what fer-exp study --import reads
 
 class Callback:
     """Hooks into :meth:`Trainer.fit`. Raise :class:`StopTraining` from a hook to end the run early
@@ -100,7 +101,7 @@ class FitResult:
     test_metrics: dict[str, float]  # empty when fit() left the test split alone
     test_probabilities: np.ndarray | None
     best_checkpoint: Path
-    last_checkpoint: Path
+    last_checkpoint: Path | None  # None: a run trained elsewhere (Trainer.replay), whose one file is best_checkpoint
     stopped_early: bool
     seconds: float
     extras: dict = field(default_factory=dict)
@@ -499,9 +500,7 @@ class Trainer:
         if missing:
             raise ValueError(f"{path} was written by an older fer-exp without {', '.join(sorted(missing))}: "
                              "it cannot be resumed exactly")
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+        self.load_weights(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -570,14 +569,58 @@ class Trainer:
         loop_seconds = time.perf_counter() - loop_start
         test_metrics, test_probabilities = {}, None
         if evaluate_test:  # the best epoch, evaluated once on test
-            best = torch.load(best_path, map_location=self.device, weights_only=True)
-            self.model.load_state_dict(best["model"])
-            if self.ema is not None:
-                self.ema.load_state_dict(best["ema"])
+            self.load_weights(torch.load(best_path, map_location=self.device, weights_only=True))
             test_metrics, test_probabilities = self.evaluate("test")
         result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, best_path,
                            last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start,
                            loop_seconds=loop_seconds, step_seconds=step_seconds)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, result)
+        return result
+
+    def load_weights(self, state: dict) -> None:
+        """The weights (and the EMA's, where the run has one) of a checkpoint or an export."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    # -- a run finished elsewhere ---------------------------------------------------------------------
+    def export(self, result: FitResult, path: str | Path) -> Path:
+        """The finished run in one small file, to be tracked on another machine (``fer-exp study
+        --import``; e.g. from a GPU machine without MLflow): the best epoch's weights, the whole history,
+        the selection, the config, the digests of the splits it used, and where and how it trained. No
+        optimiser state or random streams: it is done, not resumable (about the size of the weights)."""
+        best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+        state = {"format": EXPORT_FORMAT, "model": best["model"], **({"ema": best["ema"]} if "ema" in best else {}),
+                 "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
+                 "history": self.history, "config": self.cfg.to_dict(),
+                 "digests": {name: split.digest() for name, split in self.data.splits().items()},
+                 "trained": {"device": device, "torch": str(torch.__version__), "amp": str(self.amp_dtype or "off").replace("torch.", ""),
+                             "amp_choice": self.amp_report,
+                             "compile_choice": self.compile_report, "seconds": result.seconds,
+                             "loop_seconds": result.loop_seconds, "step_seconds": result.step_seconds,
+                             "stopped_early": result.stopped_early,
+                             "test_metrics": {k: float(v) for k, v in result.test_metrics.items()}}}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda partial: torch.save(state, partial))
+        return path
+
+    def replay(self, export: dict, source: Path, evaluate_test: bool = True) -> FitResult:
+        """Tell the callbacks about a run that :meth:`export` wrote (trained elsewhere, by this config)
+        as :meth:`fit` tells them about one it trains: the start (with every epoch of its history), then
+        the end, with its best epoch evaluated on test here. Nothing is trained."""
+        self.load_weights(export)
+        self.epoch, self.history = export["epoch"], list(export["history"])
+        self.best_value, self.best_epoch, self.stale = export["best_value"], export["best_epoch"], export["stale"]
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        test_metrics, test_probabilities = self.evaluate("test") if evaluate_test else ({}, None)
+        trained = export["trained"]
+        result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, Path(source),
+                           None, stopped_early=trained["stopped_early"], seconds=trained["seconds"],
+                           loop_seconds=trained["loop_seconds"], step_seconds=trained["step_seconds"])
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result

@@ -165,3 +165,35 @@ def test_any_study_file_plans_or_is_a_configerror(space, study_block):
             assert str(exc)
         else:
             assert plan.space and all(p.name in FIELDS for p in plan.space)
+
+
+def test_study_import_refuses_what_is_not_an_export_of_this_data(store):
+    """fer-exp study --import takes finished-run exports of the same data only: junk, a training
+    checkpoint, another data set or a missing path is a short error (exit 2), and nothing is tracked."""
+    from fer_exp.config import build_config
+    from fer_exp.train import Trainer
+
+    cfg = build_config({"data": "synthetic:32,8,8", "epochs": 1, "batch_size": 8, "eval_batch_size": 8, "amp": "off"})
+    trainer = Trainer(cfg, load_data(cfg.data, seed=cfg.seed), checkpoint_dir=store / "ckpt", progress=False)
+    trainer.export(trainer.fit(), store / "runs" / "good.pt")
+    (store / "junk").mkdir()
+    (store / "junk" / "x.pt").write_bytes(b"not a torch file")
+    study_file = store / "study.yaml"
+    study_file.write_text(f"seeds: [42]\narms:\n  recipe: {{config: {Path(__file__).parents[1] / 'experiments' / 'cnn.yaml'}}}\n")
+
+    def study(source, data="synthetic:32,8,8"):
+        return CliRunner().invoke(main, ["study", str(study_file), "--data", data, "--epochs", "1", "--batch-size", "8",
+                                         "--amp", "off", "--import", str(source)])
+
+    for source, message in [(store / "junk", "cannot be read as a fer-exp run export"),
+                            (store / "ckpt" / "last.pt", "It is a training checkpoint"),
+                            (store / "nowhere", "no such file or folder"),
+                            (store / "ckpt", "It is a training checkpoint")]:  # last.pt and best.pt
+        result = study(source)
+        assert result.exit_code == 2 and short_error(result.output) and message in result.output, result.output
+    result = study(store / "runs", data="synthetic:40,8,8")
+    assert result.exit_code == 2 and short_error(result.output), result.output
+    assert "good.pt was trained on other data than synthetic:40,8,8: its train" in result.output.replace("\n", "")
+    assert not _runs(store)
+    result = study(store / "runs")
+    assert result.exit_code == 0 and len(_runs(store)) == 2, result.output  # the run, and the comparison

@@ -1,5 +1,6 @@
 """The throughput benchmark runs end to end on a small synthetic set (correctness, not timing)."""
 
+import io
 import json
 import os
 import subprocess
@@ -274,6 +275,50 @@ def test_gpu_check_accuracy_step_runs_its_arms_in_parallel_with_tta(tmp_path):
     best = json.loads((results / "best_cnn_seed7.json").read_text())
     assert best["config"]["seed"] == 7 and best["config"]["ema_decay"] == 0.999 and best["epochs_run"] == 1
     assert "0 of 2 runs failed" in proc.stdout + proc.stderr and "ablation_ema-shift" in (out / "summary.txt").read_text()
+
+    # the finished runs come back in parts; where MLflow is, the study tracks them (test evaluated here)
+    parts = sorted(out.glob("runs.tar.gz.part*"))
+    assert [p.name for p in parts] == ["runs.tar.gz.part00"]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts)), mode="r:gz") as tar:
+        tar.extractall(runs, filter="data")
+    assert {p.name for p in runs.glob("*.pt")} == {"ablation_recipe.pt", "ablation_ema-shift.pt", "best_cnn_seed7.pt"}
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(f"experiment_name: gpu_runs\nseeds: [42]\narms:\n  recipe: {{config: {REPO}/experiments/cnn.yaml}}\n"
+                          f"  ema-shift: {{config: {REPO}/experiments/cnn.yaml, set: {{ema_decay: 0.9, aug_shift: 0.1}}}}\n"
+                          f"  best: {{config: {REPO}/experiments/best_cnn.yaml}}\n")
+    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    same = ["--data", "synthetic:64,16,16", "--amp", "off", "--batch-size", "16", "--import", str(runs)]
+
+    def study(*args):
+        return subprocess.run([sys.executable, "-m", "fer_exp.cli", "study", str(study_file), *args, *same,
+                               "--output", str(tmp_path / "report")], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    ablations = study("--epochs", "1", "--early-stopping", "0")
+    assert ablations.returncode == 0, ablations.stdout[-3000:] + ablations.stderr[-3000:]
+    assert "recipe               seed 42     imported from" in ablations.stdout
+    assert "ema-shift            seed 42     imported from" in ablations.stdout
+    assert "best_cnn_seed7.pt: no run of the study has its config; the closest, best seed 42, differs in" in ablations.stdout
+    assert "seed: 7 there, 42 here" in ablations.stdout
+    assert "1 run(s) still to make" in ablations.stdout and "| recipe | 1 |" in ablations.stdout
+    best = study("--arms", "best", "--seeds", "7", "--epochs", "1")
+    assert best.returncode == 0, best.stdout[-3000:] + best.stderr[-3000:]
+    assert "best                 seed 7      imported from" in best.stdout and "| best | 1 |" in best.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("gpu_runs").experiment_id],
+                               filter_string="tags.arm = 'ema-shift'")
+    trained = json.loads((results / "ablation_ema-shift.json").read_text())
+    assert run.info.status == "FINISHED" and run.data.params["config.ema_decay"] == "0.9"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == trained["val_accuracy"]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(trained["test_accuracy"], abs=0.07)  # 1 of 16 may flip
+    assert run.data.tags["test_accuracy_where_trained"] == str(trained["test_accuracy"])
+    again = study("--epochs", "1", "--early-stopping", "0", "--dry-run")
+    assert again.returncode == 0 and again.stdout.count("made already") == 2 and "would be imported" not in again.stdout
 
 
 def test_pruning_replay_feeds_a_finished_study_through_the_pruners(tmp_path):

@@ -36,6 +36,14 @@ class Split:
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=NUM_CLASSES).tolist()
 
+    def digest(self) -> str:
+        """A content digest of the split (every pixel and label), so runs on different data tell apart."""
+        import hashlib
+
+        digest = hashlib.sha256(self.images.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()[:12]
+
     def subset(self, index: torch.Tensor) -> "Split":
         index = torch.as_tensor(index, dtype=torch.int64)
         return Split(self.images[index], self.labels[index], [self.sources[i] for i in index.tolist()])
