@@ -29,10 +29,12 @@
 #               the finished runs come back as $OUT/runs.tar.gz.part00, 01, ... (weights, history, config):
 #               mkdir runs && cat runs.tar.gz.part* | tar -xz -C runs; then, where MLflow is, track and compare
 #               them: fer-exp study experiments/ablation_cnn.yaml --data data/fer2013 --seeds 42 --epochs 60
-#               --early-stopping 0 --amp off --import runs (the ablations), and ... --arms best --seeds 42,1,2
-#               --amp off --import runs (best_cnn.yaml's seeds); test is evaluated there, on the same data
-# Results: one JSON per step in $OUT/results/, packed after every step into $OUT/results.tar.gz (the
-# device tool returns at most 8 files: the tarball always holds them all), log.txt and summary.txt in $OUT.
+#               --early-stopping 0 --amp off --arms recipe,shift-zoom,rotation-20,erasing-0.5,smoothing,ema,mixup,unweighted --import runs
+#               (the ablations), and ... --arms best --seeds 42,1,2 --amp off --import runs (best_cnn.yaml's
+#               seeds); test is evaluated there, on the same data
+# Results: one JSON (and log) per step, packed after every step into $OUT/results.tar.gz, beside log.txt,
+# summary.txt and the accuracy step's runs.tar.gz.part*: nothing else in $OUT (the device tool returns at
+# most 8 files, 16 MiB each).
 # Time: every step has its own limit and the whole run a deadline ($FER_GPU_DEADLINE s, 570): a step
 # that cannot start with 30 s left is skipped and said so, so one call of the device tool always
 # returns what it measured; a second call can name the steps left.
@@ -89,9 +91,11 @@ for s in "${steps[@]}"; do  # a typo must not cost device minutes: check before 
 done
 
 OUT="${OUT:-$PWD/gpu-check-out}"
-RESULTS="$OUT/results"
-RUNS="$(mktemp -d)"  # the accuracy step's finished runs (Trainer.export), packed into $OUT as they come
-mkdir -p "$RESULTS"
+# the device tool returns at most 8 files from $OUT, so what the steps write lives outside it and comes
+# back packed: results.tar.gz (JSON and logs), runs.tar.gz.part* (the accuracy step's finished runs)
+RESULTS="$(mktemp -d)"
+RUNS="$(mktemp -d)"
+mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 EPOCHS="${FER_GPU_EPOCHS:-60}"
 RESNET_EPOCHS="${FER_GPU_RESNET_EPOCHS:-2}"
@@ -164,8 +168,10 @@ parallel_full() {  # step name, seconds allowed, then "json_name|full_training.p
     # the finished runs (best weights, history, config; ~2.4 MB each, twice with EMA) in parts of at most
     # 15 MiB (the device tool returns files up to 16 MiB): cat runs.tar.gz.part* | tar -xz -C runs, then
     # fer-exp study ... --import runs tracks them where MLflow is
-    rm -f "$OUT"/runs.tar.gz.part*
-    tar -czf - -C "$RUNS" . | split -b 15M -d - "$OUT/runs.tar.gz.part"
+    local parts
+    parts="$(mktemp -d)"  # packed aside, then swapped in: a kill meanwhile leaves the previous parts whole
+    tar -czf - -C "$RUNS" . | split -b 15M -d - "$parts/runs.tar.gz.part" &&
+        rm -f "$OUT"/runs.tar.gz.part* && mv "$parts"/runs.tar.gz.part* "$OUT"/
 }
 
 for s in "${steps[@]}"; do

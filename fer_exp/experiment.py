@@ -208,16 +208,15 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
 def read_export(path: str | Path) -> dict:
     """A finished run's export (:meth:`~fer_exp.train.Trainer.export`), or a ConfigError that says what
     the file is instead and how to make one."""
-    import pickle
-
     import torch
 
     from fer_exp.train import EXPORT_FORMAT
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ConfigError(f"{path}: cannot be read as a fer-exp run export ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the file holds, the answer is the same
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{path}: cannot be read as a fer-exp run export ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != EXPORT_FORMAT:
         what = " It is a training checkpoint: a tracked run's is in MLflow already, and an interrupted one resumes " \
                "with fer-exp train --resume." if isinstance(state, dict) and "optimizer" in state else ""
@@ -226,14 +225,15 @@ def read_export(path: str | Path) -> dict:
     return state
 
 
-def check_same_data(export: dict, data: FerData, source: Path) -> None:
-    """The data here holds the very splits the exported run trained, selected and was tested on."""
+def check_same_data(export: dict, digests: dict[str, str], source: Path, data_source: str) -> None:
+    """The data here (the ``digests`` of its splits) holds the very faces the exported run trained,
+    selected and was tested on."""
     theirs = export.get("digests", {})
-    differ = [name for name, split in data.splits().items() if theirs.get(name) != split.digest()]
+    differ = [name for name, digest in digests.items() if theirs.get(name) != digest]
     if differ:
-        raise ConfigError(f"{source} was trained on other data than {data.source}: its {', '.join(differ)} split(s) "
-                          "differ. Pass the --data it was trained on (the same images), with the same --seed and "
-                          "--val-fraction, so that val and test are the same faces.")
+        raise ConfigError(f"{source} was trained on other data than {data_source}: its {', '.join(differ)} split(s) "
+                          "differ (other images or labels, another on_bad, or a hold-out drawn otherwise). Pass the "
+                          "--data it was trained on, a copy of the same images.")
 
 
 def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: dict | None = None) -> RunSummary:
@@ -247,9 +247,16 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
     from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
 
     check_tracking_server(tracking_uri())
-    check_same_data(export, data, source)
+    check_same_data(export, {name: split.digest() for name, split in data.splits().items()}, source, data.source)
     check_output_dir(cfg.output_dir)
-    trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=False, callbacks=[MLflowCallback()])
+    trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=False, callbacks=[MLflowCallback()],
+                      load_pretrained=False)
+    try:
+        trainer.adopt(export)
+    except (RuntimeError, KeyError) as exc:
+        raise ConfigError(f"{source}: its weights do not fit the {cfg.model} built from its config "
+                          f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}); was it written by another "
+                          "fer-exp version?") from None
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
@@ -260,10 +267,11 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
     trained = export["trained"]
     with mlflow.start_run(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment.experiment_id,
                          tags={**(tags or {}), "imported_from": str(source)}, log_system_metrics=False) as run:
-        result = trainer.replay(export, source)
+        result = trainer.replay(trained, source)
         where = {"device": trained["device"], "torch_version": trained["torch"], "amp": trained["amp"],
                  "amp_choice": trained["amp_choice"], "compile_choice": trained["compile_choice"]}
         mlflow.set_tags({**where, "test_evaluated_on": str(trainer.device),
+                         "test_amp": str(trainer.amp_dtype or "off").replace("torch.", ""),
                          **({"test_accuracy_where_trained": trained["test_metrics"]["test_accuracy"]}
                             if "test_accuracy" in trained["test_metrics"] else {})})
         note = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")

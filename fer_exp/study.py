@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer_exp.config import EXECUTION_FIELDS, Config, ConfigError, build_config, coerce, read_experiment, read_yaml
+from fer_exp.config import EXECUTION_FIELDS, FIELDS, Config, ConfigError, build_config, coerce, read_experiment, read_yaml
 STUDY_KEYS = ("experiment_name", "seeds", "arms", "compare")
 
 
@@ -125,13 +125,23 @@ def export_files(paths: list[str]) -> list[Path]:
 
 
 def match_exports(study: StudyFile, paths: list[str]) -> tuple[list[tuple[PlannedRun, Path, dict]], list[str]]:
-    """Each export (``Trainer.export``) paired with the planned run whose config it has; and, for those
-    that have none, a line that names the closest planned run and the fields that differ."""
+    """Each export (``Trainer.export``) paired with the planned run whose config it has; and, for the
+    files that are not, a line that says why (not an export; or the closest planned run and the fields
+    that differ)."""
     from fer_exp.experiment import read_export
 
     matched, unmatched = [], []
     for path in export_files(paths):
-        export = read_export(path)
+        try:
+            export = read_export(path)
+        except ConfigError as exc:
+            unmatched.append(str(exc))
+            continue
+        unknown = sorted(set(export["config"]) - set(FIELDS))
+        if unknown:
+            unmatched.append(f"{path}: written by another fer-exp version (config field(s) {', '.join(unknown)} "
+                             "unknown here)")
+            continue
         differences = {id(p): config_differences(export["config"], p) for p in study.runs}
         planned = min(study.runs, key=lambda p: len(differences[id(p)]))
         if differences[id(planned)]:
@@ -144,18 +154,19 @@ def match_exports(study: StudyFile, paths: list[str]) -> tuple[list[tuple[Planne
 
 def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool = False) -> list[str]:
     """Track the study's runs that were trained elsewhere (exports, matched to arms and seeds by their
-    config) and are not in the store yet; returns the ids imported. Exports of no planned run are
-    listed; if none matches, that is an error."""
-    from fer_exp.experiment import import_run, load_run_data
+    config) and are not in the store yet; returns the ids imported. Files of no planned run are
+    listed; if none matches, that is an error. Every export's data is checked (by digest) before any
+    is imported, so a wrong --data imports nothing."""
+    from fer_exp.experiment import check_same_data, import_run, load_run_data
 
     matched, unmatched = match_exports(study, paths)
     for line in unmatched:
         print(f"not imported: {line}", flush=True)
     if not matched:
-        raise ConfigError(f"none of the exports is a run of {study.path} as configured here: pass the options they "
-                          "were trained with (e.g. --epochs, --amp), and --arms/--seeds for the runs they are")
+        raise ConfigError(f"none of the files is an export of a run of {study.path} as configured here: pass the "
+                          "options they were trained with (e.g. --epochs, --amp), and --arms/--seeds for the runs they are")
     existing = client.get_experiment_by_name(study.experiment_name)
-    imported, taken, data_cache = [], set(), {}
+    todo, taken, digests = [], set(), {}
     for planned, path, export in matched:
         made = find_made_run(client, existing.experiment_id if existing else None, study, planned)
         if made or (planned.arm, planned.seed) in taken:
@@ -163,12 +174,20 @@ def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool 
                   f"{path} not imported")
             continue
         taken.add((planned.arm, planned.seed))
+        here = planned.config  # the exported config, tracked here: this data, device, experiment; not compiled
+        cfg = build_config(export["config"], {"data": here.data, "device": here.device, "output_dir": here.output_dir,
+                                              "experiment_name": study.experiment_name, "register": here.register,
+                                              "system_metrics": False, "compile": "off"})
+        key = (cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction)
+        if key not in digests:  # one data set in memory at a time
+            digests[key] = {name: split.digest() for name, split in load_run_data(cfg).splits().items()}
+        check_same_data(export, digests[key], path, cfg.data)
+        todo.append((planned, path, export, cfg))
+    imported, data_cache = [], {}
+    for planned, path, export, cfg in todo:
         if dry_run:
             print(f"  {planned.arm:20s} seed {planned.seed:<6d} would be imported from {path}")
             continue
-        here = planned.config  # the exported config, run and tracked here: this data, device, experiment
-        cfg = build_config(export["config"], {"data": here.data, "device": here.device, "output_dir": here.output_dir,
-                                              "experiment_name": study.experiment_name, "system_metrics": False})
         key = (cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction)
         if key not in data_cache:
             data_cache = {key: load_run_data(cfg)}

@@ -249,7 +249,10 @@ class WeightAverage:
 class Trainer:
     """Trains ``cfg.model`` on ``data``; ``fit()`` runs the epochs and the final test evaluation."""
 
-    def __init__(self, cfg: Config, data: FerData, checkpoint_dir: str | Path, callbacks=(), progress: bool = True):
+    def __init__(self, cfg: Config, data: FerData, checkpoint_dir: str | Path, callbacks=(), progress: bool = True,
+                 load_pretrained: bool = True):
+        """``load_pretrained`` False: the weights will come from elsewhere (an export), so the
+        pretrained ones (``cfg.pretrained``) are not fetched."""
         self.cfg, self.data, self.callbacks, self.progress = cfg, data, list(callbacks), progress
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
@@ -259,7 +262,8 @@ class Trainer:
         if self.device.type == "cuda":  # every batch has the same shape: let cuDNN pick its fastest kernels once
             torch.backends.cudnn.benchmark = True
         self.model = build_model(cfg.model, num_classes=NUM_CLASSES, input_size=cfg.input_size,
-                                 freeze_depth=cfg.freeze_depth, pretrained=cfg.pretrained, dropout=cfg.dropout)
+                                 freeze_depth=cfg.freeze_depth, pretrained=cfg.pretrained if load_pretrained else "none",
+                                 dropout=cfg.dropout)
         self.model.to(self.device, memory_format=self.memory_format)
         # the whole dataset lives on the training device as uint8
         self.splits = {name: (split.images.to(self.device), split.labels.to(self.device))
@@ -607,17 +611,20 @@ class Trainer:
         write_atomically(path, lambda partial: torch.save(state, partial))
         return path
 
-    def replay(self, export: dict, source: Path, evaluate_test: bool = True) -> FitResult:
-        """Tell the callbacks about a run that :meth:`export` wrote (trained elsewhere, by this config)
-        as :meth:`fit` tells them about one it trains: the start (with every epoch of its history), then
-        the end, with its best epoch evaluated on test here. Nothing is trained."""
+    def adopt(self, export: dict) -> None:
+        """Take over a run that :meth:`export` wrote (trained elsewhere, by this config): its best
+        weights, its history and selection. A model that does not fit the weights raises RuntimeError."""
         self.load_weights(export)
         self.epoch, self.history = export["epoch"], list(export["history"])
         self.best_value, self.best_epoch, self.stale = export["best_value"], export["best_epoch"], export["stale"]
+
+    def replay(self, trained: dict, source: Path, evaluate_test: bool = True) -> FitResult:
+        """Tell the callbacks about the run :meth:`adopt` took over as :meth:`fit` tells them about one it
+        trains: the start (with every epoch of its history), then the end, with its best epoch evaluated
+        on test here. ``trained``: the export's account of where and how long it trained. Nothing is trained."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
         test_metrics, test_probabilities = self.evaluate("test") if evaluate_test else ({}, None)
-        trained = export["trained"]
         result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, Path(source),
                            None, stopped_early=trained["stopped_early"], seconds=trained["seconds"],
                            loop_seconds=trained["loop_seconds"], step_seconds=trained["step_seconds"])
