@@ -110,9 +110,9 @@ def probability_frame(probabilities: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-# MLflow asks for type hints on predict to validate inputs itself; this model checks its two input kinds
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+# MLflow asks for type hints on predict to validate inputs itself; this model checks its two input kinds.
+# (MLflow shows that warning under a filter of its own, so "ignore" does not hold: it is recorded, unshown.)
+with warnings.catch_warnings(record=True):
 
     class EmotionModel(mlflow.pyfunc.PythonModel):
         """The served model (see the module docstring)."""

@@ -298,3 +298,14 @@ def test_evaluate_an_ensemble_with_tta_logs_a_comparable_run(trained):
     compared = invoke("compare", "--experiment", "use", "--output", trained["tmp"] / "cmp", "--no-log")
     assert compared.exit_code == 0, compared.output
     assert "cnn+cnn+tta:flip" in compared.output
+
+
+def test_the_served_model_class_defines_without_mlflows_type_hint_warning():
+    """Every training logs the model, so importing the serving module once printed MLflow's warning
+    about predict's type hints (shown under MLflow's own 'once' filter, past an 'ignore')."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", "import fer_exp.serving"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "type hint" not in proc.stderr.lower(), proc.stderr[-2000:]
