@@ -10,7 +10,7 @@ the fit, seconds and train images/s per epoch, the val curve and the test metric
 differ in one lever (``amp=off`` against ``amp=bf16``, say) can be compared for both speed and accuracy.
 MLflow is left out on purpose: this measures the training path; ``fer-exp train`` adds its logging
 (per-epoch metrics, then artifacts and the model export at the end) on top. ``--export PATH`` writes
-the finished run (best weights, history, config, data digests), which ``fer-exp study --import PATH``
+the finished run (best weights, history, config, the data's fingerprint), which ``fer-exp study --import PATH``
 tracks on a machine with MLflow (a GPU machine's runs, say).
 """
 

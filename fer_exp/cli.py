@@ -272,7 +272,7 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
 
     Every `fer-exp train` option fixes that field for all runs (e.g. --data, --epochs). With --import,
     runs trained elsewhere (on a GPU machine without MLflow, say) are tracked instead: their test split
-    is evaluated here, on the same data (checked by digest)."""
+    is evaluated here, on the same faces (checked: the same splits' members)."""
     from fer_exp.compare import CompareError, compare
     from fer_exp.config import ConfigError
     from fer_exp.data import DataError

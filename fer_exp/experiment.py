@@ -225,21 +225,24 @@ def read_export(path: str | Path) -> dict:
     return state
 
 
-def check_same_data(export: dict, digests: dict[str, str], source: Path, data_source: str) -> None:
-    """The data here (the ``digests`` of its splits) holds the very faces the exported run trained,
-    selected and was tested on."""
-    theirs = export.get("digests", {})
-    differ = [name for name, digest in digests.items() if theirs.get(name) != digest]
+def check_same_data(export: dict, fingerprint: dict, source: Path, data_source: str) -> bool:
+    """The data here (its :meth:`~fer_exp.data.FerData.fingerprint`) holds the very faces, labels and
+    splits the exported run trained, selected and was tested on; returns whether the pixels are
+    identical too (another machine's image decoder may differ by a grey level)."""
+    theirs = export.get("data", {})
+    differ = [name for name, digest in fingerprint["members"].items() if theirs.get("members", {}).get(name) != digest]
     if differ:
         raise ConfigError(f"{source} was trained on other data than {data_source}: its {', '.join(differ)} split(s) "
-                          "differ (other images or labels, another on_bad, or a hold-out drawn otherwise). Pass the "
-                          "--data it was trained on, a copy of the same images.")
+                          "hold other faces or labels (other images, another on_bad, or a hold-out drawn otherwise). "
+                          "Pass the --data it was trained on, a copy of the same images.")
+    return theirs.get("pixels") == fingerprint["pixels"]
 
 
 def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: dict | None = None) -> RunSummary:
     """Track a run trained elsewhere without MLflow (its :meth:`~fer_exp.train.Trainer.export`, from a GPU
     machine, say) as a new FINISHED run of ``cfg.experiment_name``: its config, every epoch's metrics,
-    its best epoch evaluated on test here (the same splits: the digests must match), the figure,
+    its best epoch evaluated on test here (the same faces in the same splits: the fingerprints' members
+    must match; tag ``same_pixels_where_trained`` says whether the decoded pixels did too), the figure,
     tables and predictions, the export as its checkpoint and the model, as ``fer-exp train`` logs a run.
     Tags say where it trained (device, torch, amp and compile choices) and where test was evaluated."""
     import mlflow
@@ -247,7 +250,7 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
     from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
 
     check_tracking_server(tracking_uri())
-    check_same_data(export, {name: split.digest() for name, split in data.splits().items()}, source, data.source)
+    same_pixels = check_same_data(export, data.fingerprint(), source, data.source)
     check_output_dir(cfg.output_dir)
     trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=False, callbacks=[MLflowCallback()],
                       load_pretrained=False)
@@ -272,6 +275,7 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
                  "amp_choice": trained["amp_choice"], "compile_choice": trained["compile_choice"]}
         mlflow.set_tags({**where, "test_evaluated_on": str(trainer.device),
                          "test_amp": str(trainer.amp_dtype or "off").replace("torch.", ""),
+                         "same_pixels_where_trained": same_pixels,
                          **({"test_accuracy_where_trained": trained["test_metrics"]["test_accuracy"]}
                             if "test_accuracy" in trained["test_metrics"] else {})})
         note = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")

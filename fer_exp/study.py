@@ -102,7 +102,7 @@ def find_made_run(client, experiment_id: str | None, study: StudyFile, planned: 
 
 def config_differences(config: dict, planned: PlannedRun) -> list[str]:
     """How an exported run's config differs from a planned run's, where and how it ran aside, and its
-    data too (the same images under another path: the split digests decide)."""
+    data too (the same images under another path: the splits' fingerprints decide)."""
     wanted = planned.config.to_dict()
     return [f"{k}: {config.get(k)!r} there, {v!r} here" for k, v in wanted.items()
             if k not in EXECUTION_FIELDS and k != "data" and str(config.get(k)) != str(v)]
@@ -155,8 +155,8 @@ def match_exports(study: StudyFile, paths: list[str]) -> tuple[list[tuple[Planne
 def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool = False) -> list[str]:
     """Track the study's runs that were trained elsewhere (exports, matched to arms and seeds by their
     config) and are not in the store yet; returns the ids imported. Files of no planned run are
-    listed; if none matches, that is an error. Every export's data is checked (by digest) before any
-    is imported, so a wrong --data imports nothing."""
+    listed; if none matches, that is an error. Every export's data is checked (its splits' members)
+    before any is imported, so a wrong --data imports nothing."""
     from fer_exp.experiment import check_same_data, import_run, load_run_data
 
     matched, unmatched = match_exports(study, paths)
@@ -166,7 +166,7 @@ def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool 
         raise ConfigError(f"none of the files is an export of a run of {study.path} as configured here: pass the "
                           "options they were trained with (e.g. --epochs, --amp), and --arms/--seeds for the runs they are")
     existing = client.get_experiment_by_name(study.experiment_name)
-    todo, taken, digests = [], set(), {}
+    todo, taken, fingerprints = [], set(), {}
     for planned, path, export in matched:
         made = find_made_run(client, existing.experiment_id if existing else None, study, planned)
         if made or (planned.arm, planned.seed) in taken:
@@ -179,9 +179,11 @@ def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool 
                                               "experiment_name": study.experiment_name, "register": here.register,
                                               "system_metrics": False, "compile": "off"})
         key = (cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction)
-        if key not in digests:  # one data set in memory at a time
-            digests[key] = {name: split.digest() for name, split in load_run_data(cfg).splits().items()}
-        check_same_data(export, digests[key], path, cfg.data)
+        if key not in fingerprints:  # one data set in memory at a time
+            fingerprints[key] = load_run_data(cfg).fingerprint()
+        if not check_same_data(export, fingerprints[key], path, cfg.data):
+            print(f"  {path}: the same faces, labels and splits, but decoded to other pixels (another image "
+                  "decoder where it trained); test is evaluated on the pixels here", flush=True)
         todo.append((planned, path, export, cfg))
     imported, data_cache = [], {}
     for planned, path, export, cfg in todo:

@@ -592,14 +592,14 @@ class Trainer:
     def export(self, result: FitResult, path: str | Path) -> Path:
         """The finished run in one small file, to be tracked on another machine (``fer-exp study
         --import``; e.g. from a GPU machine without MLflow): the best epoch's weights, the whole history,
-        the selection, the config, the digests of the splits it used, and where and how it trained. No
+        the selection, the config, the fingerprint of the splits it used, and where and how it trained. No
         optimiser state or random streams: it is done, not resumable (about the size of the weights)."""
         best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
         state = {"format": EXPORT_FORMAT, "model": best["model"], **({"ema": best["ema"]} if "ema" in best else {}),
                  "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
                  "history": self.history, "config": self.cfg.to_dict(),
-                 "digests": {name: split.digest() for name, split in self.data.splits().items()},
+                 "data": self.data.fingerprint(),
                  "trained": {"device": device, "torch": str(torch.__version__), "amp": str(self.amp_dtype or "off").replace("torch.", ""),
                              "amp_choice": self.amp_report,
                              "compile_choice": self.compile_report, "seconds": result.seconds,

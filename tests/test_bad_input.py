@@ -195,5 +195,15 @@ def test_study_import_refuses_what_is_not_an_export_of_this_data(store):
     assert result.exit_code == 2 and short_error(result.output), result.output
     assert "good.pt was trained on other data than synthetic:40,8,8: its train" in result.output.replace("\n", "")
     assert not _runs(store)
-    result = study(store / "runs")
-    assert result.exit_code == 0 and len(_runs(store)) == 2, result.output  # the run, and the comparison
+    # the same faces decoded to other pixels where it trained (another libjpeg): imported, and said so
+    import torch
+
+    export = torch.load(store / "runs" / "good.pt", weights_only=True)
+    export["data"]["pixels"]["test"] = "0" * 12
+    (store / "decoded").mkdir()
+    torch.save(export, store / "decoded" / "good.pt")
+    result = study(store / "decoded")
+    assert result.exit_code == 0 and "decoded to other pixels" in result.output, result.output
+    [run] = [r for r in _runs(store) if r.data.tags.get("arm") == "recipe"]
+    assert run.data.tags["same_pixels_where_trained"] == "False" and len(_runs(store)) == 2  # and the comparison
+    assert "made already" in study(store / "runs").output

@@ -44,6 +44,15 @@ class Split:
         digest.update(self.labels.numpy().tobytes())
         return digest.hexdigest()[:12]
 
+    def members_digest(self) -> str:
+        """A digest of which samples the split holds and their labels (source ids, not pixels: another
+        machine's image decoder may differ by a grey level and still hold the same faces)."""
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(self.sources).encode())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()[:12]
+
     def subset(self, index: torch.Tensor) -> "Split":
         index = torch.as_tensor(index, dtype=torch.int64)
         return Split(self.images[index], self.labels[index], [self.sources[i] for i in index.tolist()])
@@ -93,6 +102,11 @@ class FerData:
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def fingerprint(self) -> dict[str, dict[str, str]]:
+        """Per split, the digest of its members (which faces, which labels) and of its pixels."""
+        return {"members": {name: split.members_digest() for name, split in self.splits().items()},
+                "pixels": {name: split.digest() for name, split in self.splits().items()}}
 
     def summary(self) -> dict:
         """A JSON-friendly description: format, split rule, per-split x per-class counts, imbalance."""
