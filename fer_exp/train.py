@@ -42,6 +42,7 @@ from fer_exp.models import build_model
 
 EXPORT_FORMAT = "fer-exp finished run 1"  # Trainer.export's files; what fer-exp study --import reads
 
+
 class Callback:
     """Hooks into :meth:`Trainer.fit`. Raise :class:`StopTraining` from a hook to end the run early
     without a result (a pruned tuning trial, say); set ``trainer.should_stop`` to end it after this
@@ -596,16 +597,13 @@ class Trainer:
         optimiser state or random streams: it is done, not resumable (about the size of the weights)."""
         best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+        trained = {"device": device, "torch": str(torch.__version__), "amp": str(self.amp_dtype or "off").replace("torch.", ""),
+                   "amp_choice": self.amp_report, "compile_choice": self.compile_report, "seconds": result.seconds,
+                   "loop_seconds": result.loop_seconds, "step_seconds": result.step_seconds,
+                   "stopped_early": result.stopped_early, "test_metrics": {k: float(v) for k, v in result.test_metrics.items()}}
         state = {"format": EXPORT_FORMAT, "model": best["model"], **({"ema": best["ema"]} if "ema" in best else {}),
                  "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
-                 "history": self.history, "config": self.cfg.to_dict(),
-                 "data": self.data.fingerprint(),
-                 "trained": {"device": device, "torch": str(torch.__version__), "amp": str(self.amp_dtype or "off").replace("torch.", ""),
-                             "amp_choice": self.amp_report,
-                             "compile_choice": self.compile_report, "seconds": result.seconds,
-                             "loop_seconds": result.loop_seconds, "step_seconds": result.step_seconds,
-                             "stopped_early": result.stopped_early,
-                             "test_metrics": {k: float(v) for k, v in result.test_metrics.items()}}}
+                 "history": self.history, "config": self.cfg.to_dict(), "data": self.data.fingerprint(), "trained": trained}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda partial: torch.save(state, partial))
