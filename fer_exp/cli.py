@@ -8,7 +8,7 @@ import sys
 import click
 
 from fer_exp.classes import CLASS_NAMES
-from fer_exp.config import EVALUATION_SPLITS, TTA_CHOICES
+from fer_exp.config import EVALUATION_SPLITS, TTA_OPTIONS
 
 
 class UserError(click.ClickException):
@@ -181,7 +181,9 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
     click.echo(
         f"\nrun {summary.run_id} finished: best epoch {r.best_epoch} ({cfg.select_metric} {r.best_value:.4f}), "
         f"{r.seconds:.0f} s\n"
-        f"test: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
+        + (f"test-time augmentation chosen on val: {r.tta} ("
+           + ", ".join(f"{k} {v:.4f}" for k, v in r.tta_val.items()) + ")\n" if r.tta_val else "")
+        + f"test{f' ({r.tta} TTA)' if r.tta != 'none' else ''}: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
         f"per class accuracy: " + "  ".join(f"{c} {t[f'test_acc_{c}']:.3f}" for c in CLASS_NAMES) + "\n"
         f"tracking: {mask_url(summary.tracking_uri)} (experiment id {summary.experiment_id})\n"
         + ui_hint(summary.run_id, summary.experiment_id, summary.tracking_uri)
@@ -319,8 +321,9 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
               help="runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint "
                    "(best.pt) or weights file; repeat it to average several models.")
 @click.option("--detect-faces", is_flag=True, help="Find faces with OpenCV's Haar cascade and classify each one.")
-@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
-              help="Test-time augmentation: average over the mirror image (flip) or ten crops and their mirrors.")
+@click.option("--tta", type=click.Choice(TTA_OPTIONS), default="model", show_default=True,
+              help="Test-time augmentation: average over the mirror image (flip) or ten crops and their mirrors; "
+                   "model: the one each model's run was tested with (its tag test_tta; none for a checkpoint of a tta-auto run).")
 @click.option("--output", default="", help="Write the predictions to this .csv or .json file.")
 @click.option("--show", "show_dir", default="", help="Save the images with boxes and labels drawn into this folder.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
@@ -355,7 +358,8 @@ def predict(images, model_uris, detect_faces, tta, output, show_dir, device) -> 
               help="A model URI or checkpoint (see fer-exp predict); repeat it for an ensemble (softmax averaged).")
 @click.option("--data", "data_source", default="", help="Data source (default: the first model's training data).")
 @click.option("--split", type=click.Choice(EVALUATION_SPLITS), default="test", show_default=True, help="Split to evaluate.")
-@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True, help="Test-time augmentation.")
+@click.option("--tta", type=click.Choice(TTA_OPTIONS), default="model", show_default=True,
+              help="Test-time augmentation (see fer-exp predict); to choose one, compare them on --split val.")
 @click.option("--experiment-name", default="", help="MLflow experiment of the evaluation run (default: the first model's).")
 @click.option("--log/--no-log", default=True, show_default=True, help="Log the evaluation as an MLflow run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")

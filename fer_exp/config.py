@@ -15,6 +15,10 @@ from pathlib import Path
 
 import yaml
 
+# fer-exp predict / evaluate: test-time augmentation, and the splits an evaluation may use
+TTA_CHOICES = ("none", "flip", "tencrop")
+TTA_OPTIONS = ("model", *TTA_CHOICES)  # predict / evaluate / serve: "model" = each model's own, the one its run tested with
+EVALUATION_SPLITS = ("test", "val")
 CHOICES: dict[str, tuple] = {
     "model": ("cnn", "resnet18"),
     "scheduler": ("cosine", "onecycle", "plateau", "none"),
@@ -22,6 +26,7 @@ CHOICES: dict[str, tuple] = {
     "amp": ("auto", "bf16", "off"),
     "compile": ("auto", "off", "default", "reduce-overhead", "max-autotune"),
     "select_metric": ("val_accuracy", "val_macro_f1", "val_loss"),
+    "tta": (*TTA_CHOICES, "auto"),  # a run's test evaluation: auto chooses one of TTA_CHOICES on val
     "on_bad": ("error", "skip"),
     # StudyConfig (fer-exp tune)
     "sampler": ("tpe", "random", "gp"),
@@ -32,9 +37,6 @@ CHOICES: dict[str, tuple] = {
 # ``input_size: 0`` stands for. The CNN ends in global average pooling, so larger inputs are valid.
 INPUT_SIZES: dict[str, tuple[int, ...]] = {"cnn": (48, 64, 96), "resnet18": (112, 224)}
 CHOICES["input_size"] = (0, *sorted({size for sizes in INPUT_SIZES.values() for size in sizes}))
-# fer-exp predict / evaluate: test-time augmentation, and the splits an evaluation may use
-TTA_CHOICES = ("none", "flip", "tencrop")
-EVALUATION_SPLITS = ("test", "val")
 
 
 def _f(default, help: str, **kw):
@@ -64,6 +66,7 @@ class Config:
     label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.")
     early_stopping: int = _f(15, "Stop after this many epochs without improvement of select_metric (0: never).")
     select_metric: str = _f("val_accuracy", "Validation metric that picks the best epoch: val_accuracy, val_macro_f1, val_loss.")
+    tta: str = _f("none", "Test-time augmentation of the run's test evaluation: none, flip (the face and its mirror), tencrop, or auto (whichever scores the best select_metric on val at the selected epoch; the per-epoch val pass has none).")
     # augmentation, applied to whole batches on the training device
     aug_flip: float = _f(0.5, "Probability of a horizontal flip.")
     aug_rotation: float = _f(10.0, "Maximum rotation in degrees (uniform in [-r, r]).")

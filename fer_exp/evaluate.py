@@ -29,6 +29,12 @@ class EvaluationResult:
     experiment_id: str | None = None
 
 
+def tta_used(models: list[LoadedModel], tta: str) -> str:
+    """What ``tta`` means for these models: itself, or with ``model`` each one's own ('flip', or 'flip/none'
+    for an ensemble whose members differ)."""
+    return "/".join(dict.fromkeys(m.resolve_tta(tta) for m in models))
+
+
 def evaluation_name(models: list[LoadedModel], tta: str) -> str:
     """What made the predictions, e.g. 'cnn+tta:flip', 'cnn+resnet18', 'cnn:evaluated': the run's ``model``
     tag, so ``fer-exp compare`` (grouped by model) keeps it apart from the training runs' groups."""
@@ -38,7 +44,7 @@ def evaluation_name(models: list[LoadedModel], tta: str) -> str:
     return name if len(models) > 1 else f"{name}:evaluated"
 
 
-def evaluate(models: list[LoadedModel], data_source: str | None = None, split: str = "test", tta: str = "none",
+def evaluate(models: list[LoadedModel], data_source: str | None = None, split: str = "test", tta: str = "model",
              log: bool = True, experiment_name: str | None = None, progress: bool = True) -> EvaluationResult:
     if split not in EVALUATION_SPLITS:
         raise EvaluateError(f"split must be one of {', '.join(EVALUATION_SPLITS)}, got {split!r}")
@@ -51,19 +57,23 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     chosen = data.splits()[split]
     if len(chosen) == 0:
         raise EvaluateError(f"{data.source} has an empty {split} split ({data.split_rule})")
+    try:
+        used = tta_used(models, tta)
+    except ValueError as exc:
+        raise EvaluateError(str(exc)) from None
     start = time.perf_counter()
     probabilities, loss = ensemble_probabilities(models, chosen.images, tta, labels=chosen.labels)
     seconds = time.perf_counter() - start
     labels = chosen.labels.numpy()
     metrics = classification_metrics(labels, probabilities.argmax(1), prefix=f"{split}_")
     metrics[f"{split}_loss"] = loss
-    name = evaluation_name(models, tta)
+    name = evaluation_name(models, used)
     result = EvaluationResult(metrics, probabilities, len(chosen) * len(models) / seconds if seconds else 0.0, name)
     if progress:
         print(f"{name}: {len(chosen)} {split} images, {result.images_per_second:,.0f} images/s "
-              f"(x{len(models)} model(s), tta {tta})")
+              f"(x{len(models)} model(s), tta {used}{' (each model its own)' if tta == 'model' else ''})")
     if log:
-        result.run_id, result.experiment_id = log_evaluation_run(models, data, split, tta, result, chosen,
+        result.run_id, result.experiment_id = log_evaluation_run(models, data, split, used, result, chosen,
                                                                  experiment_name or first.experiment_name)
     return result
 

@@ -277,7 +277,8 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
                          "test_amp": str(trainer.amp_dtype or "off").replace("torch.", ""),
                          "same_pixels_where_trained": same_pixels,
                          **({"test_accuracy_where_trained": trained["test_metrics"]["test_accuracy"]}
-                            if "test_accuracy" in trained["test_metrics"] else {})})
+                            if "test_accuracy" in trained["test_metrics"] else {}),
+                         **({"test_tta_where_trained": trained["test_tta"]} if "test_tta" in trained else {})})
         note = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
         mlflow.set_tag("mlflow.note.content", f"{note}\n\nTrained on {trained['device']} (torch {trained['torch']}) "
                        f"without tracking and imported from {source.name}; test evaluated here, on {trainer.device}.")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fer_exp.augment import to_float
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
-from fer_exp.config import FIELDS, TTA_CHOICES, Config
+from fer_exp.config import FIELDS, TTA_CHOICES, TTA_OPTIONS, Config
 from fer_exp.device import autocast, memory_format_for, resolve_amp, resolve_device
 from fer_exp.models import build_model
 
@@ -97,6 +97,7 @@ class LoadedModel:
     run_id: str | None = None  # the MLflow run that made it, where known
     device: torch.device = torch.device("cpu")
     amp_dtype: torch.dtype | None = None
+    tta: str = "none"  # the test-time augmentation its run was tested with (chosen on val where tta was auto)
 
     @property
     def name(self) -> str:
@@ -107,15 +108,22 @@ class LoadedModel:
         """The layout the model trained and was evaluated in: the same kernels, the same numbers."""
         return memory_format_for(self.config.channels_last)
 
-    def predict(self, images: torch.Tensor, tta: str = "none", labels: torch.Tensor | None = None,
+    def resolve_tta(self, tta: str) -> str:
+        """``model``: this model's own TTA; else ``tta`` itself."""
+        if tta not in TTA_OPTIONS:
+            raise ValueError(f"tta must be one of {', '.join(TTA_OPTIONS)}, got {tta!r}")
+        return self.tta if tta == "model" else tta
+
+    def predict(self, images: torch.Tensor, tta: str = "model", labels: torch.Tensor | None = None,
                 batch_size: int | None = None) -> tuple[np.ndarray, float | None]:
         return predict_probabilities(self.model, images, batch_size=batch_size or self.config.eval_batch_size,
-                                     tta=tta, amp_dtype=self.amp_dtype, memory_format=self.memory_format, labels=labels)
+                                     tta=self.resolve_tta(tta), amp_dtype=self.amp_dtype, memory_format=self.memory_format, labels=labels)
 
 
-def ensemble_probabilities(models: list[LoadedModel], images: torch.Tensor, tta: str = "none",
+def ensemble_probabilities(models: list[LoadedModel], images: torch.Tensor, tta: str = "model",
                            labels: torch.Tensor | None = None) -> tuple[np.ndarray, float | None]:
-    """The mean of the models' (TTA) probabilities, and the cross-entropy of that mean."""
+    """The mean of the models' (TTA) probabilities, and the cross-entropy of that mean. ``tta`` ``model``:
+    each model with its own."""
     if len(models) == 1:
         return models[0].predict(images, tta, labels)
     probabilities = np.mean([m.predict(images, tta)[0] for m in models], axis=0).astype(np.float32)
@@ -132,6 +140,14 @@ def config_from_dict(values: dict) -> Config:
     return dataclasses.replace(Config(**known), device="auto", pretrained="none")
 
 
+def own_tta(cfg: Config, recorded: str | None = None) -> str:
+    """A model's own TTA: the one its run recorded testing with, else its config's where that names one
+    (a checkpoint of a ``tta: auto`` run does not know the choice: none)."""
+    if recorded in TTA_CHOICES:
+        return recorded
+    return cfg.tta if cfg.tta in TTA_CHOICES else "none"
+
+
 def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.device = "auto") -> LoadedModel:
     target = resolve_device(device) if isinstance(device, str) else device
     model = build_model(cfg.model, input_size=cfg.input_size or None, freeze_depth=0, pretrained="none", dropout=cfg.dropout)
@@ -139,18 +155,20 @@ def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.dev
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
         raise ModelLoadError(f"the weights do not fit a {cfg.model} at {cfg.input_size} px: {str(exc).splitlines()[0]}") from None
-    loaded = LoadedModel(model, cfg, source="", device=target, amp_dtype=resolve_amp(cfg.amp, target))
+    loaded = LoadedModel(model, cfg, source="", device=target, amp_dtype=resolve_amp(cfg.amp, target), tta=own_tta(cfg))
     model.to(target, memory_format=loaded.memory_format).eval()
     return loaded
 
 
-def save_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> Path:
-    """The model's weights as safetensors (no pickle: loading runs no code), the config in its metadata."""
+def save_weights(model: torch.nn.Module, cfg: Config, path: str | Path, tta: str = "none") -> Path:
+    """The model's weights as safetensors (no pickle: loading runs no code), the config and the TTA its run
+    tested with in its metadata."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"fer_exp_config": json.dumps(cfg.to_dict()), "classes": ",".join(CLASS_NAMES)})
+    save_file(state, str(path), metadata={"fer_exp_config": json.dumps(cfg.to_dict()), "classes": ",".join(CLASS_NAMES),
+                                          "fer_exp_tta": tta})
     return Path(path)
 
 
@@ -167,7 +185,7 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
     if "fer_exp_config" not in metadata:
         raise ModelLoadError(f"{path}: a safetensors file without fer-exp's config; it was not saved by fer-exp")
     loaded = build_inference_model(config_from_dict(json.loads(metadata["fer_exp_config"])), state, device)
-    return dataclasses.replace(loaded, source=str(path))
+    return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, metadata.get("fer_exp_tta")))
 
 
 def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
@@ -184,7 +202,8 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
     if "ema" in state:  # the run evaluated and logged its EMA weights: predict with those
         weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
     loaded = build_inference_model(config_from_dict(state["config"]), weights, device)
-    return dataclasses.replace(loaded, source=str(path))
+    recorded = state["trained"].get("test_tta") if isinstance(state.get("trained"), dict) else None  # an export's
+    return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, recorded))
 
 
 def load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:

@@ -7,7 +7,8 @@ Input, any of:
   - an array of pixels 0-255, (N, H, W), (N, 1, H, W) or (N, H, W, 3): ``{"inputs": [...]}``.
 Any size and colour: images are made 48x48 grayscale exactly as training data is
 (:mod:`fer_exp.data.images`). Output: a DataFrame with ``emotion`` and ``prob_<class>`` columns.
-Optional param ``tta``: none (default), flip or tencrop.
+Optional param ``tta``: none, flip, tencrop, or model: the one the run was tested with (chosen on val where
+the config said `tta: auto`), which is the default.
 
 The model is logged "from code" (:mod:`fer_exp.pyfunc_model`) with its weights as safetensors: MLflow
 pickles nothing, so what is stored does not change with the MLflow version, and loading it runs no
@@ -31,7 +32,7 @@ import torch
 
 from fer_exp.classes import CLASS_NAMES, IMAGE_SIZE
 from fer_exp.data.images import ImageDecodeError, decode_image, to_model_size
-from fer_exp.config import TTA_CHOICES
+from fer_exp.config import TTA_OPTIONS
 from fer_exp.inference import WEIGHTS_FILE, LoadedModel, load_weights_file
 
 IMAGE_COLUMN = "image"
@@ -124,9 +125,9 @@ with warnings.catch_warnings(record=True):
             self.loaded = load_weights_file(Path(context.artifacts["weights"]))
 
         def predict(self, context, model_input, params=None) -> pd.DataFrame:
-            tta = (params or {}).get("tta") or "none"
-            if tta not in TTA_CHOICES:
-                raise ServingInputError(f"param tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+            tta = (params or {}).get("tta") or "model"
+            if tta not in TTA_OPTIONS:
+                raise ServingInputError(f"param tta must be one of {', '.join(TTA_OPTIONS)}, got {tta!r}")
             probabilities, _ = self.loaded.predict(images_from_input(model_input), tta=tta)
             return probability_frame(probabilities)
 
@@ -143,18 +144,19 @@ def serving_requirements() -> list[str]:
     return pins
 
 
-def model_signature():
+def model_signature(tta: str = "none"):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     outputs = Schema([ColSpec("string", "emotion"), *(ColSpec("double", c) for c in PROBABILITY_COLUMNS)])
     # no input schema: the model takes base64 images in a DataFrame or pixel arrays (MLflow would
     # otherwise refuse one of the two)
-    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("tta", "string", "none")]))
+    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("tta", "string", tta)]))
 
 
-def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = None):
-    """Log ``model`` (trained with ``cfg``) as the run's ``model``, optionally registering it."""
+def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = None, tta: str = "none"):
+    """Log ``model`` (trained with ``cfg``, tested with ``tta``: what it predicts with by default) as the
+    run's ``model``, optionally registering it."""
     import tempfile
 
     from fer_exp.inference import save_weights
@@ -163,14 +165,14 @@ def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = N
 
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
-        weights = save_weights(model, cfg, Path(tmp) / WEIGHTS_FILE)
+        weights = save_weights(model, cfg, Path(tmp) / WEIGHTS_FILE, tta)
         code = Path(tmp) / "fer_exp"  # the package's sources, without compiled caches
         shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with warnings.catch_warnings():  # "no input example": the README and the signature's docs say what it takes
             warnings.simplefilter("ignore", UserWarning)
             return mlflow.pyfunc.log_model(
                 name="model", python_model=str(package / "pyfunc_model.py"), artifacts={"weights": str(weights)},
-                code_paths=[str(code)], signature=model_signature(), pip_requirements=serving_requirements(),
+                code_paths=[str(code)], signature=model_signature(tta), pip_requirements=serving_requirements(),
                 registered_model_name=registered_model_name or None,
                 metadata={"serialization_format": "safetensors", "classes": list(CLASS_NAMES),
                           "model": cfg.model, "input_size": cfg.input_size})

@@ -86,7 +86,9 @@ def run_description(cfg, data, trainable: int, total: int) -> str:
     return (f"{what}, {total:,} parameters ({trainable:,} trainable), on {data.source} ({data.format}; "
             f"{data.split_rule}). {cfg.epochs} epochs of AdamW (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
             f"{cfg.scheduler} schedule), {cfg.class_weights} class weights, seed {cfg.seed}. The epoch with the best "
-            f"{cfg.select_metric} is selected on val (metric `{SELECTED_METRIC}`); test is evaluated once, on it.")
+            f"{cfg.select_metric} is selected on val (metric `{SELECTED_METRIC}`); test is evaluated once, on it"
+            + {"none": ".", "auto": ", with the test-time augmentation that scores best on val (tag `test_tta`)."}.get(
+                cfg.tta, f", with {cfg.tta} test-time augmentation."))
 
 
 class MLflowCallback(Callback):
@@ -143,7 +145,10 @@ class MLflowCallback(Callback):
         mlflow.log_metrics({"best_epoch": result.best_epoch, SELECTED_METRIC: result.best_value,
                             "epochs_run": trainer.epoch, "fit_seconds": result.seconds,
                             "overhead_fraction": result.overhead_fraction})
+        if result.tta_val:  # tta auto: what each candidate scored on val, which chose the test's
+            mlflow.log_metrics({f"{trainer.cfg.select_metric}_tta_{tta}": v for tta, v in result.tta_val.items()})
         if result.test_metrics:
+            mlflow.set_tag("test_tta", result.tta)
             self.log_test_evaluation(trainer, result)
         if self.log_checkpoints:
             for checkpoint in (result.best_checkpoint, result.last_checkpoint):
@@ -152,13 +157,13 @@ class MLflowCallback(Callback):
         if self.log_model:
             from fer_exp.serving import log_model
 
-            log_model(trainer.eval_model, trainer.cfg, registered_model_name=trainer.cfg.register or None)
+            log_model(trainer.eval_model, trainer.cfg, registered_model_name=trainer.cfg.register or None, tta=result.tta)
 
     @staticmethod
     def log_test_evaluation(trainer: Trainer, result: FitResult) -> None:
         test = trainer.data.test
         log_evaluation(test.labels.numpy(), result.test_probabilities, test.sources, result.test_metrics,
-                       title=f"{trainer.cfg.model} test")
+                       title=f"{trainer.cfg.model} test" + (f", TTA {result.tta}" if result.tta != "none" else ""))
 
 
 def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[str], metrics: dict[str, float],

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fer_exp.augment import BatchAugment, to_float
 from fer_exp.classes import NUM_CLASSES
-from fer_exp.config import Config
+from fer_exp.config import TTA_CHOICES, Config
 from fer_exp.data import FerData
 from fer_exp.device import (  # noqa: F401 (cpu_has_native_bf16, resolve_amp: re-exported)
     AUTO_COMPILE_MODE,
@@ -110,6 +110,9 @@ class FitResult:
     # the work around them (val pass, checkpoints, host syncs, the callbacks' logging)
     loop_seconds: float = 0.0
     step_seconds: float = 0.0
+    # the test-time augmentation of the test evaluation; with ``tta: auto``, each candidate's val select_metric
+    tta: str = "none"
+    tta_val: dict[str, float] = field(default_factory=dict)
 
     @property
     def overhead_fraction(self) -> float:
@@ -466,19 +469,36 @@ class Trainer:
         return {"train_loss": train_loss, "train_accuracy": correct.item() / seen,
                 "epoch_seconds": seconds, "train_images_per_second": seen / seconds}
 
-    def predict(self, split: str) -> tuple[float, np.ndarray]:
+    def predict(self, split: str, tta: str = "none") -> tuple[float, np.ndarray]:
         """(mean cross-entropy, class probabilities (N, 7)) for one split, in eval mode."""
         images, labels = self.splits[split]
         probabilities, loss = predict_probabilities(self.eval_model, images, batch_size=self.cfg.eval_batch_size,
-                                                    amp_dtype=self.amp_dtype, memory_format=self.memory_format,
+                                                    tta=tta, amp_dtype=self.amp_dtype, memory_format=self.memory_format,
                                                     labels=labels)
         return loss, probabilities
 
-    def evaluate(self, split: str) -> tuple[dict[str, float], np.ndarray]:
-        loss, probabilities = self.predict(split)
+    def evaluate(self, split: str, tta: str = "none") -> tuple[dict[str, float], np.ndarray]:
+        loss, probabilities = self.predict(split, tta)
         metrics = classification_metrics(self.data.splits()[split].labels.numpy(), probabilities.argmax(1), prefix=f"{split}_")
         metrics[f"{split}_loss"] = loss
         return metrics, probabilities
+
+    def choose_tta(self) -> tuple[str, dict[str, float]]:
+        """The test-time augmentation of the test evaluation: the config's, or with ``tta: auto`` the one
+        whose val ``select_metric`` is best for the weights loaded now (the selected epoch's), with every
+        candidate's val value. A tie keeps the cheaper (none, then flip, then tencrop). Test plays no part."""
+        if self.cfg.tta != "auto":
+            return self.cfg.tta, {}
+        scores = {tta: self.evaluate("val", tta)[0][self.cfg.select_metric] for tta in TTA_CHOICES}
+        best = min if self.cfg.select_metric == "val_loss" else max
+        return best(scores, key=scores.get), scores
+
+    def evaluate_selected(self) -> tuple[dict[str, float], np.ndarray, str, dict[str, float]]:
+        """The loaded (selected) weights evaluated once on test, with the TTA :meth:`choose_tta` picks:
+        (test metrics, test probabilities, the TTA, each candidate's val value)."""
+        tta, tta_val = self.choose_tta()
+        metrics, probabilities = self.evaluate("test", tta)
+        return metrics, probabilities, tta, tta_val
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -572,13 +592,13 @@ class Trainer:
             if self.should_stop:
                 break
         loop_seconds = time.perf_counter() - loop_start
-        test_metrics, test_probabilities = {}, None
+        test_metrics, test_probabilities, tta, tta_val = {}, None, "none", {}
         if evaluate_test:  # the best epoch, evaluated once on test
             self.load_weights(torch.load(best_path, map_location=self.device, weights_only=True))
-            test_metrics, test_probabilities = self.evaluate("test")
+            test_metrics, test_probabilities, tta, tta_val = self.evaluate_selected()
         result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, best_path,
                            last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start,
-                           loop_seconds=loop_seconds, step_seconds=step_seconds)
+                           loop_seconds=loop_seconds, step_seconds=step_seconds, tta=tta, tta_val=tta_val)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result
@@ -600,7 +620,8 @@ class Trainer:
         trained = {"device": device, "torch": str(torch.__version__), "amp": str(self.amp_dtype or "off").replace("torch.", ""),
                    "amp_choice": self.amp_report, "compile_choice": self.compile_report, "seconds": result.seconds,
                    "loop_seconds": result.loop_seconds, "step_seconds": result.step_seconds,
-                   "stopped_early": result.stopped_early, "test_metrics": {k: float(v) for k, v in result.test_metrics.items()}}
+                   "stopped_early": result.stopped_early, "test_metrics": {k: float(v) for k, v in result.test_metrics.items()},
+                   "test_tta": result.tta}
         state = {"format": EXPORT_FORMAT, "model": best["model"], **({"ema": best["ema"]} if "ema" in best else {}),
                  "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
                  "history": self.history, "config": self.cfg.to_dict(), "data": self.data.fingerprint(), "trained": trained}
@@ -622,10 +643,11 @@ class Trainer:
         on test here. ``trained``: the export's account of where and how long it trained. Nothing is trained."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        test_metrics, test_probabilities = self.evaluate("test") if evaluate_test else ({}, None)
+        test_metrics, test_probabilities, tta, tta_val = self.evaluate_selected() if evaluate_test else ({}, None, "none", {})
         result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, Path(source),
                            None, stopped_early=trained["stopped_early"], seconds=trained["seconds"],
-                           loop_seconds=trained["loop_seconds"], step_seconds=trained["step_seconds"])
+                           loop_seconds=trained["loop_seconds"], step_seconds=trained["step_seconds"], tta=tta,
+                           tta_val=tta_val)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result

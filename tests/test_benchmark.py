@@ -323,6 +323,12 @@ def test_gpu_check_accuracy_step_runs_its_arms_in_parallel_with_tta(tmp_path):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == trained["val_accuracy"]
     assert run.data.metrics["test_accuracy"] == pytest.approx(trained["test_accuracy"], abs=0.07)  # 1 of 16 may flip
     assert run.data.tags["test_accuracy_where_trained"] == str(trained["test_accuracy"])
+    assert run.data.tags["test_tta"] == run.data.tags["test_tta_where_trained"] == "none"  # cnn.yaml's
+    [best_run] = client.search_runs([run.info.experiment_id], filter_string="tags.arm = 'best'")
+    # best_cnn.yaml's tta: auto, chosen again here on val (it was chosen there too)
+    scores = {t: best_run.data.metrics[f"val_accuracy_tta_{t}"] for t in ("none", "flip", "tencrop")}
+    assert best_run.data.tags["test_tta"] == max(scores, key=scores.get)
+    assert best_run.data.tags["test_tta_where_trained"] in scores
     again = study("--epochs", "1", "--early-stopping", "0", "--dry-run")
     assert again.returncode == 0 and again.stdout.count("made already") == 2 and "would be imported" not in again.stdout
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_exp.config import STUDY_SECTIONS, load_config
+from fer_exp.config import STUDY_SECTIONS, TTA_CHOICES, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -39,6 +39,11 @@ def test_experiment_file_smoke_run(path, store):
     assert run.data.params["config.model"] == load_config(path).model
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
     assert (store / "outputs" / summary.run_id / "checkpoints" / "best.pt").is_file()
+    if cfg.tta == "auto":  # chosen on val: every candidate's val score logged, test evaluated with the best one
+        scores = {t: run.data.metrics[f"{cfg.select_metric}_tta_{t}"] for t in TTA_CHOICES}
+        assert run.data.tags["test_tta"] == summary.result.tta == max(scores, key=scores.get)
+    else:
+        assert run.data.tags["test_tta"] == cfg.tta
     if cfg.model == "resnet18":  # the logged model rebuilds the upsampling ResNet18 from its weights
         import mlflow
         import numpy as np

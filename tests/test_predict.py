@@ -34,7 +34,8 @@ GRACE_HOPPER = Path(__import__("matplotlib").get_data_path()) / "sample_data" / 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, isolated_store):
-    """Two CNN runs (seeds 1 and 2) with their models logged; seed 1 registered as 'fer-test' v1."""
+    """Two CNN runs (seeds 1 and 2) with their models logged; seed 1 registered as 'fer-test' v1; seed 2
+    tested with flip TTA (``tta: flip``)."""
     from fer_exp.experiment import run_experiment
 
     tmp = tmp_path_factory.mktemp("use")
@@ -42,7 +43,7 @@ def trained(tmp_path_factory, isolated_store):
         runs = {}
         for seed in (1, 2):
             cfg = load_config(overrides={**TINY, "seed": seed, "output_dir": str(tmp / "out"),
-                                         "register": "fer-test" if seed == 1 else ""})
+                                         "register": "fer-test" if seed == 1 else "", "tta": "flip" if seed == 2 else None})
             runs[seed] = run_experiment(cfg, progress=False)
         client = mlflow.MlflowClient()
         client.set_registered_model_alias("fer-test", "champion", "1")
@@ -101,6 +102,41 @@ def test_predict_matches_the_runs_logged_test_predictions(trained):
     test = load_data("synthetic:96,24,40", seed=1).test
     probabilities = load_model(f"runs:/{run.run_id}/model").predict(test.images)[0]
     np.testing.assert_allclose(probabilities, logged[PROBS].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_model_predicts_with_the_tta_its_run_was_tested_with(trained):
+    """Seed 2's run was tested with flip TTA: its logged model, served model, checkpoint and evaluation
+    predict with flip unless told otherwise, and so reproduce the run's test predictions."""
+    from fer_exp.data import load_data
+
+    run, client = trained["runs"][2], trained["client"]
+    uri = f"runs:/{run.run_id}/model"
+    assert client.get_run(run.run_id).data.tags["test_tta"] == "flip"
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="test_predictions.csv"))
+    test = load_data("synthetic:96,24,40", seed=2).test
+    model = load_model(uri)
+    assert model.tta == "flip"
+    np.testing.assert_allclose(model.predict(test.images)[0], logged[PROBS].to_numpy(), atol=1e-5)
+    plain = model.predict(test.images, tta="none")[0]
+    assert np.abs(plain - logged[PROBS].to_numpy()).max() > 1e-5
+    served = mlflow.pyfunc.load_model(uri)
+    assert served.metadata.get_params_schema().to_dict()[0]["default"] == "flip"
+    np.testing.assert_allclose(served.predict(test.images.numpy())[PROBS].to_numpy(), logged[PROBS].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(served.predict(test.images.numpy(), params={"tta": "none"})[PROBS].to_numpy(), plain,
+                               atol=1e-5)
+    checkpoint = trained["tmp"] / "out" / run.run_id / "checkpoints" / "best.pt"
+    assert load_model(str(checkpoint)).tta == "flip"  # its config says flip
+    evaluated = invoke("evaluate", "--model", uri, "--data", "synthetic:96,24,40")
+    assert evaluated.exit_code == 0, evaluated.output + repr(evaluated.exception)
+    evaluation = client.get_run(evaluated.output.split("evaluation run ")[1].split()[0])
+    assert evaluation.data.tags["tta"] == "flip" and evaluation.data.tags["model"] == "cnn+tta:flip"
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(
+        client.get_run(run.run_id).data.metrics["test_accuracy"])
+    # an ensemble of a flip model and a plain one, each with its own
+    both = invoke("evaluate", "--model", f"runs:/{trained['runs'][1].run_id}/model", "--model", uri,
+                  "--data", "synthetic:96,24,40", "--no-log")
+    assert both.exit_code == 0 and "cnn+cnn+tta:none/flip on test" in both.output, both.output
 
 
 @pytest.mark.slow

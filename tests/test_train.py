@@ -28,7 +28,8 @@ from sklearn.metrics import (
 from sklearn.utils.class_weight import compute_class_weight
 
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
-from fer_exp.config import ConfigError, load_config
+from fer_exp.config import TTA_CHOICES, ConfigError, load_config
+from fer_exp.inference import predict_probabilities
 from fer_exp.data import load_data
 from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table
 from fer_exp.train import (
@@ -92,9 +93,9 @@ class ScriptedTrainer(Trainer):
     def train_epoch(self, max_batches=None):
         return {"train_loss": 1.0, "train_accuracy": 0.5, "epoch_seconds": 0.0, "train_images_per_second": 0.0}
 
-    def evaluate(self, split):
+    def evaluate(self, split, tta="none"):
         if split != "val":
-            return super().evaluate(split)
+            return super().evaluate(split, tta)
         row = self.script[self.epoch - 1]
         return {"val_loss": row.get("loss", 1.0), "val_accuracy": row.get("acc", 0.5),
                 "val_macro_f1": row.get("f1", 0.5)}, None
@@ -454,6 +455,55 @@ def test_test_metrics_and_probabilities(fitted, data):
     assert t["test_accuracy"] == pytest.approx(float((p.argmax(1) == data.test.labels.numpy()).mean()))
 
 
+def test_tta_auto_chooses_on_val_at_the_selected_epoch_and_tests_once_with_that(data, tmp_path, monkeypatch):
+    trainer = Trainer(config(tta="auto"), data, tmp_path, progress=False)
+    evaluated = []
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda split, tta="none": evaluated.append((split, tta)) or evaluate(split, tta))
+    result = trainer.fit()
+    after_the_epochs = evaluated[trainer.epoch:]  # each epoch's val pass is without TTA
+    assert evaluated[:trainer.epoch] == [("val", "none")] * trainer.epoch
+    assert after_the_epochs == [("val", "none"), ("val", "flip"), ("val", "tencrop"), ("test", result.tta)]
+    assert set(result.tta_val) == set(TTA_CHOICES)
+    assert result.tta_val["none"] == result.best_value  # the selected epoch's weights, loaded back
+    for tta in TTA_CHOICES:  # each candidate's own val accuracy
+        assert result.tta_val[tta] == pytest.approx(evaluate("val", tta)[0]["val_accuracy"])
+    assert result.tta == max(result.tta_val, key=result.tta_val.get)
+    metrics, probabilities = evaluate("test", result.tta)
+    assert result.test_metrics == pytest.approx(metrics) and np.allclose(result.test_probabilities, probabilities)
+
+
+@pytest.mark.parametrize("select, scores, chosen", [
+    ("val_accuracy", {"none": 0.50, "flip": 0.70, "tencrop": 0.60}, "flip"),
+    ("val_accuracy", {"none": 0.60, "flip": 0.60, "tencrop": 0.55}, "none"),  # a tie keeps the cheaper
+    ("val_macro_f1", {"none": 0.50, "flip": 0.55, "tencrop": 0.58}, "tencrop"),
+    ("val_loss", {"none": 1.10, "flip": 1.00, "tencrop": 1.20}, "flip"),  # the lowest loss
+])
+def test_tta_auto_picks_the_best_val_select_metric_and_never_looks_at_test(data, tmp_path, select, scores, chosen):
+    class ValScored(Trainer):
+        def evaluate(self, split, tta="none"):
+            assert split == "val", "the choice looked at test"
+            return {select: scores[tta]}, None
+
+    trainer = ValScored(config(tta="auto", select_metric=select), data, tmp_path, progress=False)
+    assert trainer.choose_tta() == (chosen, scores)
+
+
+@pytest.mark.parametrize("tta", TTA_CHOICES)
+def test_a_fixed_tta_is_what_test_is_evaluated_with(fitted, tta):
+    cfg, trainer, *_ = fitted
+    trainer.cfg = dataclasses.replace(cfg, tta=tta)
+    try:
+        metrics, probabilities, used, val = trainer.evaluate_selected()
+    finally:
+        trainer.cfg = cfg
+    assert (used, val) == (tta, {})
+    assert metrics == pytest.approx(trainer.evaluate("test", tta)[0])
+    images, _ = trainer.splits["test"]
+    expected, _ = predict_probabilities(trainer.eval_model, images, tta=tta, memory_format=trainer.memory_format)
+    assert np.allclose(probabilities, expected, atol=1e-6)
+
+
 def test_recording_callback(fitted):
     cfg, trainer, result, recorder, _ = fitted
     assert recorder.kinds() == ["start", "epoch", "epoch", "end"]
@@ -582,8 +632,8 @@ def test_early_stopping_with_real_training(small, tmp_path):
     """Real training, where val never improves after epoch 1 (the val accuracy is pinned)."""
 
     class Pinned(Trainer):
-        def evaluate(self, split):
-            metrics, p = super().evaluate(split)
+        def evaluate(self, split, tta="none"):
+            metrics, p = super().evaluate(split, tta)
             if split == "val":
                 metrics["val_accuracy"] = 0.5
             return metrics, p
