@@ -29,7 +29,7 @@
 #               the finished runs come back as $OUT/runs.tar.gz.part00, 01, ... (weights, history, config):
 #               mkdir runs && cat runs.tar.gz.part* | tar -xz -C runs; then, where MLflow is, track and compare
 #               them: fer-exp study experiments/ablation_cnn.yaml --data data/fer2013 --seeds 42 --epochs 60
-#               --early-stopping 0 --amp off --arms recipe,shift-zoom,rotation-20,erasing-0.5,smoothing,ema,mixup,unweighted --import runs
+#               --early-stopping 0 --amp off --arms recipe,shift-zoom,rotation-20,erasing-0.5,smoothing,ema,mixup,unweighted,regularised --import runs
 #               (the ablations), and ... --arms best --seeds 42,1,2 --amp off --import runs (best_cnn.yaml's
 #               seeds); test is evaluated there, on the same data
 # Results: one JSON (and log) per step, packed after every step into $OUT/results.tar.gz, beside log.txt,
@@ -231,12 +231,12 @@ for s in "${steps[@]}"; do
                     specs+=("ablation_$name|${cnn_args[*]} $accuracy_sets $options")
                 done <<< "$arms"
             fi
-            parallel_full ablations "${FER_GPU_ABLATIONS_LIMIT:-300}" "${specs[@]}"
+            parallel_full ablations "${FER_GPU_ABLATIONS_LIMIT:-330}" "${specs[@]}"
             specs=()
             for seed in ${FER_GPU_BEST_SEEDS:-42 1 2}; do
                 specs+=("best_cnn_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off} ${FER_GPU_BEST_SETS:-}")
             done
-            parallel_full best "${FER_GPU_BEST_LIMIT:-240}" "${specs[@]}" ;;
+            parallel_full best "${FER_GPU_BEST_LIMIT:-210}" "${specs[@]}" ;;
         compile)
             step compile "${FER_GPU_COMPILE_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
                 --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --skip-resnet --skip-ablations "${THROUGHPUT_EXTRA[@]}" \
