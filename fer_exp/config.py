@@ -130,6 +130,13 @@ EXECUTION_FIELDS = ("device", "output_dir", "run_name", "experiment_name", "eval
                     "system_metrics", "register", "compile")
 
 
+def recorded_config(values: dict) -> dict:
+    """A config as a run, export or study recorded it, with the fields it lacks at their defaults: a field
+    added to :class:`Config` later defaults to what fer-exp did before it (``tta: none``), so a run made
+    before it trained and was tested as that default says."""
+    return {**Config().to_dict(), **values}
+
+
 class ConfigError(ValueError):
     """An unknown key, a wrong type or a value out of range in a configuration."""
 

@@ -19,7 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer_exp.config import EXECUTION_FIELDS, FIELDS, Config, ConfigError, build_config, coerce, read_experiment, read_yaml
+from fer_exp.config import (
+    EXECUTION_FIELDS,
+    FIELDS,
+    Config,
+    ConfigError,
+    build_config,
+    coerce,
+    read_experiment,
+    read_yaml,
+    recorded_config,
+)
 STUDY_KEYS = ("experiment_name", "seeds", "arms", "compare")
 
 
@@ -84,8 +94,9 @@ def read_study(path: str | Path, overrides: dict | None = None, seeds: list[int]
 
 
 def same_config(params: dict, cfg: Config) -> bool:
-    wanted = {f"config.{k}": str(v) for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS}
-    return all(params.get(k) == v for k, v in wanted.items())
+    """Whether a run's params (``config.*``) are ``cfg``, where and how it ran aside."""
+    made = recorded_config({k[len("config."):]: v for k, v in params.items() if k.startswith("config.")})
+    return all(str(made[k]) == str(v) for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS)
 
 
 def find_made_run(client, experiment_id: str | None, study: StudyFile, planned: PlannedRun) -> str | None:
@@ -103,7 +114,7 @@ def find_made_run(client, experiment_id: str | None, study: StudyFile, planned: 
 def config_differences(config: dict, planned: PlannedRun) -> list[str]:
     """How an exported run's config differs from a planned run's, where and how it ran aside, and its
     data too (the same images under another path: the splits' fingerprints decide)."""
-    wanted = planned.config.to_dict()
+    wanted, config = planned.config.to_dict(), recorded_config(config)
     return [f"{k}: {config.get(k)!r} there, {v!r} here" for k, v in wanted.items()
             if k not in EXECUTION_FIELDS and k != "data" and str(config.get(k)) != str(v)]
 

@@ -43,6 +43,7 @@ from fer_exp.config import (
     build_config,
     build_study_config,
     read_experiment,
+    recorded_config,
     validate,
 )
 from fer_exp.search_space import Param, parse_enqueue, parse_space, space_spec
@@ -494,6 +495,7 @@ def open_study(plan: StudyPlan, storage_url: str):
         return study, False
     known = study.user_attrs.get("definition")
     if known:
+        known = {**known, "config": recorded_config(known["config"])}  # fields added since: their defaults
         changed = [k for k in definition["config"] if k not in RESUMABLE_DIFFERENCES
                    and known["config"].get(k) != definition["config"][k]]
         if known["search_space"] != definition["search_space"]:

@@ -212,6 +212,18 @@ def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
     assert len(client.search_runs([experiment], "tags.study_file = 'mini'")) == 2
     changed = CliRunner().invoke(main, [*args, "--epochs", "2", "--dry-run"])  # another config: not the same runs
     assert changed.exit_code == 0 and "0 already made, 2 to make" in changed.output
+    # a run made by a fer-exp from before a config field (no param config.tta) was made with its default
+    from mlflow.entities import Param
+
+    weighted = next(r for r in made if r.data.tags["arm"] == "weighted")
+    client.delete_run(weighted.info.run_id)
+    older = client.create_run(experiment, tags={"study_file": "mini", "arm": "weighted"}).info.run_id
+    client.log_batch(older, params=[Param(k, v) for k, v in weighted.data.params.items() if k != "config.tta"])
+    client.set_terminated(older)
+    again = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert again.exit_code == 0 and "2 already made, 0 to make" in again.output and f"made: {older}" in again.output
+    flip = CliRunner().invoke(main, [*args, "--tta", "flip", "--dry-run"])  # what it was not made with
+    assert flip.exit_code == 0 and "0 already made, 2 to make" in flip.output
 
 
 @pytest.mark.parametrize(

@@ -337,6 +337,28 @@ def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
     assert len(load_study(tmp, "tune_small").trials) == 4
 
 
+def test_a_study_recorded_before_a_config_field_existed_resumes(study, monkeypatch):
+    """A study whose stored definition lacks a field added since (tta) was made with its default: the
+    same command resumes it."""
+    tmp = study["tmp"]
+    monkeypatch.chdir(tmp)
+    for name, value in env_for(tmp).items():
+        monkeypatch.setenv(name, value)
+    stored = load_study(tmp, "tune_small")
+    definition = stored.user_attrs["definition"]
+    stored.set_user_attr("definition", {**definition, "config": {k: v for k, v in definition["config"].items()
+                                                                  if k != "tta"}})
+    try:
+        result = CliRunner().invoke(main, ["tune", "--config", str(tmp / "tune_small.yaml"), "--n-trials", "0"])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        changed = CliRunner().invoke(main, ["tune", "--config", str(tmp / "tune_small.yaml"), "--n-trials", "0",
+                                            "--tta", "flip"])
+        assert changed.exit_code == 2 and "(tta: 'none' -> 'flip')" in changed.output
+    finally:
+        stored.set_user_attr("definition", definition)
+    assert len(load_study(tmp, "tune_small").trials) == 4
+
+
 # ================================================================ seeds, workers, signals
 
 
