@@ -30,6 +30,7 @@ from fer_exp.config import (
     read_yaml,
     recorded_config,
 )
+
 STUDY_KEYS = ("experiment_name", "seeds", "arms", "compare")
 
 
