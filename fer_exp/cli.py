@@ -21,11 +21,6 @@ class UserError(click.ClickException):
 @click.version_option(package_name="fer-exp")
 def main() -> None:
     """fer-exp: tracked, reproducible facial emotion recognition experiments on FER2013."""
-    import os
-
-    # MLflow draws a download bar for every artifact it fetches (each run's predictions in a comparison,
-    # a model's weights): noise between our own progress lines
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @main.group()

@@ -230,12 +230,9 @@ def load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
 def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
     import mlflow
 
-    from fer_exp.tracking import tracking_uri
-
-    import os
+    from fer_exp.tracking import tracking_uri  # (also quiets MLflow's download bars)
 
     mlflow.set_tracking_uri(tracking_uri())
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small model: no bar per file
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))

@@ -157,14 +157,11 @@ def model_signature(tta: str = "none"):
 def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = None, tta: str = "none"):
     """Log ``model`` (trained with ``cfg``, tested with ``tta``: what it predicts with by default) as the
     run's ``model``, optionally registering it."""
-    import os
     import shutil
     import tempfile
 
     from fer_exp.inference import save_weights
 
-    # MLflow copies the weights in as artifacts and shows a download bar for that one small file
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_weights(model, cfg, Path(tmp) / WEIGHTS_FILE, tta)

@@ -20,6 +20,11 @@ from fer_exp.metrics import confusion_figure, per_class_table, report_text
 from fer_exp.models import count_parameters
 from fer_exp.train import Callback, FitResult, Trainer
 
+# MLflow draws a download bar for every artifact it fetches (a model's weights as it logs or loads them,
+# each run's predictions in a comparison): noise between our own progress lines. Every path of fer-exp
+# that reaches MLflow imports this module first.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECTED_METRIC = "best_val"  # the val value of the selected epoch, whichever metric selected it (tag select_metric)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
