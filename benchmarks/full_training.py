@@ -28,7 +28,8 @@ import torch
 
 from fer_exp.classes import CLASS_NAMES
 from fer_exp.config import TTA_CHOICES, ConfigError, load_config
-from fer_exp.data import DataError, load_data
+from fer_exp.data import DataError
+from fer_exp.experiment import load_run_data
 from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
 from fer_exp.train import Callback, Trainer, write_atomically
@@ -79,7 +80,7 @@ def run(config: str | None, data_source: str | None, sets: list[str], tta: bool 
         overrides["data"] = data_source
     cfg = load_config(config, overrides)
     begin = time.perf_counter()
-    data = load_data(cfg.data, on_bad=cfg.on_bad, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    data = load_run_data(cfg)
     loaded = time.perf_counter()
     trainer = Trainer(cfg, data, checkpoint_dir=tempfile.mkdtemp(prefix="fer-full-"), callbacks=[EpochClock(partial_json)],
                       progress=False)

@@ -25,7 +25,8 @@ import torch
 
 from fer_exp.augment import to_float
 from fer_exp.config import ConfigError, load_config
-from fer_exp.data import DataError, load_data
+from fer_exp.data import DataError
+from fer_exp.experiment import load_run_data
 from fer_exp.device import time_steps
 from fer_exp.train import Trainer
 
@@ -75,7 +76,7 @@ def run(config: str | None, data_source: str | None, sets: list[str], steps: int
     if data_source:
         overrides["data"] = data_source
     cfg = load_config(config, overrides)
-    data = load_data(cfg.data, on_bad=cfg.on_bad, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    data = load_run_data(cfg)
     trainer = Trainer(cfg, data, checkpoint_dir=tempfile.mkdtemp(prefix="fer-profile-"), progress=False)
     trainer.model.train()
     images, labels = trainer.splits["train"]

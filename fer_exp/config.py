@@ -49,6 +49,7 @@ class Config:
     model: str = _f("cnn", "Model: cnn (the custom 584,807-parameter CNN) or resnet18 (timm).")
     data: str = _f("data/fer2013", "FER2013 source: fer2013.csv, the Kaggle image folders, or 'synthetic[:TRAIN,VAL,TEST]'.")
     val_fraction: float = _f(0.1, "Size of the stratified val hold-out of train, where the source has no val split.")
+    data_seed: int = _f(-1, "Seed of the val hold-out of train (and of synthetic faces); -1: the run's seed. Runs with one data_seed share one val split, so a seed ensemble of them can be evaluated and chosen on val.")
     on_bad: str = _f("error", "Bad samples in the source: 'error' stops, 'skip' skips and reports them.")
     # model
     input_size: int = _f(0, "Input size in pixels, faces resized on the batch: cnn 48, 64 or 96; resnet18 112 or 224; 0: the model's default (cnn 48, resnet18 112).")
@@ -78,7 +79,7 @@ class Config:
     mixup_alpha: float = _f(0.0, "Mixup: mix each batch with a shuffled copy, weight ~ Beta(a, a) (0: off).")
     ema_decay: float = _f(0.0, "Exponential moving average of the weights (e.g. 0.999; warmed up as min(d, (1+t)/(10+t)) over update t), used for val, test and the model (0: off).")
     # execution
-    seed: int = _f(42, "Seed for data hold-out, initialisation, shuffling and augmentation.")
+    seed: int = _f(42, "Seed for initialisation, shuffling, augmentation and (unless data_seed is set) the data hold-out.")
     device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
     amp: str = _f("auto", "bf16 autocast: auto (CUDA: whichever of bf16 and fp32 measures faster; CPU: where it runs bf16 natively), bf16, off.")
     compile: str = _f("auto", "torch.compile the training step's augmentation, forward and loss (and so its backward): auto (CUDA: reduce-overhead where the measured saving over the run exceeds the compile time; CPU: off), off, default, reduce-overhead (CUDA graphs), max-autotune.")
@@ -90,6 +91,15 @@ class Config:
     system_metrics: bool = _f(True, "Log system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) to MLflow during training.")
     output_dir: str = _f("outputs", "Local folder for checkpoints (also logged to MLflow).")
     register: str = _f("", "Register the logged model in MLflow's model registry under this name (empty: do not register).")
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the run's data: its val hold-out of train, or its synthetic faces."""
+        return self.seed if self.data_seed < 0 else self.data_seed
+
+    def data_key(self) -> tuple:
+        """What the run's data depends on: (source, on_bad, split seed, val fraction)."""
+        return self.data, self.on_bad, self.split_seed, self.val_fraction
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,6 +232,8 @@ def validate(cfg: Config) -> Config:
     for name in ("aug_shift", "aug_scale"):
         if not 0.0 <= getattr(cfg, name) <= 0.5:
             raise ConfigError(f"{name} must be between 0 and 0.5, got {getattr(cfg, name)}")
+    if cfg.data_seed < -1:
+        raise ConfigError(f"data_seed must be -1 (the run's seed) or a seed from 0, got {cfg.data_seed}")
     if cfg.mixup_alpha < 0:
         raise ConfigError(f"mixup_alpha must not be negative, got {cfg.mixup_alpha}")
     if cfg.weight_decay < 0 or cfg.aug_rotation < 0 or cfg.warmup_epochs < 0 or cfg.early_stopping < 0:

@@ -49,11 +49,12 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     if split not in EVALUATION_SPLITS:
         raise EvaluateError(f"split must be one of {', '.join(EVALUATION_SPLITS)}, got {split!r}")
     first = models[0].config
-    if split == "val" and len({(m.config.seed, m.config.val_fraction) for m in models}) > 1:
-        raise EvaluateError("these models were trained with different seeds or val fractions, so their val "
-                            "hold-outs differ: evaluate them on test, or one at a time")
-    # the first model's seed and val fraction: its own val hold-out, where the source has none
-    data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.seed, val_fraction=first.val_fraction)
+    if split == "val" and len({(m.config.split_seed, m.config.val_fraction) for m in models}) > 1:
+        raise EvaluateError("these models were trained on different val hold-outs (other seeds or val fractions): "
+                            "evaluate them on test, or one at a time; train ensemble members with one --data-seed "
+                            "to share one val split")
+    # the first model's split seed and val fraction: its own val hold-out, where the source has none
+    data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.split_seed, val_fraction=first.val_fraction)
     chosen = data.splits()[split]
     if len(chosen) == 0:
         raise EvaluateError(f"{data.source} has an empty {split} split ({data.split_rule})")

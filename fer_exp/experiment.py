@@ -75,7 +75,8 @@ class RunSummary:
 
 def load_run_data(cfg: Config) -> FerData:
     """The data a config trains on (decoded once, then read from the cache)."""
-    return load_data(cfg.data, on_bad=cfg.on_bad, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    source, on_bad, seed, val_fraction = cfg.data_key()
+    return load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction)
 
 
 def resume_config(run_id: str, overrides: dict | None = None) -> Config:

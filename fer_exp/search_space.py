@@ -19,7 +19,7 @@ from fer_exp.config import FIELDS, TYPES, Config, ConfigError, coerce, validate
 
 PARAM_TYPES = ("float", "int", "categorical")
 # what a trial may not change: the study's identity and where its runs go
-NOT_SEARCHABLE = ("model", "data", "device", "experiment_name", "run_name", "output_dir", "on_bad", "val_fraction", "seed")
+NOT_SEARCHABLE = ("model", "data", "device", "experiment_name", "run_name", "output_dir", "on_bad", "val_fraction", "data_seed", "seed")
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool 
         cfg = build_config(export["config"], {"data": here.data, "device": here.device, "output_dir": here.output_dir,
                                               "experiment_name": study.experiment_name, "register": here.register,
                                               "system_metrics": False, "compile": "off"})
-        key = (cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction)
+        key = cfg.data_key()
         if key not in fingerprints:  # one data set in memory at a time
             fingerprints[key] = load_run_data(cfg).fingerprint()
         if not check_same_data(export, fingerprints[key], path, cfg.data):
@@ -202,7 +202,7 @@ def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool 
         if dry_run:
             print(f"  {planned.arm:20s} seed {planned.seed:<6d} would be imported from {path}")
             continue
-        key = (cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction)
+        key = cfg.data_key()
         if key not in data_cache:
             data_cache = {key: load_run_data(cfg)}
         summary = import_run(export, path, cfg, data_cache[key], tags={"study_file": study.name, "arm": planned.arm})
@@ -243,7 +243,7 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
             ids.append(made)
             continue
         cfg = planned.config
-        key = (cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction)
+        key = cfg.data_key()
         if key not in data_cache:
             data_cache = {key: load_run_data(cfg)}  # one data set in memory at a time
         print(f"\n[{index + 1}/{len(plan)}] {planned.arm} seed {planned.seed}", flush=True)

@@ -279,17 +279,13 @@ class Worker:
         self.study = optuna.load_study(study_name=spec.plan.study.study_name, storage=self.storage,
                                        sampler=make_sampler(spec.plan.study, spec.sampler_seed),
                                        pruner=make_pruner(spec.plan.study, spec.plan.config.epochs))
-        self.data = {} if data is None else {self.data_key(spec.plan.config): data}
+        self.data = {} if data is None else {spec.plan.config.data_key(): data}
         self.on_trial_end = on_trial_end
         self.prefix = f"[worker {spec.worker}] " if spec.workers > 1 else ""
         self.failures_in_a_row = 0
 
-    @staticmethod
-    def data_key(cfg: Config) -> tuple:
-        return cfg.data, cfg.on_bad, cfg.seed, cfg.val_fraction
-
     def load(self, cfg: Config):
-        key = self.data_key(cfg)
+        key = cfg.data_key()
         if key not in self.data:  # decoded once per worker (and read from the cache after the first)
             from fer_exp.experiment import load_run_data
 

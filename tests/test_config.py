@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fer_exp.config import CHOICES, INPUT_SIZES, STUDY_SECTIONS, Config, ConfigError, coerce, load_config, validate
@@ -254,12 +255,25 @@ def test_invalid_yaml(tmp_path, text):
         ({"label_smoothing": -0.1}, "label_smoothing must be between 0 and 1"),
         ({"aug_brightness": 1.0}, "aug_brightness must be in [0, 1)"),
         ({"aug_contrast": -0.2}, "aug_contrast must be in [0, 1)"),
+        ({"data_seed": -2}, "data_seed must be -1 (the run's seed) or a seed from 0"),
     ],
 )
 def test_out_of_range_values(overrides, piece):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=overrides)
     assert piece in str(err.value)
+
+
+def test_the_data_seed_is_the_runs_seed_unless_set():
+    assert load_config(overrides={"seed": 3}).data_key() == ("data/fer2013", "error", 3, 0.1)
+    assert load_config(overrides={"seed": 3, "data_seed": 0}).data_key() == ("data/fer2013", "error", 0, 0.1)
+    from fer_exp.experiment import load_run_data
+
+    def val_faces(**overrides):
+        return load_run_data(load_config(overrides={"data": "synthetic:40,20,20", **overrides})).val.images
+
+    assert torch.equal(val_faces(seed=1, data_seed=7), val_faces(seed=2, data_seed=7))  # one val split to share
+    assert not torch.equal(val_faces(seed=1), val_faces(seed=2))
 
 
 def test_zero_is_fine_where_allowed():

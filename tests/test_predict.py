@@ -336,6 +336,29 @@ def test_evaluate_an_ensemble_with_tta_logs_a_comparable_run(trained):
     assert "cnn+cnn+tta:flip" in compared.output
 
 
+@pytest.mark.slow
+def test_an_ensemble_is_evaluated_on_val_only_where_its_members_share_one_val_split(trained):
+    """Seeds 1 and 2 hold out different val faces, so their ensemble is refused on val; members trained
+    with one data_seed share that seed's split, and the ensemble's val score is the mean of theirs on it."""
+    import dataclasses
+
+    from fer_exp.data import load_data
+    from fer_exp.evaluate import evaluate
+
+    runs = trained["runs"]
+    uris = [f"runs:/{runs[1].run_id}/model", f"runs:/{runs[2].run_id}/model"]
+    refused = invoke("evaluate", "--model", uris[0], "--model", uris[1], "--split", "val", "--no-log")
+    assert refused.exit_code == 2 and "different val hold-outs" in refused.output and "--data-seed" in refused.output
+    models = [load_model(u) for u in uris]
+    shared = [dataclasses.replace(m, config=dataclasses.replace(m.config, data_seed=5)) for m in models]
+    result = evaluate(shared, "synthetic:96,24,40", split="val", tta="none", log=False, progress=False)
+    val = load_data("synthetic:96,24,40", seed=5).val
+    expected = np.mean([m.predict(val.images, tta="none")[0] for m in models], axis=0)
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+    assert result.metrics["val_accuracy"] == pytest.approx(float((expected.argmax(1) == val.labels.numpy()).mean()))
+    assert not torch.equal(val.images, load_data("synthetic:96,24,40", seed=1).val.images)  # not the first member's own
+
+
 def test_the_served_model_class_defines_without_mlflows_type_hint_warning():
     """Every training logs the model, so importing the serving module once printed MLflow's warning
     about predict's type hints (shown under MLflow's own 'once' filter, past an 'ignore')."""
