@@ -245,13 +245,19 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
     """Compare finished runs: overall and per-class tables, figures, McNemar tests, an HTML page."""
     from fer_exp.compare import CompareError
     from fer_exp.compare import compare as run_compare
-    from fer_exp.tracking import tracking_uri
 
     experiments = [e for e in experiments if e] or ["fer2013"]
     try:
         result = run_compare(experiments, filter_string, _split_ids(run_ids), group_by or "model", output or None, log)
     except CompareError as exc:
         raise UserError(str(exc)) from None
+    _print_comparison(result)
+
+
+def _print_comparison(result) -> None:
+    """The tables, where the report is, and the comparison run's place in the UI."""
+    from fer_exp.tracking import tracking_uri
+
     click.echo(result.markdown)
     click.echo(f"\ntables, figures and report.html in {result.output}/")
     if result.run_id:
@@ -281,7 +287,6 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
     from fer_exp.experiment import TrackingError
     from fer_exp.models import PretrainedWeightsError
     from fer_exp.study import read_study, run_study
-    from fer_exp.tracking import tracking_uri
 
     try:
         seed_list = [int(s) for s in seeds.replace(",", " ").split()] or None
@@ -309,10 +314,7 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
                          output=output or f"reports/{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     except CompareError as exc:
         raise UserError(str(exc)) from None
-    click.echo(result.markdown)
-    click.echo(f"\ntables, figures and report.html in {result.output}/")
-    if result.run_id:
-        click.echo(f"comparison run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
+    _print_comparison(result)
 
 
 @main.command()
