@@ -333,12 +333,17 @@ class Trainer:
 
     def measure_compile(self) -> tuple[Callable, str]:
         """(the step's forward and loss, what was measured) for ``compile: auto``: :meth:`augmented_loss`
-        compiled with CUDA graphs where the seconds it saves over this run's steps exceed the
-        compilation's, else plain. Measured (augmentation, forward, loss and backward of one batch, eager
-        and compiled) on the run's own model, so a chosen compilation is not paid twice; its weights,
+        compiled with CUDA graphs where :func:`measured_compile` finds it pays, else plain. Measured
+        (augmentation, forward, loss and backward of one batch, eager and compiled) on the run's own
+        model, so the run keeps the compilation made there instead of paying again; the model's weights,
         BatchNorm statistics and random streams are restored afterwards. A compilation that fails leaves
         the run eager and says why."""
-        compiled = torch.compile(self.augmented_loss, mode=AUTO_COMPILE_MODE)
+        compilations = []
+
+        def compile_step():
+            compilations.append(torch.compile(self.augmented_loss, mode=AUTO_COMPILE_MODE))
+            return lambda: step(compilations[-1])
+
         images, labels = self.splits["train"]
         images, labels = images[: self.cfg.batch_size], labels[: self.cfg.batch_size]
         draws = self.augment.draw(images.shape[0], self.device, torch.Generator(self.device).manual_seed(0))
@@ -358,13 +363,13 @@ class Trainer:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                pays, report = measured_compile(self.device, lambda: step(self.augmented_loss), lambda: step(compiled), key,
+                pays, report = measured_compile(self.device, lambda: step(self.augmented_loss), compile_step, key,
                                                 total_steps=self.cfg.epochs * self.steps_per_epoch)
         except Exception as error:  # noqa: BLE001 - an optional speed-up: never the end of a run
             pays, report = False, f"auto: off (compiling failed: {type(error).__name__}: {str(error)[:200]})"
         finally:
             self.model.load_state_dict(saved)  # in place: a recorded CUDA graph keeps its buffers
-        return (compiled if pays else self.augmented_loss), f"auto: {report}"
+        return (compilations[-1] if pays else self.augmented_loss), f"auto: {report}"
 
     def measurement_key(self) -> str:
         """What a speed measurement of this run's training step depends on (its cache key)."""

@@ -122,7 +122,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert {p.name for p in out.iterdir()} == {"log.txt", "summary.txt", "results.tar.gz"}  # <= 8 files back
-    names = {"throughput.json", "cnn_graph.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
+    names = {"throughput.json", "cnn_graph.json", "cnn_graph_warm.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
              "compile.json", "tune_resnet18.json", "profile_cnn.json", "profile_resnet18_112.json", "profile_resnet18_224.json"}
     log = (out / "log.txt").read_text()
     out = unpacked_results(out, tmp_path / "results")
