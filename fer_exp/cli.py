@@ -156,7 +156,7 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
     from fer_exp.data import DataError
     from fer_exp.experiment import TrackingError, resume_config, run_experiment
     from fer_exp.models import PretrainedWeightsError
-    from fer_exp.train import TrainingDiverged
+    from fer_exp.train import RunFailed
     from fer_exp.tune_report import mask_url
 
     try:
@@ -172,7 +172,7 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
         summary = run_experiment(cfg, resume_run_id=resume)
     except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
-    except TrainingDiverged as exc:
+    except RunFailed as exc:  # diverged, or a checkpoint could not be written
         raise click.ClickException(f"{exc} (run marked FAILED)") from None
     except KeyboardInterrupt:
         sys.exit(130)
@@ -246,10 +246,14 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
     from fer_exp.compare import CompareError
     from fer_exp.compare import compare as run_compare
 
+    from fer_exp.experiment import TrackingError, check_tracking_store
+    from fer_exp.tracking import tracking_uri
+
     experiments = [e for e in experiments if e] or ["fer2013"]
     try:
+        check_tracking_store(tracking_uri())
         result = run_compare(experiments, filter_string, _split_ids(run_ids), group_by or "model", output or None, log)
-    except CompareError as exc:
+    except (CompareError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     _print_comparison(result)
 
@@ -281,7 +285,10 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
     Every `fer-exp train` option fixes that field for all runs (e.g. --data, --epochs). With --import,
     runs trained elsewhere (on a GPU machine without MLflow, say) are tracked instead: their test split
     is evaluated here, on the same faces (checked: the same splits' members)."""
-    from fer_exp.compare import CompareError, compare
+    import time
+    from pathlib import Path
+
+    from fer_exp.compare import CompareError, check_output, compare
     from fer_exp.config import ConfigError
     from fer_exp.data import DataError
     from fer_exp.experiment import TrackingError
@@ -296,10 +303,13 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
         plan = read_study(study_file, options, seed_list, [a for a in arms.replace(",", " ").split()] or None)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+    output = Path(output or f"reports/{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     stop_on_signals()
     try:
+        if not dry_run:
+            check_output(output)  # now, not after the last run has trained
         run_ids, made = run_study(plan, dry_run=dry_run, imports=list(imports))
-    except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
+    except (DataError, PretrainedWeightsError, ConfigError, TrackingError, CompareError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: the finished runs are kept; the same command makes the rest", err=True)
@@ -307,11 +317,8 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
     if dry_run:
         return
     click.echo(f"\n{'imported' if imports else 'made'} {len(made)} run(s); comparing all {len(run_ids)} by {plan.group_by}\n")
-    import time
-
     try:
-        result = compare([plan.experiment_name], run_ids=run_ids, group_by=plan.group_by,
-                         output=output or f"reports/{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        result = compare([plan.experiment_name], run_ids=run_ids, group_by=plan.group_by, output=output)
     except CompareError as exc:
         raise UserError(str(exc)) from None
     _print_comparison(result)
@@ -335,9 +342,10 @@ def predict(images, model_uris, detect_faces, tta, output, show_dir, device) -> 
     from fer_exp.config import ConfigError
     from fer_exp.faces import FaceDetectorError
     from fer_exp.inference import ModelLoadError, load_model
-    from fer_exp.predict import PredictError, format_predictions, predict_images, write_predictions
+    from fer_exp.predict import PredictError, check_paths, format_predictions, predict_images, write_predictions
 
     try:
+        check_paths(list(images))
         models = [load_model(uri, device) for uri in model_uris]
         result = predict_images(models, list(images), detect_faces=detect_faces, tta=tta, show_dir=show_dir or None)
         written = write_predictions(result.frame, output) if output else None
@@ -372,13 +380,13 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device) 
     from fer_exp.data import DataError
     from fer_exp.evaluate import EvaluateError
     from fer_exp.evaluate import evaluate as run_evaluation
-    from fer_exp.experiment import TrackingError, check_tracking_server
+    from fer_exp.experiment import TrackingError, check_tracking_store
     from fer_exp.inference import ModelLoadError, load_model
     from fer_exp.tracking import tracking_uri
 
     try:
         if log:
-            check_tracking_server(tracking_uri())
+            check_tracking_store(tracking_uri())
         models = [load_model(uri, device) for uri in model_uris]
         result = run_evaluation(models, data_source or None, split, tta, log, experiment_name or None)
     except (ModelLoadError, EvaluateError, DataError, ConfigError, TrackingError) as exc:

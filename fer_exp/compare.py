@@ -400,6 +400,17 @@ class CompareResult:
     experiment_id: str | None = None
 
 
+def check_output(folder: Path) -> None:
+    """The comparison's folder can be written (made where missing): a study checks it before it trains."""
+    from fer_exp.config import ConfigError
+    from fer_exp.experiment import check_output_dir
+
+    try:
+        check_output_dir(folder, "the comparison's tables and figures", "--output")
+    except ConfigError as exc:
+        raise CompareError(str(exc)) from None
+
+
 def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] = (), group_by: str = "model",
             output: str | Path | None = None, log: bool = True) -> CompareResult:
     """Select runs, compare them, write tables/figures/page to ``output`` and log them as a run."""
@@ -412,8 +423,12 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     selected, notes = select_runs(client, experiments, filter_string, run_ids)
+    if all(group_value(run, group_by) == "?" for run in selected):
+        raise CompareError(f"no compared run has {group_by!r} (as a tag, a config field or a param), so all would be "
+                           "one group '?'; group by a config field (model, class_weights, lr, ...), a tag (arm, "
+                           "tags.X) or a param (params.X): a run's page in the MLflow UI lists its tags and params")
     output = Path(output or f"reports/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    output.mkdir(parents=True, exist_ok=True)
+    check_output(output)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [load_run(client, run, group_by, Path(tmp)) for run in selected]
     if not run_ids:  # a search: groups and seeds in order (runs named on the command line keep theirs)

@@ -236,6 +236,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data_seed must be -1 (the run's seed) or a seed from 0, got {cfg.data_seed}")
     if cfg.mixup_alpha < 0:
         raise ConfigError(f"mixup_alpha must not be negative, got {cfg.mixup_alpha}")
+    if cfg.register and (cfg.register != cfg.register.strip() or any(c in cfg.register for c in "/:")
+                         or ".." in cfg.register):  # MLflow's registry rules, checked before training, not after
+        raise ConfigError(f"register: {cfg.register!r} is not a valid registered model name (no '/', ':', '..' or "
+                          "spaces at the ends), e.g. fer-cnn")
     if cfg.weight_decay < 0 or cfg.aug_rotation < 0 or cfg.warmup_epochs < 0 or cfg.early_stopping < 0:
         raise ConfigError("weight_decay, aug_rotation, warmup_epochs and early_stopping must not be negative")
     if cfg.device != "auto":
@@ -276,9 +280,13 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (experiment files live in experiments/, e.g. experiments/cnn.yaml)")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (saved as UTF-16, say): save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys to values, got {type(loaded).__name__}")
     return loaded

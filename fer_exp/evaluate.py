@@ -53,6 +53,7 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
         raise EvaluateError("these models were trained on different val hold-outs (other seeds or val fractions): "
                             "evaluate them on test, or one at a time; train ensemble members with one --data-seed "
                             "to share one val split")
+    experiment_id = evaluation_experiment(experiment_name or first.experiment_name) if log else None
     # the first model's split seed and val fraction: its own val hold-out, where the source has none
     data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.split_seed, val_fraction=first.val_fraction)
     chosen = data.splits()[split]
@@ -74,19 +75,36 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
         print(f"{name}: {len(chosen)} {split} images, {result.images_per_second:,.0f} images/s "
               f"(x{len(models)} model(s), tta {used}{' (each model its own)' if tta == 'model' else ''})")
     if log:
-        result.run_id, result.experiment_id = log_evaluation_run(models, data, split, used, result, chosen,
-                                                                 experiment_name or first.experiment_name)
+        result.run_id, result.experiment_id = log_evaluation_run(models, data, split, used, result, chosen, experiment_id)
     return result
 
 
-def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, result: EvaluationResult, chosen,
-                       experiment_name: str) -> tuple[str, str]:
+def evaluation_experiment(name: str) -> str:
+    """The id of the experiment the evaluation run goes to (made where missing), checked before any
+    image is predicted: a deleted experiment, or an artifact folder that cannot be written, is an
+    :class:`EvaluateError` that says what to do."""
     import mlflow
 
-    from fer_exp.tracking import log_data_inputs, log_evaluation, tracking_uri
+    from fer_exp.experiment import TrackingError, check_artifact_store
+    from fer_exp.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = mlflow.set_experiment(experiment_name).experiment_id
+    try:
+        experiment = mlflow.set_experiment(name)
+        check_artifact_store(experiment)
+    except mlflow.exceptions.MlflowException as exc:
+        raise EvaluateError(f"experiment {name!r}: {str(exc.message).splitlines()[0]}; choose another with "
+                            "--experiment-name, or --no-log") from None
+    except TrackingError as exc:
+        raise EvaluateError(str(exc)) from None
+    return experiment.experiment_id
+
+
+def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, result: EvaluationResult, chosen,
+                       experiment_id: str) -> tuple[str, str]:
+    import mlflow
+
+    from fer_exp.tracking import log_data_inputs, log_evaluation
     sources = [m.source for m in models]
     description = (f"Evaluation of {' + '.join(f'{m.name} ({m.source})' for m in models)} on the {split} split of "
                    f"{data.source} ({len(chosen)} images), "

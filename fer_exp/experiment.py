@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from fer_exp.config import Config, ConfigError
 from fer_exp.data import FerData, load_data
-from fer_exp.train import FitResult, StopTraining, Trainer, TrainingDiverged
+from fer_exp.train import FitResult, RunFailed, StopTraining, Trainer
 
 
 class TrackingError(RuntimeError):
@@ -19,9 +20,13 @@ class TrackingError(RuntimeError):
     before any training, with what to do about it."""
 
 
-def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
-    """An http(s) tracking server that does not answer is reported now, in seconds, rather than
-    after MLflow's retries (minutes) or, worse, after the first epoch."""
+def check_tracking_store(uri: str, timeout: float = 10.0) -> None:
+    """A tracking store that cannot take runs is reported now, with what to do, rather than as MLflow's
+    traceback or after the first epoch: an http(s) server that does not answer (in seconds, not after
+    MLflow's minutes of retries); a sqlite store in memory (every run lost at exit), in a file that is
+    not a database, or where the file or its folder cannot be written."""
+    if uri.startswith("sqlite:"):
+        check_sqlite_store(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -39,6 +44,70 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
                             "(mlflow server ...) or point MLFLOW_TRACKING_URI at a reachable one") from None
 
 
+def check_sqlite_store(uri: str, what: str = "the tracking store",
+                       fix: str = "point MLFLOW_TRACKING_URI at a sqlite file you can write, e.g. sqlite:///mlflow.db") -> None:
+    """A sqlite store (``what``) that cannot keep what is written to it; see :func:`check_tracking_store`."""
+    from fer_exp.tune_report import mask_url
+
+    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        raise TrackingError(f"{what} {mask_url(uri)} is in memory: what it keeps would be lost when the "
+                            f"command ends; {fix}")
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise TrackingError(f"{what} {mask_url(uri)} names a folder, {file}; {fix}")
+    if file.exists():
+        try:
+            with open(file, "rb") as handle:
+                head = handle.read(16)
+        except OSError as exc:
+            raise TrackingError(f"{what} {file} cannot be read ({exc.strerror or exc}); {fix}") from None
+        if head and head != b"SQLite format 3\x00":
+            raise TrackingError(f"{what} {file} is not an SQLite database (a file of another kind is "
+                                f"there); {fix}")
+        if not (os.access(file, os.W_OK) and os.access(file.parent, os.W_OK)):  # sqlite writes a journal beside it
+            raise TrackingError(f"{what} {file} (or its folder) cannot be written; fix the permissions "
+                                f"or {fix}")
+        return
+    folder = next(p for p in (file.absolute(), *file.absolute().parents) if p.exists() or p == p.parent)
+    if folder != file.absolute() and not folder.is_dir():
+        raise TrackingError(f"{what} {file} cannot be made: {folder} is a file, not a folder; {fix}")
+    if not os.access(folder, os.W_OK):
+        raise TrackingError(f"{what} {file} cannot be made: {folder} cannot be written; {fix}")
+
+
+@contextlib.contextmanager
+def run_lock(checkpoint_dir: str | Path):
+    """Held while a run trains into ``checkpoint_dir``: a second process that would resume the same
+    run is refused while the first lives (both would log into one run and write one folder). The lock
+    is the kernel's (``flock`` on ``.lock`` there), so it goes with its process however that ends, even
+    by SIGKILL, after which the run resumes. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise TrackingError(f"the run is still training in process {holder}, which holds {folder / '.lock'}: stop "
+                            f"it first (Ctrl-C there, or kill {holder}; it keeps its last epoch), then resume") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def check_artifact_store(experiment) -> None:
     """A local artifact folder that cannot be written fails now, not when the first artifact is logged."""
     location = experiment.artifact_location or ""
@@ -53,16 +122,17 @@ def check_artifact_store(experiment) -> None:
                             "written; fix its permissions or use another --experiment-name") from None
 
 
-def check_output_dir(folder: str) -> None:
-    """Fail now, not after the first epoch, when checkpoints cannot be written under ``folder``."""
+def check_output_dir(folder: str | Path, what: str = "checkpoints", option: str = "--output-dir") -> None:
+    """Fail now, not after the first epoch (or the last run of a study), when ``what`` cannot be
+    written under ``folder`` (made where missing)."""
     path = Path(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"output_dir {folder}: checkpoints cannot be written there ({exc.strerror or exc}); "
-                          "choose another folder with --output-dir") from None
+        raise ConfigError(f"{option.lstrip('-').replace('-', '_')} {folder}: {what} cannot be written there "
+                          f"({exc.strerror or exc}); choose another folder with {option}") from None
 
 
 @dataclass
@@ -87,6 +157,7 @@ def resume_config(run_id: str, overrides: dict | None = None) -> Config:
     from fer_exp.config import EXECUTION_FIELDS, build_config, load_config
     from fer_exp.tracking import tracking_uri
 
+    check_tracking_store(tracking_uri())
     client = mlflow.MlflowClient(tracking_uri())
     try:
         run = client.get_run(run_id)
@@ -94,6 +165,10 @@ def resume_config(run_id: str, overrides: dict | None = None) -> Config:
         raise TrackingError(f"no run {run_id} in the tracking store {tracking_uri()}; check MLFLOW_TRACKING_URI") from None
     if run.info.status == "FINISHED":
         raise TrackingError(f"run {run_id} is FINISHED: there is nothing to resume")
+    recorded = run.data.tags.get("checkpoint_dir")
+    if recorded and Path(recorded).is_dir():
+        with run_lock(recorded):  # a run still training here is refused now, before its data is loaded
+            pass
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "config.yaml", tmp)
@@ -144,7 +219,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
 
     from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
 
-    check_tracking_server(tracking_uri())  # seconds, before the data is decoded or a step is taken
+    check_tracking_store(tracking_uri())  # seconds, before the data is decoded or a step is taken
     if data is None:
         data = load_run_data(cfg)
     check_output_dir(cfg.output_dir)
@@ -152,8 +227,10 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                       callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints), *callbacks])
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    lock = contextlib.ExitStack()
     if resume_run_id:
         checkpoint = find_last_checkpoint(resume_run_id, cfg)
+        lock.enter_context(run_lock(checkpoint.parent))  # held from before the run is reopened until it ends
         try:
             trainer.restore(checkpoint)
         except (ValueError, RuntimeError, KeyError) as exc:
@@ -179,10 +256,12 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
     else:
         start = dict(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment_id, parent_run_id=parent_run_id,
                      tags=tags, log_system_metrics=cfg.system_metrics)
-    with mlflow.start_run(**start) as run:
+    with lock, mlflow.start_run(**start) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"
         if resume_run_id and trainer.resumed_from is not None:
             trainer.checkpoint_dir = trainer.resumed_from.parent  # go on writing where it was
+        else:
+            lock.enter_context(run_lock(trainer.checkpoint_dir))
         mlflow.set_tag("checkpoint_dir", str(trainer.checkpoint_dir.resolve()))
         if on_run_start is not None:
             on_run_start(run.info.run_id)
@@ -192,8 +271,8 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             mlflow.set_tag("stop_reason", stop.reason)
             mlflow.end_run(status="KILLED")
             raise
-        except TrainingDiverged as diverged:
-            mlflow.set_tag("stop_reason", str(diverged))
+        except RunFailed as failed:  # diverged, or a checkpoint could not be written
+            mlflow.set_tag("stop_reason", str(failed))
             mlflow.end_run(status="FAILED")
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is KILLED, last.pt of the last epoch stays
@@ -250,7 +329,7 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
 
     from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
 
-    check_tracking_server(tracking_uri())
+    check_tracking_store(tracking_uri())
     same_pixels = check_same_data(export, data.fingerprint(), source, data.source)
     check_output_dir(cfg.output_dir)
     trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=False, callbacks=[MLflowCallback()],

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,11 +151,17 @@ def own_tta(cfg: Config, recorded: str | None = None) -> str:
 
 def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.device = "auto") -> LoadedModel:
     target = resolve_device(device) if isinstance(device, str) else device
-    model = build_model(cfg.model, input_size=cfg.input_size or None, freeze_depth=0, pretrained="none", dropout=cfg.dropout)
+    try:
+        model = build_model(cfg.model, input_size=cfg.input_size or None, freeze_depth=0, pretrained="none",
+                            dropout=cfg.dropout)
+    except ValueError as exc:  # a hand-edited config: a model or size fer-exp does not build
+        raise ModelLoadError(f"its config names a model fer-exp cannot build ({exc})") from None
     try:
         model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"the weights do not fit a {cfg.model} at {cfg.input_size} px: {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:  # the first line is only "Error(s) in loading state_dict for ...": say which keys
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:300]
+        raise ModelLoadError(f"the weights do not fit a {cfg.model} at {cfg.input_size or 'its default'} px: "
+                             f"{detail or str(exc)[:300]}") from None
     loaded = LoadedModel(model, cfg, source="", device=target, amp_dtype=resolve_amp(cfg.amp, target), tta=own_tta(cfg))
     model.to(target, memory_format=loaded.memory_format).eval()
     return loaded
@@ -191,11 +198,13 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
 def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could run "
-                             "code); use a checkpoint written by fer-exp train") from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    except Exception as exc:  # noqa: BLE001 - a text file, an image, an empty file: torch's errors vary by content
+        if isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a checkpoint, but not of tensors
+            raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could "
+                                 "run code); use a checkpoint written by fer-exp train") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({reason}); give the best.pt or last.pt of a run, a "
+                             "weights file (.safetensors) or an MLflow model URI (runs:/<run id>/model)") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ModelLoadError(f"{path}: not a fer-exp checkpoint (expected the best.pt or last.pt of a run)")
     weights = state["model"]

@@ -29,25 +29,31 @@ class PredictError(ValueError):
 @dataclass
 class PredictResult:
     frame: pd.DataFrame  # one row per face (with --detect-faces) or per image
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why): unreadable, missing
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why): unreadable
     no_face: list[str] = field(default_factory=list)  # images where detection found no face
     seconds: float = 0.0
 
 
-def list_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The image files among ``paths`` (folders searched recursively for image extensions), and the
-    paths that are neither a file nor a folder."""
-    files, skipped = [], []
+def check_paths(paths: list[str]) -> None:
+    """Every path named exists: a typo stops the command before a model is loaded or an image predicted."""
+    missing = [raw for raw in paths if not Path(raw).exists()]
+    if missing:
+        raise PredictError(f"no such file or folder: {', '.join(missing)}; check the path{'s' if len(missing) > 1 else ''} "
+                           "(nothing was predicted)")
+
+
+def list_images(paths: list[str]) -> list[Path]:
+    """The image files among ``paths`` (folders searched recursively for image extensions)."""
+    check_paths(paths)
+    files = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.is_file():
-            files.append(path)
         else:
-            skipped.append((raw, "no such file or folder"))
-    return files, skipped
+            files.append(path)
+    return files
 
 
 def predict_images(models: list[LoadedModel], paths: list[str], *, detect_faces: bool = False, tta: str = "none",
@@ -58,7 +64,7 @@ def predict_images(models: list[LoadedModel], paths: list[str], *, detect_faces:
     from fer_exp.faces import crop
     from fer_exp.faces import detect_faces as find_faces
 
-    files, skipped = list_images(paths)
+    files, skipped = list_images(paths), []
     if not files:
         raise PredictError(f"no images found in {', '.join(paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     start = time.perf_counter()

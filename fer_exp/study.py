@@ -218,9 +218,10 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     nothing: the runs still missing are listed, for the same command without them to make."""
     import mlflow
 
-    from fer_exp.experiment import load_run_data, run_experiment
+    from fer_exp.experiment import check_tracking_store, load_run_data, run_experiment
     from fer_exp.tracking import tracking_uri
 
+    check_tracking_store(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     new = import_study_runs(study, imports, client, dry_run) if imports else []

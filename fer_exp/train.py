@@ -81,8 +81,17 @@ def raise_if_stop_requested() -> None:
         raise KeyboardInterrupt
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops; the checkpoints of the last good epoch stay."""
+class RunFailed(RuntimeError):
+    """The run cannot go on: it stops FAILED (the tracking layer records why in ``stop_reason``) and
+    the checkpoints of its last good epoch stay."""
+
+
+class TrainingDiverged(RunFailed):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointWriteError(RunFailed):
+    """A checkpoint could not be written (a full disk, say); nothing half-written is left behind."""
 
 
 class StopTraining(Exception):
@@ -121,10 +130,26 @@ class FitResult:
 
 
 def write_atomically(path: Path, write) -> None:
-    """``write(partial_path)``, then rename: an interruption never leaves a truncated file at ``path``."""
+    """``write(partial_path)``, then rename: an interruption never leaves a truncated file at ``path``.
+    A write that fails (a full disk: torch.save says so as a RuntimeError) removes the partial file and
+    raises :class:`CheckpointWriteError`, saying why."""
     partial = path.with_suffix(path.suffix + ".partial")
-    write(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise  # Ctrl-C and the like: the caller's to handle
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        reason = (getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        if free is not None and free < 64 * 2**20:
+            reason = f"{reason}; {free / 2**20:.1f} MiB free there"
+        raise CheckpointWriteError(f"{path} could not be written ({reason}): free space there or choose "
+                                   "another --output-dir") from exc
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -578,10 +603,14 @@ class Trainer:
             self.stale = 0 if improved else self.stale + 1
             if improved:
                 self.best_value, self.best_epoch = value, self.epoch
-            last_path = self.save("last")
-            if improved:  # the same state: link (or copy) rather than serialise twice
-                best_path = self.checkpoint_dir / "best.pt"
-                write_atomically(best_path, lambda partial: link_or_copy(last_path, partial))
+            try:
+                last_path = self.save("last")
+                if improved:  # the same state: link (or copy) rather than serialise twice
+                    best_path = self.checkpoint_dir / "best.pt"
+                    write_atomically(best_path, lambda partial: link_or_copy(last_path, partial))
+            except CheckpointWriteError as exc:
+                kept = f"; the checkpoints of epoch {self.epoch - 1} are kept" if self.epoch > 1 else ""
+                raise CheckpointWriteError(f"epoch {self.epoch}: {exc}{kept}") from exc.__cause__
             # val pass, checks and checkpoints (the callbacks' share shows in FitResult.overhead_fraction)
             metrics["epoch_overhead_seconds"] = time.perf_counter() - epoch_start - metrics["epoch_seconds"]
             self.history[-1]["epoch_overhead_seconds"] = metrics["epoch_overhead_seconds"]  # (not in last.pt's copy)

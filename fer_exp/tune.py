@@ -508,15 +508,17 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     """Run (or resume) the study of ``plan``; see the module docstring."""
     from tqdm.auto import tqdm
 
-    from fer_exp.experiment import check_output_dir, check_tracking_server, load_run_data
+    from fer_exp.experiment import check_output_dir, check_sqlite_store, check_tracking_store, load_run_data
 
     sc = plan.study
     if sc.tracking:
         from fer_exp.tracking import tracking_uri
 
-        check_tracking_server(tracking_uri())
+        check_tracking_store(tracking_uri())
     storage_url = sc.storage or default_storage_url(sc.tracking)
-    if storage_url.startswith("sqlite:///"):
+    if storage_url.startswith("sqlite:"):
+        check_sqlite_store(storage_url, "the Optuna storage", "pass --storage a sqlite file you can write, e.g. "
+                           "sqlite:///optuna.db, or a database URL")
         Path(storage_url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     data = load_run_data(plan.config)  # bad data fails here, once, and the decode cache is warm for the workers
     check_output_dir(plan.config.output_dir)

@@ -207,3 +207,137 @@ def test_study_import_refuses_what_is_not_an_export_of_this_data(store):
     [run] = [r for r in _runs(store) if r.data.tags.get("arm") == "recipe"]
     assert run.data.tags["same_pixels_where_trained"] == "False" and len(_runs(store)) == 2  # and the comparison
     assert "made already" in study(store / "runs").output
+
+
+# ================================================================== stores, folders and files that cannot serve
+
+
+@pytest.mark.parametrize("case", ["not a database", "under a file", "in memory", "a folder"])
+@pytest.mark.parametrize("command", ["train", "resume", "compare", "tune", "study"])
+def test_a_tracking_store_that_cannot_keep_runs_is_refused_before_anything_runs(store, monkeypatch, case, command):
+    (store / "notes.txt").write_text("hello, not sqlite")
+    (store / "folder.db").mkdir()
+    uri = {"not a database": f"sqlite:///{store / 'notes.txt'}", "under a file": f"sqlite:///{store / 'notes.txt' / 'x.db'}",
+           "in memory": "sqlite://", "a folder": f"sqlite:///{store / 'folder.db'}"}[case]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    experiments = Path(__file__).parents[1] / "experiments"
+    args = {"train": ["train", "--data", "synthetic:32,8,8", "--epochs", "1"],
+            "resume": ["train", "--resume", "0123456789abcdef"],
+            "compare": ["compare", "--experiment", "fer2013"],
+            "tune": ["tune", "--model", "cnn", "--data", "synthetic:32,8,8", "--n-trials", "1"],
+            "study": ["study", str(experiments / "reference.yaml"), "--data", "synthetic:32,8,8", "--seeds", "42"]}[command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and short_error(result.output), result.output
+    message = {"not a database": "is not an SQLite database", "under a file": "is a file, not a folder",
+               "in memory": "is in memory", "a folder": "names a folder"}[case]
+    assert message in result.output and "MLFLOW_TRACKING_URI" in result.output, result.output
+    assert (store / "notes.txt").read_text() == "hello, not sqlite" and not list(store.glob("outputs/*"))
+
+
+def test_an_optuna_storage_that_cannot_be_made_is_refused(store):
+    (store / "notes.txt").write_text("x")
+    result = CliRunner().invoke(main, ["tune", "--model", "cnn", "--data", "synthetic:32,8,8", "--n-trials", "1",
+                                       "--storage", f"sqlite:///{store / 'notes.txt' / 'optuna.db'}"])
+    assert result.exit_code == 2 and short_error(result.output), result.output
+    assert "the Optuna storage" in result.output and "is a file, not a folder" in result.output
+
+
+def test_a_comparison_folder_that_cannot_be_written_or_an_unknown_group_is_refused(store):
+    (store / "afile").write_text("x")
+    experiments = Path(__file__).parents[1] / "experiments"
+    study = CliRunner().invoke(main, ["study", str(experiments / "reference.yaml"), "--data", "synthetic:32,8,8",
+                                      "--seeds", "42", "--output", str(store / "afile" / "report")])
+    assert study.exit_code == 2 and short_error(study.output), study.output
+    assert "output" in study.output and "cannot be written there" in study.output and not _runs(store)  # nothing trained
+    trained = CliRunner().invoke(main, ["train", "--data", "synthetic:32,8,8", "--epochs", "1", "--batch-size", "16",
+                                        "--system-metrics", "false"])
+    assert trained.exit_code == 0, trained.output
+    unwritable = CliRunner().invoke(main, ["compare", "--output", str(store / "afile" / "report")])
+    assert unwritable.exit_code == 2 and short_error(unwritable.output) and "cannot be written" in unwritable.output
+    typo = CliRunner().invoke(main, ["compare", "--group-by", "class-weights", "--no-log"])
+    assert typo.exit_code == 2 and short_error(typo.output), typo.output
+    assert "no compared run has 'class-weights'" in typo.output
+
+
+def test_evaluating_into_a_deleted_experiment_is_refused_before_predicting(store, monkeypatch):
+    import mlflow
+
+    trained = CliRunner().invoke(main, ["train", "--data", "synthetic:32,8,8", "--epochs", "1", "--batch-size", "16",
+                                        "--system-metrics", "false"])
+    assert trained.exit_code == 0, trained.output
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("gone"))
+    run = _runs(store)[0]
+    result = CliRunner().invoke(main, ["evaluate", "--model", f"runs:/{run.info.run_id}/model", "--experiment-name", "gone"])
+    assert result.exit_code == 2 and short_error(result.output), result.output
+    assert "experiment 'gone'" in result.output and "--experiment-name" in result.output
+    assert "images/s" not in result.output and len(_runs(store)) == 1  # nothing predicted, no run made
+
+
+@pytest.mark.parametrize("content", [b"just some notes\n", b"", b"\xff\xd8\xff\xe0 a jpeg header", b"emotion,pixels\n0,1 2\n"])
+def test_a_file_that_is_no_checkpoint_is_refused_as_a_model(tmp_path, content):
+    from fer_exp.inference import ModelLoadError, load_model
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=r"model\.pt: not a PyTorch checkpoint \(.+\); give the best\.pt"):
+        load_model(str(path), "cpu")
+
+
+def test_a_checkpoint_config_naming_an_unknown_model_is_refused(tmp_path):
+    import torch
+
+    from fer_exp.inference import ModelLoadError, load_model
+    from fer_exp.models import build_model
+
+    path = tmp_path / "best.pt"
+    torch.save({"model": build_model("cnn").state_dict(), "config": {**Config().to_dict(), "model": "vgg"}}, path)
+    with pytest.raises(ModelLoadError, match="names a model fer-exp cannot build"):
+        load_model(str(path), "cpu")
+
+
+def test_register_names_the_registry_refuses_and_non_utf8_config_files_are_config_errors(tmp_path):
+    for name in ("bad/name", "bad:name", " padded", "a..b"):
+        with pytest.raises(ConfigError, match="not a valid registered model name"):
+            load_config(overrides={"register": name})
+    assert load_config(overrides={"register": "fer-cnn_v2.1"}).register == "fer-cnn_v2.1"
+    path = tmp_path / "exp.yaml"
+    path.write_bytes("epochs: 3\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+
+
+def test_a_val_fraction_that_leaves_a_side_empty_is_a_dataerror(tmp_path):
+    for split in ("train", "test"):
+        for i, name in enumerate(CLASS_NAMES):
+            (tmp_path / split / name).mkdir(parents=True)
+            for j in range(3):
+                Image.new("L", (48, 48), 10 * i + j).save(tmp_path / split / name / f"{j}.png")
+    for fraction in (0.999, 0.99):  # 21 train images: all 21 held out (scikit-learn rounds up)
+        with pytest.raises(DataError, match="choose --val-fraction between"):
+            load_data(str(tmp_path), val_fraction=fraction, use_cache=False)
+    assert len(load_data(str(tmp_path), val_fraction=0.3, use_cache=False).val) == 7
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_cleanly_and_keeps_the_last_good_epoch(store, monkeypatch):
+    import torch
+
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint meets a full disk half-way, as torch.save reports it
+        saves.append(f)
+        if len(saves) == 2:
+            Path(f).write_bytes(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3456 vs 1234")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    result = CliRunner().invoke(main, ["train", "--data", "synthetic:32,8,8", "--epochs", "3", "--batch-size", "16",
+                                       "--system-metrics", "false"])
+    assert result.exit_code == 1 and short_error(result.output), result.output
+    assert "epoch 2: " in result.output and "last.pt could not be written (" in result.output
+    assert "the checkpoints of epoch 1 are kept (run marked FAILED)" in result.output
+    run = _runs(store)[0]
+    assert run.info.status == "FAILED" and "could not be written" in run.data.tags["stop_reason"]
+    folder = Path(run.data.tags["checkpoint_dir"])
+    assert not list(folder.glob("*.partial"))
+    assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1

@@ -164,15 +164,22 @@ def test_sigterm_marks_the_run_killed_and_keeps_the_checkpoints(tmp_path):
            "--batch-size", "16", "--experiment-name", "killed", "--output-dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("epoch   1/500"):
+            # resuming a run that is still training is refused (both would log into one run)
+            run = client.search_runs([client.get_experiment_by_name("killed").experiment_id])[0]
+            twice = subprocess.run([sys.executable, "-m", "fer_exp.cli", "train", "--resume", run.info.run_id],
+                                   cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            assert proc.poll() is None, "".join(lines)
             proc.send_signal(signal.SIGTERM)
             break
     output = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=120) == 130, output
+    assert twice.returncode == 2 and f"the run is still training in process {proc.pid}" in twice.stderr, twice.stderr
+    assert "Traceback" not in twice.stderr
     assert "marked KILLED" in output
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     run = client.search_runs([client.get_experiment_by_name("killed").experiment_id])[0]
     assert run.info.status == "KILLED"
     assert (tmp_path / "out" / run.info.run_id / "checkpoints" / "last.pt").is_file()

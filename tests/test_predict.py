@@ -210,11 +210,14 @@ def test_unreadable_files_are_reported_and_skipped(trained, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
     good = trained["images"] / "face0.png"
     uri = f"runs:/{trained['runs'][1].run_id}/model"
-    result = invoke("predict", "--model", uri, good, tmp_path / "broken.jpg", tmp_path / "missing.png")
+    result = invoke("predict", "--model", uri, good, tmp_path / "broken.jpg")
     assert result.exit_code == 0, result.output
     assert "broken.jpg: cannot be decoded as an image" in result.output
-    assert "missing.png: no such file or folder" in result.output
     assert "face0.png" in result.output and "Traceback" not in result.output
+    # a path that does not exist is a typo: the command stops before predicting anything
+    typo = invoke("predict", "--model", uri, good, tmp_path / "missing.png", "--output", tmp_path / "preds.csv")
+    assert typo.exit_code == 2 and f"no such file or folder: {tmp_path / 'missing.png'}; check the path" in typo.output
+    assert not (tmp_path / "preds.csv").exists()
     only_bad = invoke("predict", "--model", uri, tmp_path / "broken.jpg")
     assert only_bad.exit_code == 2 and "none of the images could be read" in only_bad.output
 

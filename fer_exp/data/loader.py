@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import time
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def holdout(split: Split, fraction: float, seed: int, use_cache: bool = True) ->
     """
     if len(split) < 2:
         raise DataError(f"the train split has {len(split)} image(s); at least 2 are needed to hold out a val split")
+    held_out = math.ceil(fraction * len(split))  # scikit-learn's rounding of test_size
+    if not 1 <= held_out < len(split):
+        raise DataError(f"a val fraction of {fraction:g} of the train split's {len(split)} images leaves "
+                        f"{'no val' if held_out < 1 else 'no train'} images; choose --val-fraction between "
+                        f"{1 / len(split):.3g} and {(len(split) - 1) / len(split):.3g} (0.1 is usual)")
     labels = split.labels.numpy()
     digest = hashlib.sha256(labels.astype(np.int64).tobytes())
     digest.update(f"|{fraction!r}|{seed}|scikit-learn {_sklearn_version()}".encode())
