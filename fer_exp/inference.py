@@ -195,11 +195,21 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, metadata.get("fer_exp_tta")))
 
 
+def is_pickle(path: Path) -> bool:
+    """Whether the file is a PyTorch checkpoint (a zip) or a bare pickle (its PROTO opcode first), rather
+    than some other file that the unpickler also chokes on."""
+    with open(path, "rb") as handle:
+        if zipfile.is_zipfile(handle):
+            return True
+        handle.seek(0)
+        return handle.read(1) == b"\x80"
+
+
 def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a text file, an image, an empty file: torch's errors vary by content
-        if isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a checkpoint, but not of tensors
+        if isinstance(exc, pickle.UnpicklingError) and is_pickle(path):  # a checkpoint, but not of tensors only
             raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could "
                                  "run code); use a checkpoint written by fer-exp train") from None
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
