@@ -104,6 +104,11 @@ def select_runs(client, experiments: list[str], filter_string: str = "", run_ids
             notes.append(f"skipped {len(unfinished)} run(s) that did not finish: "
                          + ", ".join(f"{r.info.run_name or r.info.run_id} ({r.info.status})" for r in unfinished[:5]))
         runs = [r for r in runs if r not in roles and r not in unfinished]
+        untested = [r for r in runs if not all(k in r.data.metrics for k in (*OVERALL, *PER_CLASS))]
+        if untested:  # evaluations on val (fer-exp evaluate --split val), runs trained with no test split
+            notes.append(f"skipped {len(untested)} run(s) with no test evaluation: "
+                         + ", ".join(f"{r.info.run_name or r.info.run_id}" for r in untested[:5]))
+            runs = [r for r in runs if r not in untested]
     if not runs:
         where = f"experiment(s) {', '.join(experiments)}" + (f" with filter {filter_string!r}" if filter_string else "")
         raise CompareError(f"no finished training runs to compare in {where}. Train some "

@@ -53,7 +53,7 @@ def list_images(paths: list[str]) -> list[Path]:
                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
         else:
             files.append(path)
-    return files
+    return list(dict.fromkeys(files))  # a file named and also found in a folder named: predicted once
 
 
 def predict_images(models: list[LoadedModel], paths: list[str], *, detect_faces: bool = False, tta: str = "none",

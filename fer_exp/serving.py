@@ -85,7 +85,7 @@ def images_from_input(model_input) -> torch.Tensor:
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN in model_input.columns:
             cells = model_input[IMAGE_COLUMN].tolist()
-        elif len(model_input.columns) == 1 and model_input.dtypes.iloc[0] == object:
+        elif len(model_input.columns) == 1 and not pd.api.types.is_numeric_dtype(model_input.dtypes.iloc[0]):
             cells = model_input.iloc[:, 0].tolist()
         else:  # a DataFrame of numbers: one flattened image per row
             values = model_input.to_numpy(dtype=np.float32)

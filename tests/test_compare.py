@@ -40,6 +40,11 @@ def tracked(tmp_path_factory, isolated_store):
         client.set_terminated(trial.info.run_id, "FINISHED")
         killed = client.create_run(experiment, run_name="killed run", tags={"model": "cnn"})
         client.set_terminated(killed.info.run_id, "KILLED")
+        # an evaluation on val (fer-exp evaluate --split val): finished, but no test evaluation to compare
+        on_val = client.create_run(experiment, run_name="evaluate cnn on val", tags={"fer_exp.role": "evaluation",
+                                                                                   "model": "cnn+tta:flip"})
+        client.log_metric(on_val.info.run_id, "val_accuracy", 0.5)
+        client.set_terminated(on_val.info.run_id, "FINISHED")
         yield {"tmp": tmp, "runs": runs, "client": client, "mp": mp, "trial": trial.info.run_id,
                "killed": killed.info.run_id}
 
@@ -76,6 +81,7 @@ def test_tables_equal_the_runs_metrics(tracked, by_model):
     runs = pd.read_csv(folder / "runs.csv")
     assert set(runs["run_id"]) == set(tracked["runs"].values())  # the trial and the killed run are not in
     assert "skipped 1 tuning or comparison run(s)" in output and "skipped 1 run(s) that did not finish" in output
+    assert "skipped 1 run(s) with no test evaluation: evaluate cnn on val" in output
 
 
 @pytest.mark.slow  # the four tracked runs

@@ -371,3 +371,23 @@ def test_the_served_model_class_defines_without_mlflows_type_hint_warning():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "type hint" not in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def test_a_single_text_column_of_any_name_is_read_as_base64_images():
+    """pandas 3 gives text columns a string dtype, not object: such a column is still images, not numbers."""
+    from fer_exp.serving import ServingInputError, images_from_input
+
+    buffer = io.BytesIO()
+    Image.new("L", (60, 60), 200).save(buffer, format="PNG")
+    frame = pd.DataFrame({"img": [base64.b64encode(buffer.getvalue()).decode()]})
+    images = images_from_input(frame)
+    assert images.shape == (1, 48, 48) and images.dtype == torch.uint8 and int(images[0, 0, 0]) == 200
+    with pytest.raises(ServingInputError, match="row 0: the 'image' value is not base64 text"):
+        images_from_input(pd.DataFrame({"img": ["aaa"]}))
+
+
+def test_a_file_named_twice_is_predicted_once(tmp_path):
+    from fer_exp.predict import list_images
+
+    Image.new("L", (48, 48), 1).save(tmp_path / "a.png")
+    assert list_images([str(tmp_path / "a.png"), str(tmp_path)]) == [tmp_path / "a.png"]
