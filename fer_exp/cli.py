@@ -43,6 +43,10 @@ def format_summary(summary: dict) -> str:
         lines.append(split.ljust(7) + "".join(str(counts[n]).rjust(width) for n in CLASS_NAMES)
                      + str(summary["sizes"][split]).rjust(8))
     lines += ["", f"class imbalance (train, largest/smallest class): {summary['imbalance_ratio']}"]
+    if summary["missing_train_classes"]:
+        from fer_exp.data.dataset import missing_classes_warning
+
+        lines.append(f"WARNING: {missing_classes_warning(summary['missing_train_classes'])}")
     lines.append(f"converted to grayscale: {summary['converted_to_gray']}; resized to 48x48: {summary['resized']}")
     if summary["ignored"]:
         lines.append(f"ignored {len(summary['ignored'])} hidden file(s), e.g. {summary['ignored'][0]}")

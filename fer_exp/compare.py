@@ -42,6 +42,7 @@ class RunInfo:
     tags: dict
     predictions: pd.DataFrame | None = None
     val_curve: list = field(default_factory=list)
+    test_digest: str | None = None  # of the test split's pixels and labels (the run's dataset input)
 
     @property
     def seed(self) -> str | None:
@@ -126,6 +127,8 @@ def load_run(client, run, group_by: str, workdir: Path) -> RunInfo:
     info = RunInfo(run.info.run_id, run.info.run_name or run.info.run_id[:8], group_value(run, group_by),
                    run.info.experiment_id, dict(run.data.metrics), dict(run.data.params), dict(run.data.tags))
     info.val_curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    info.test_digest = next((d.dataset.digest for d in inputs if d.dataset.name.endswith("-test")), None)
     try:
         path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(workdir / run.info.run_id))
         info.predictions = pd.read_csv(path)
@@ -234,7 +237,21 @@ def group_table(runs: list[RunInfo], metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mixed_test_sets(runs: list[RunInfo]) -> list[str]:
+    """A note for each group whose runs were tested on different images (other data, or synthetic faces
+    drawn per seed): its mean is then not over one test set."""
+    notes = []
+    for group in dict.fromkeys(r.group for r in runs):
+        tested = {r.test_digest for r in runs if r.group == group and r.test_digest}
+        if len(tested) > 1:
+            notes.append(f"group {group} averages runs tested on {len(tested)} different test sets (other data, or "
+                         "synthetic faces drawn per seed): filter by data (--filter \"tags.data_source = '...'\") "
+                         "to compare like with like")
+    return notes
+
+
 def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
+    notes = [*notes, *mixed_test_sets(runs)]
     tests = []
     for a, b in pairs_to_test(runs):
         try:

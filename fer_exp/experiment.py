@@ -222,6 +222,10 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
     check_tracking_store(tracking_uri())  # seconds, before the data is decoded or a step is taken
     if data is None:
         data = load_run_data(cfg)
+        if data.missing_train_classes():
+            from fer_exp.data.dataset import missing_classes_warning
+
+            print(f"warning: {missing_classes_warning(data.missing_train_classes())}", file=sys.stderr)
     check_output_dir(cfg.output_dir)
     trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=progress,
                       callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints), *callbacks])

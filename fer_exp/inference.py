@@ -243,6 +243,9 @@ def load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
         if path.suffix == ".safetensors":
             return load_weights_file(path, device)
         return load_checkpoint_file(path, device)
+    if uri.startswith(("http://", "https://")):
+        raise ModelLoadError(f"{uri}: a web address; download the file first (curl -LO ...) and give its path, or "
+                             "give an MLflow model URI (runs:/<run id>/model; MLFLOW_TRACKING_URI names the server)")
     return load_mlflow_model(uri, device)
 
 
@@ -256,7 +259,7 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except Exception as exc:  # MLflow raises several types for a missing run, model or artifact
-            message = str(getattr(exc, "message", exc)).splitlines()[0][:200]
+            message = (str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ModelLoadError(f"{uri}: cannot be loaded from the tracking store {tracking_uri()} ({message}); "
                                  "check the URI and MLFLOW_TRACKING_URI") from None
         found = sorted(local.rglob(WEIGHTS_FILE)) if local.is_dir() else []

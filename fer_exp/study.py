@@ -62,9 +62,12 @@ def read_study(path: str | Path, overrides: dict | None = None, seeds: list[int]
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a study file has {', '.join(STUDY_KEYS)}{hint}")
     if not isinstance(raw.get("arms"), dict) or not raw["arms"]:
         raise ConfigError(f"{path}: arms must map arm names to {{config: FILE, set: {{...}}}}, e.g. cnn: {{config: cnn.yaml}}")
-    study_seeds = seeds or raw.get("seeds") or [42]
-    if not isinstance(study_seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in study_seeds):
-        raise ConfigError(f"{path}: seeds must be a list of integers, got {study_seeds!r}")
+    study_seeds = seeds or raw.get("seeds", [42])
+    if not isinstance(study_seeds, list) or not study_seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in study_seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of seeds (integers from 0), got {study_seeds!r}")
+    if len(set(study_seeds)) < len(study_seeds):
+        raise ConfigError(f"{path}: seeds {study_seeds} name a seed twice; each seed makes one run of each arm")
     chosen = arms or list(raw["arms"])
     missing = [a for a in chosen if a not in raw["arms"]]
     if missing:
@@ -81,6 +84,9 @@ def read_study(path: str | Path, overrides: dict | None = None, seeds: list[int]
         extra = spec.get("set") or {}
         if not isinstance(extra, dict):
             raise ConfigError(f"{path}: arm {arm}: set must be a mapping of config fields, got {extra!r}")
+        if "seed" in extra or "experiment_name" in extra:
+            raise ConfigError(f"{path}: arm {arm}: set may not fix seed or experiment_name: the study's seeds and "
+                              "experiment_name decide them")
         extra = {k: coerce(k, v, f"{path}: arm {arm}: set") for k, v in extra.items()}
         for seed in study_seeds:
             layered = {**values, **extra}

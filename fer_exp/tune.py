@@ -121,6 +121,10 @@ def plan_study(path: str | Path | None, config_overrides: dict | None = None,
     fixed = tuple(name for name in (block if isinstance(block, dict) else {}) if name in config_overrides)
     for name in fixed:
         del block[name]
+    if fixed and not block:
+        raise ConfigError(f"{path}: the options {', '.join('--' + n.replace('_', '-') for n in fixed)} fix every field "
+                          "the study searches, leaving nothing to tune; drop one of them (or train the configuration "
+                          "with fer-exp train)")
     space = parse_space(block, str(path), config)
     enqueued = tuple(parse_enqueue(study.enqueue, space, fixed=fixed)) if study.enqueue else ()
     return StudyPlan(str(path), config, space, study, fixed, enqueued)

@@ -284,6 +284,13 @@ def test_a_file_that_is_no_checkpoint_is_refused_as_a_model(tmp_path, content):
         load_model(str(path), "cpu")
 
 
+def test_a_web_address_as_a_model_says_to_download_it():
+    from fer_exp.inference import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="a web address; download the file first"):
+        load_model("https://example.org/best.pt", "cpu")
+
+
 def test_a_checkpoint_config_naming_an_unknown_model_is_refused(tmp_path):
     import torch
 
@@ -341,3 +348,20 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_cleanly_and_keeps_the
     folder = Path(run.data.tags["checkpoint_dir"])
     assert not list(folder.glob("*.partial"))
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_train_split_without_a_class_is_warned_about(store):
+    for split in ("train", "test"):
+        for i, name in enumerate(CLASS_NAMES):
+            (store / "faces" / split / name).mkdir(parents=True)
+            if split == "train" and name == "fear":
+                continue  # an empty class folder: nothing to learn fear from
+            for j in range(3):
+                Image.new("L", (48, 48), 10 * i + j).save(store / "faces" / split / name / f"{j}.png")
+    inspect = CliRunner().invoke(main, ["data", "inspect", str(store / "faces")])
+    assert inspect.exit_code == 0, inspect.output
+    assert "WARNING: train has no images of fear: a model trained on it never predicts that class" in inspect.output
+    assert load_data(str(store / "faces")).summary()["missing_train_classes"] == ["fear"]
+    trained = CliRunner().invoke(main, ["train", "--data", str(store / "faces"), "--epochs", "1", "--batch-size", "8",
+                                        "--system-metrics", "false"])
+    assert trained.exit_code == 0 and "warning: train has no images of fear" in trained.output, trained.output

@@ -155,8 +155,11 @@ def test_runs_on_different_test_sets_are_not_paired(tracked):
     a, b = tracked["runs"][("cnn", 1)], tracked["runs"][("cnn", 2)]
     result = invoke(tracked, "--runs", a, "--runs", b, "--output", str(tracked["tmp"] / "diff"), "--no-log")
     assert result.exit_code == 0, result.output
-    assert "| cnn | 2 |" in result.output  # both in one group
+    assert "| cnn | 2 |" in result.output  # both in one group, and said to mix test sets
     assert "were tested on different test sets: no paired test" in result.output
+    assert "Note: group cnn averages runs tested on 2 different test sets" in result.output
+    by_seed = invoke(tracked, "--group-by", "seed", "--output", str(tracked["tmp"] / "by-seed"), "--no-log")
+    assert by_seed.exit_code == 0 and "different test sets (other data" not in by_seed.output  # a seed: one test set
     assert not (tracked["tmp"] / "diff" / "paired_tests.csv").exists()
 
 
@@ -238,7 +241,11 @@ def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
         ("arms: {}\n", "arms must map arm names"),
         ("arms:\n  a: {config: nowhere.yaml}\n", "nowhere.yaml not found"),
         ("arms:\n  a: {set: {epochs: zero}}\n", "epochs must be int"),
-        ("seeds: [a]\narms:\n  a: {}\n", "seeds must be a list of integers"),
+        ("seeds: [a]\narms:\n  a: {}\n", "seeds must be a non-empty list of seeds"),
+        ("seeds: []\narms:\n  a: {}\n", "seeds must be a non-empty list of seeds"),
+        ("seeds: [-1]\narms:\n  a: {}\n", "seeds must be a non-empty list of seeds (integers from 0)"),
+        ("seeds: [42, 42]\narms:\n  a: {}\n", "name a seed twice"),
+        ("arms:\n  a: {set: {seed: 5}}\n", "set may not fix seed"),
         ("search_space: {}\narms:\n  a: {}\n", "fer-exp tune"),
     ],
 )

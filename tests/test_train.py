@@ -354,10 +354,11 @@ def test_slow_work_around_the_steps_shows_in_the_overhead(small, tmp_path):
             time.sleep(0.5)
 
     cfg = config(data=SMALL, batch_size=16, epochs=2)
-    quick = Trainer(cfg, small, tmp_path / "quick", progress=False).fit()
     slow = Trainer(cfg, small, tmp_path / "slow", callbacks=[SlowLogging()], progress=False).fit()
     assert slow.loop_seconds - slow.step_seconds >= 1.0  # two epochs of 0.5 s logging
-    assert slow.overhead_fraction > quick.overhead_fraction
+    # the share counts the callbacks' time (not a comparison with a quick run: on a loaded machine the
+    # quick run's own share varies more than the sleep adds)
+    assert slow.overhead_fraction >= 1.0 / slow.loop_seconds and slow.step_seconds > 0
 
 
 def test_fit_lr_follows_the_schedule(fitted):

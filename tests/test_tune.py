@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from fer_exp.cli import main
-from fer_exp.config import CHOICES, FIELDS
+from fer_exp.config import CHOICES, FIELDS, ConfigError
 from fer_exp.tune import make_pruner, make_sampler, plan_study
 from fer_exp.tune_report import FIGURES, mask_url
 
@@ -92,6 +92,8 @@ def test_command_line_fixes_a_field_for_all_trials_and_takes_it_out_of_the_space
     assert "input_size" not in {p.name for p in plan.space} and plan.fixed_by_cli == ("input_size",)
     assert plan.config.input_size == 112 and plan.config.pretrained == "none" and plan.study.n_trials == 3
     assert all("input_size" not in trial for trial in plan.enqueued)
+    with pytest.raises(ConfigError, match="--lr, --weight-decay, --input-size fix every field the study searches"):
+        plan_study(REPO / "experiments" / "tune_cnn.yaml", {"lr": "0.01", "weight_decay": "0.001", "input_size": "48"}, {})
 
 
 @pytest.mark.parametrize(

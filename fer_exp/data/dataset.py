@@ -108,6 +108,10 @@ class FerData:
         return {"members": {name: split.members_digest() for name, split in self.splits().items()},
                 "pixels": {name: split.digest() for name, split in self.splits().items()}}
 
+    def missing_train_classes(self) -> list[str]:
+        """The classes train has no image of (a model trained on it can never predict them)."""
+        return [name for name, count in zip(CLASS_NAMES, self.train.class_counts()) if count == 0]
+
     def summary(self) -> dict:
         """A JSON-friendly description: format, split rule, per-split x per-class counts, imbalance."""
         counts = {name: dict(zip(CLASS_NAMES, split.class_counts())) for name, split in self.splits().items()}
@@ -120,7 +124,8 @@ class FerData:
             "image_size": list(self.train.images.shape[1:]),
             "sizes": {name: len(split) for name, split in self.splits().items()},
             "class_counts": counts,
-            "imbalance_ratio": round(imbalance, 2),
+            "imbalance_ratio": round(imbalance, 2),  # among the classes train has
+            "missing_train_classes": self.missing_train_classes(),
             "converted_to_gray": self.report.converted_to_gray,
             "resized": self.report.resized,
             "skipped": [{"where": w, "why": y} for w, y in self.report.skipped],
@@ -128,3 +133,9 @@ class FerData:
             "from_cache": self.from_cache,
             "load_seconds": round(self.load_seconds, 3),
         }
+
+
+def missing_classes_warning(missing: list[str]) -> str:
+    """What to tell a user whose train split lacks ``missing`` classes."""
+    return (f"train has no images of {', '.join(missing)}: a model trained on it never predicts "
+            f"{'that class' if len(missing) == 1 else 'those classes'} (is a class folder empty or misnamed?)")
