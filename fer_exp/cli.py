@@ -360,8 +360,10 @@ def predict(images, model_uris, detect_faces, tta, output, show_dir, device) -> 
         click.echo(f"skipped {where}: {why}", err=True)
     for where in result.no_face:
         click.echo(f"no face found in {where}", err=True)
-    faces = f", {len(result.frame)} face(s)" if detect_faces else ""
-    click.echo(f"\n{result.frame['source'].nunique()} image(s){faces} in {result.seconds:.1f} s"
+    read = result.frame["source"].nunique() + len(result.no_face)  # images read, with or without a face
+    faces = (f", {len(result.frame)} face(s)" + (f" ({len(result.no_face)} without a face)" if result.no_face else "")
+             if detect_faces else "")
+    click.echo(f"\n{read} image(s){faces} in {result.seconds:.1f} s"
                + (f"; {len(result.skipped)} skipped" if result.skipped else "")
                + (f"; predictions in {written}" if written else "")
                + (f"; drawn images in {show_dir}/" if show_dir else ""))

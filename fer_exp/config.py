@@ -190,6 +190,8 @@ def coerce(name: str, value, origin: str, schema: type = Config):
             if not math.isfinite(value):
                 raise ValueError
         elif kind is str:
+            if isinstance(value, (dict, list, tuple, set)):  # a YAML mapping or list where a word belongs
+                raise TypeError
             value = "" if value is None else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{origin}: {name} must be {kind.__name__}, got {value!r}") from None
@@ -275,12 +277,30 @@ def check_device(name: str) -> None:
         raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (experiment files live in experiments/, e.g. experiments/cnn.yaml)")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     except UnicodeDecodeError:

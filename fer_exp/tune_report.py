@@ -187,12 +187,15 @@ def study_figures(study, plan: StudyPlan):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    import optuna
     import optuna.visualization.matplotlib as vis
 
     from optuna.exceptions import ExperimentalWarning
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
     for name in FIGURES:
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" and the like: said below
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -200,6 +203,8 @@ def study_figures(study, plan: StudyPlan):
         except Exception as exc:  # e.g. importances need 2 complete trials with varying params
             print(f"figure {name} skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         axes = axes.flat[0] if hasattr(axes, "flat") else axes
         figure = axes.get_figure()
         figure.set_size_inches(10, 6)

@@ -303,7 +303,7 @@ def test_a_checkpoint_config_naming_an_unknown_model_is_refused(tmp_path):
         load_model(str(path), "cpu")
 
 
-def test_register_names_the_registry_refuses_and_non_utf8_config_files_are_config_errors(tmp_path):
+def test_register_names_the_registry_refuses_and_odd_config_files_are_config_errors(tmp_path):
     for name in ("bad/name", "bad:name", " padded", "a..b"):
         with pytest.raises(ConfigError, match="not a valid registered model name"):
             load_config(overrides={"register": name})
@@ -311,6 +311,12 @@ def test_register_names_the_registry_refuses_and_non_utf8_config_files_are_confi
     path = tmp_path / "exp.yaml"
     path.write_bytes("epochs: 3\n".encode("utf-16"))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+    path.write_text("epochs: 3\nlr: 0.01\nepochs: 30\n")
+    with pytest.raises(ConfigError, match="the key 'epochs' is given twice"):
+        load_config(path)
+    path.write_text("run_name: {a: 1}\n")
+    with pytest.raises(ConfigError, match="run_name must be str"):
         load_config(path)
 
 

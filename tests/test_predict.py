@@ -156,6 +156,7 @@ def test_detect_faces_finds_the_face_and_show_draws_it(trained, tmp_path):
     x, y, w, h = (rows[0][k] for k in ("x", "y", "width", "height"))
     assert 120 < x < 190 and 70 < y < 140 and 180 < w < 280 and w == h  # her face, not the flag or the cap
     assert "no face found in" in result.output and "blank.png" in result.output
+    assert "2 image(s), 1 face(s) (1 without a face)" in result.output
     drawn = sorted((tmp_path / "shown").glob("*.png"))
     assert len(drawn) == 1
     pixels = np.asarray(Image.open(drawn[0]).convert("RGB")).astype(int)
