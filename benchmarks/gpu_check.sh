@@ -11,8 +11,9 @@
 #   cnn-graph   a full CNN training as a user gets it: compile auto ($FER_GPU_GRAPH_MODE; CUDA graphs where the
 #               measured saving exceeds the compile time) and amp auto (both measured, cached; the JSON's
 #               compile_choice and amp_choice say what was measured), twice: cnn_graph is a machine's first
-#               run (it measures, compiling cold and warm), cnn_graph_warm a later one (the measurement
-#               cached, inductor's caches warm): the goal is 60 epochs in <= 45 s
+#               run with compile auto (it measures, compiling cold and warm; the throughput step's compile
+#               may have warmed inductor's cache), cnn_graph_warm a later one (the measurement cached,
+#               inductor's caches warm): the goal is 60 epochs in <= 45 s
 #   profile     benchmarks/profile_step.py: where a step's time goes (wall against device-busy ms, launches,
 #               graph replays, syncs, top operators) for the CNN as configured by default (compile and amp
 #               auto) and for ResNet18 at 112 and 224 px, each against its compute bound

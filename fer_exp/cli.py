@@ -255,7 +255,7 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
 
     experiments = [e for e in experiments if e] or ["fer2013"]
     try:
-        check_tracking_store(tracking_uri())
+        check_tracking_store(tracking_uri(), write=log)  # --no-log only reads the store
         result = run_compare(experiments, filter_string, _split_ids(run_ids), group_by or "model", output or None, log)
     except (CompareError, TrackingError) as exc:
         raise UserError(str(exc)) from None

@@ -219,6 +219,15 @@ def build_study_config(values: dict | None = None, origin: str = "study", overri
     return sc
 
 
+def valid_registered_name(name: str) -> bool:
+    """MLflow's rules for a registered model's name (``mlflow.utils.validation``), without importing MLflow."""
+    import posixpath
+
+    norm = posixpath.normpath(name)
+    return bool(name.strip()) and not any(c in name for c in "/:") and norm == name and norm != "." \
+        and not norm.startswith("..")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field and range checks."""
     positive = ("epochs", "batch_size", "eval_batch_size", "lr")
@@ -238,10 +247,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data_seed must be -1 (the run's seed) or a seed from 0, got {cfg.data_seed}")
     if cfg.mixup_alpha < 0:
         raise ConfigError(f"mixup_alpha must not be negative, got {cfg.mixup_alpha}")
-    if cfg.register and (cfg.register != cfg.register.strip() or any(c in cfg.register for c in "/:")
-                         or ".." in cfg.register):  # MLflow's registry rules, checked before training, not after
-        raise ConfigError(f"register: {cfg.register!r} is not a valid registered model name (no '/', ':', '..' or "
-                          "spaces at the ends), e.g. fer-cnn")
+    if cfg.register and not valid_registered_name(cfg.register):  # checked before training, not after it
+        raise ConfigError(f"register: {cfg.register!r} is not a valid registered model name (no '/' or ':', not '.' "
+                          "and not starting with '..'), e.g. fer-cnn")
     if cfg.weight_decay < 0 or cfg.aug_rotation < 0 or cfg.warmup_epochs < 0 or cfg.early_stopping < 0:
         raise ConfigError("weight_decay, aug_rotation, warmup_epochs and early_stopping must not be negative")
     if cfg.device != "auto":
@@ -278,21 +286,22 @@ def check_device(name: str) -> None:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last,
+    silently). Checked as the document is composed, before merge keys (``<<: *anchor``) are flattened, so
+    a merged key that the mapping overrides is not a duplicate."""
 
-    def construct_mapping(self, node, deep=False):
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # an unhashable key: the base class reports it
-                break
-            if duplicate:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
                                                         key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        return node
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,10 +90,14 @@ class MeasurementCache:
         return self.entries.get(key)
 
     def put(self, key: str, entry: dict) -> None:
-        self.entries[key] = entry
+        """Keep ``entry``, with what other processes (tuning workers) wrote meanwhile."""
+        try:
+            self.entries = {**json.loads(self.path.read_text()), key: entry}
+        except (OSError, ValueError):
+            self.entries = {**self.entries, key: entry}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(".partial")
+            partial = self.path.with_suffix(f".{os.getpid()}.partial")  # one per process: no torn file
             partial.write_text(json.dumps(self.entries, indent=1))
             os.replace(partial, self.path)
         except OSError:
@@ -142,8 +147,8 @@ def measured_compile(device: torch.device, eager_step: Callable[[], None], compi
     The run that measures has paid both: it takes the compiled step wherever that is 5% faster. A later
     run (the measurement kept in ``compile.json`` under ``key``) takes it where the seconds it saves over
     the run's ``total_steps`` also exceed the warm compilation's, and then compiles at once and keeps what
-    that took as the warm time (a new process pays a few seconds of set-up that a reset does not): the
-    choice is made per run, as it depends on the run's length."""
+    that took (a new process pays a few seconds of set-up that a reset does not): the warm time is then the
+    median of the last five such runs. The choice is made per run, as it depends on the run's length."""
     cache = MeasurementCache("compile.json")
     entry = cache.get(key)
     measuring = entry is None or "warm_compile_seconds" not in entry  # older entries had the cold time only
@@ -160,14 +165,19 @@ def measured_compile(device: torch.device, eager_step: Callable[[], None], compi
                  "warm_compile_seconds": round(max(warm - 2 * compiled, 0.0), 2)}
     faster = entry["compiled_ms"] < 0.95 * entry["eager_ms"]
     saved = total_steps * (entry["eager_ms"] - entry["compiled_ms"]) / 1e3
-    pays = faster and (measuring or saved > entry["warm_compile_seconds"])
-    cost = f"compile {entry['compile_seconds']:.1f} s cold, {entry['warm_compile_seconds']:.1f} s warm"
+    observed = entry.get("observed_warm_seconds", [])  # what later runs' compiles took (the last five)
+    warm = statistics.median(observed) if observed else entry["warm_compile_seconds"]
+    pays = faster and (measuring or saved > warm)
+    cost = (f"compile {entry['compile_seconds']:.1f} s cold, {warm:.1f} s warm"
+            + (f" (median of {len(observed)} run(s))" if observed else " (after a reset)"))
     if measuring:
-        cost += " (paid here)"
-    elif pays:
+        cost += ", paid here"
+    elif pays:  # compile now, and keep what it took: a new process pays set-up a reset does not (a median,
+        # so one compile made cold again, after inductor's cache in /tmp was wiped, does not stick)
         _, seconds = _first_calls(device, compile_step)
-        entry = dict(entry, warm_compile_seconds=round(max(seconds - 2 * entry["compiled_ms"] / 1e3, 0.0), 2))
-        cost += f" (here {entry['warm_compile_seconds']:.1f} s)"
+        here = round(max(seconds - 2 * entry["compiled_ms"] / 1e3, 0.0), 2)
+        entry = dict(entry, observed_warm_seconds=[*observed, here][-5:])
+        cost += f", here {here:.1f} s"
     if measuring or pays:
         cache.put(key, entry)
     report = (f"{'measured' if measuring else 'cached'} {AUTO_COMPILE_MODE if pays else 'off'}: eager "

@@ -20,13 +20,13 @@ class TrackingError(RuntimeError):
     before any training, with what to do about it."""
 
 
-def check_tracking_store(uri: str, timeout: float = 10.0) -> None:
+def check_tracking_store(uri: str, timeout: float = 10.0, write: bool = True) -> None:
     """A tracking store that cannot take runs is reported now, with what to do, rather than as MLflow's
     traceback or after the first epoch: an http(s) server that does not answer (in seconds, not after
     MLflow's minutes of retries); a sqlite store in memory (every run lost at exit), in a file that is
-    not a database, or where the file or its folder cannot be written."""
+    not a database, or (unless only reading: ``write=False``) where the file or its folder cannot be written."""
     if uri.startswith("sqlite:"):
-        check_sqlite_store(uri)
+        check_sqlite_store(uri, write=write)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -45,7 +45,8 @@ def check_tracking_store(uri: str, timeout: float = 10.0) -> None:
 
 
 def check_sqlite_store(uri: str, what: str = "the tracking store",
-                       fix: str = "point MLFLOW_TRACKING_URI at a sqlite file you can write, e.g. sqlite:///mlflow.db") -> None:
+                       fix: str = "point MLFLOW_TRACKING_URI at a sqlite file you can write, e.g. sqlite:///mlflow.db",
+                       write: bool = True) -> None:
     """A sqlite store (``what``) that cannot keep what is written to it; see :func:`check_tracking_store`."""
     from fer_exp.tune_report import mask_url
 
@@ -53,7 +54,7 @@ def check_sqlite_store(uri: str, what: str = "the tracking store",
     if path in ("", ":memory:"):
         raise TrackingError(f"{what} {mask_url(uri)} is in memory: what it keeps would be lost when the "
                             f"command ends; {fix}")
-    file = Path(path).expanduser()
+    file = Path(path)  # as SQLAlchemy opens it: relative to the working directory, no ~ expansion
     if file.is_dir():
         raise TrackingError(f"{what} {mask_url(uri)} names a folder, {file}; {fix}")
     if file.exists():
@@ -65,7 +66,7 @@ def check_sqlite_store(uri: str, what: str = "the tracking store",
         if head and head != b"SQLite format 3\x00":
             raise TrackingError(f"{what} {file} is not an SQLite database (a file of another kind is "
                                 f"there); {fix}")
-        if not (os.access(file, os.W_OK) and os.access(file.parent, os.W_OK)):  # sqlite writes a journal beside it
+        if write and not (os.access(file, os.W_OK) and os.access(file.parent, os.W_OK)):  # and a journal beside it
             raise TrackingError(f"{what} {file} (or its folder) cannot be written; fix the permissions "
                                 f"or {fix}")
         return
@@ -88,8 +89,12 @@ def run_lock(checkpoint_dir: str | Path):
         yield
         return
     folder = Path(checkpoint_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "a+")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a+")
+    except OSError:  # a read-only folder (a probe of a finished machine's run): nothing to lock there
+        yield
+        return
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -98,6 +103,12 @@ def run_lock(checkpoint_dir: str | Path):
         handle.close()
         raise TrackingError(f"the run is still training in process {holder}, which holds {folder / '.lock'}: stop "
                             f"it first (Ctrl-C there, or kill {holder}; it keeps its last epoch), then resume") from None
+    except OSError as exc:  # a file system without locks (NFS without lockd, some FUSE mounts): train unlocked
+        handle.close()
+        print(f"warning: {folder} cannot be locked ({exc.strerror or exc}); a second resume of this run would not "
+              "be refused while it trains", file=sys.stderr)
+        yield
+        return
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -232,29 +243,33 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     lock = contextlib.ExitStack()
-    if resume_run_id:
-        checkpoint = find_last_checkpoint(resume_run_id, cfg)
-        lock.enter_context(run_lock(checkpoint.parent))  # held from before the run is reopened until it ends
+    try:  # a refusal before the run starts must not keep the lock
+        if resume_run_id:
+            checkpoint = find_last_checkpoint(resume_run_id, cfg)
+            lock.enter_context(run_lock(checkpoint.parent))  # held from before the run is reopened until it ends
+            try:
+                trainer.restore(checkpoint)
+            except (ValueError, RuntimeError, KeyError) as exc:
+                raise TrackingError(f"cannot resume run {resume_run_id} from {checkpoint}: {exc}") from None
+            launch = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run -P resume=...` made a run of its own
+            if launch and launch != resume_run_id:
+                client = mlflow.MlflowClient()
+                client.set_tag(launch, "mlflow.parentRunId", resume_run_id)
+                client.set_tag(launch, "fer_exp.role", "launch")
+                client.set_tag(launch, "mlflow.note.content", f"Resumed run {resume_run_id}; its metrics are there.")
+            print(f"resuming run {resume_run_id} after epoch {trainer.epoch} (from {checkpoint})", file=sys.stderr)
         try:
-            trainer.restore(checkpoint)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise TrackingError(f"cannot resume run {resume_run_id} from {checkpoint}: {exc}") from None
-        launch = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run -P resume=...` made a run of its own
-        if launch and launch != resume_run_id:
-            client = mlflow.MlflowClient()
-            client.set_tag(launch, "mlflow.parentRunId", resume_run_id)
-            client.set_tag(launch, "fer_exp.role", "launch")
-            client.set_tag(launch, "mlflow.note.content", f"Resumed run {resume_run_id}; its metrics are there.")
-        print(f"resuming run {resume_run_id} after epoch {trainer.epoch} (from {checkpoint})", file=sys.stderr)
-    try:
-        if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does
-            experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
-        if experiment_id is None and not resume_run_id and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
-            experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
-        if experiment_id is not None:
-            check_artifact_store(mlflow.MlflowClient().get_experiment(experiment_id))
-    except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
+            if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does
+                experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+            if experiment_id is None and not resume_run_id and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run and chose its experiment
+                experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+            if experiment_id is not None:
+                check_artifact_store(mlflow.MlflowClient().get_experiment(experiment_id))
+        except mlflow.exceptions.MlflowException as exc:
+            raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
+    except BaseException:
+        lock.close()
+        raise
     if resume_run_id:
         start = dict(run_id=resume_run_id, log_system_metrics=cfg.system_metrics)
     else:

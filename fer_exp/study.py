@@ -62,12 +62,14 @@ def read_study(path: str | Path, overrides: dict | None = None, seeds: list[int]
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a study file has {', '.join(STUDY_KEYS)}{hint}")
     if not isinstance(raw.get("arms"), dict) or not raw["arms"]:
         raise ConfigError(f"{path}: arms must map arm names to {{config: FILE, set: {{...}}}}, e.g. cnn: {{config: cnn.yaml}}")
-    study_seeds = seeds or raw.get("seeds", [42])
+    study_seeds = seeds or raw.get("seeds")
+    study_seeds = [42] if study_seeds is None else study_seeds  # a bare `seeds:` too; `seeds: []` is a mistake
+    origin = "--seeds" if seeds else f"{path}: seeds"
     if not isinstance(study_seeds, list) or not study_seeds or \
             not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in study_seeds):
-        raise ConfigError(f"{path}: seeds must be a non-empty list of seeds (integers from 0), got {study_seeds!r}")
+        raise ConfigError(f"{origin} must be a non-empty list of seeds (integers from 0), got {study_seeds!r}")
     if len(set(study_seeds)) < len(study_seeds):
-        raise ConfigError(f"{path}: seeds {study_seeds} name a seed twice; each seed makes one run of each arm")
+        raise ConfigError(f"{origin} {study_seeds} name a seed twice; each seed makes one run of each arm")
     chosen = arms or list(raw["arms"])
     missing = [a for a in chosen if a not in raw["arms"]]
     if missing:
@@ -227,7 +229,7 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     from fer_exp.experiment import check_tracking_store, load_run_data, run_experiment
     from fer_exp.tracking import tracking_uri
 
-    check_tracking_store(tracking_uri())
+    check_tracking_store(tracking_uri(), write=not dry_run)  # a dry run only reads the store
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     new = import_study_runs(study, imports, client, dry_run) if imports else []

@@ -129,18 +129,21 @@ class FitResult:
         return 1 - self.step_seconds / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
 
-def write_atomically(path: Path, write) -> None:
-    """``write(partial_path)``, then rename: an interruption never leaves a truncated file at ``path``.
-    A write that fails (a full disk: torch.save says so as a RuntimeError) removes the partial file and
+def write_atomically(path: Path, write, before_replace=None) -> None:
+    """``write(partial_path)``, then ``before_replace(partial_path)`` (a second file made from this one),
+    then rename: an interruption never leaves a truncated file at ``path``. A write that fails (a full
+    disk: torch.save says so as a RuntimeError) removes the partial file, leaves ``path`` as it was and
     raises :class:`CheckpointWriteError`, saying why."""
     partial = path.with_suffix(path.suffix + ".partial")
     try:
         write(partial)
+        if before_replace is not None:
+            before_replace(partial)
         os.replace(partial, path)
     except BaseException as exc:
         partial.unlink(missing_ok=True)
-        if not isinstance(exc, (OSError, RuntimeError)):
-            raise  # Ctrl-C and the like: the caller's to handle
+        if isinstance(exc, CheckpointWriteError) or not isinstance(exc, (OSError, RuntimeError)):
+            raise  # said already (the second file); Ctrl-C and the like: the caller's to handle
         try:
             free = shutil.disk_usage(path.parent).free
         except OSError:
@@ -148,8 +151,7 @@ def write_atomically(path: Path, write) -> None:
         reason = (getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
         if free is not None and free < 64 * 2**20:
             reason = f"{reason}; {free / 2**20:.1f} MiB free there"
-        raise CheckpointWriteError(f"{path} could not be written ({reason}): free space there or choose "
-                                   "another --output-dir") from exc
+        raise CheckpointWriteError(f"{path} could not be written ({reason}); free space there") from exc
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -541,10 +543,18 @@ class Trainer:
                 "stale": self.stale, "history": self.history, "config": self.cfg.to_dict(),
                 "rng": self.generator.get_state(), "global_rng": global_rng_state()}
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, also: str | None = None) -> Path:
+        """The state as ``<name>.pt`` (and, the same state, ``<also>.pt``: a link or copy made before either
+        replaces its old version, so a failure leaves both as they were: never a ``last.pt`` that names a
+        best epoch ``best.pt`` does not hold)."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"{name}.pt"
-        write_atomically(path, lambda partial: torch.save(self.state(), partial))
+
+        def same_state_as(partial: Path) -> None:
+            write_atomically(self.checkpoint_dir / f"{also}.pt", lambda other: link_or_copy(partial, other))
+
+        write_atomically(path, lambda partial: torch.save(self.state(), partial),
+                         before_replace=same_state_as if also is not None else None)
         return path
 
     def restore(self, path: str | Path) -> None:
@@ -603,14 +613,15 @@ class Trainer:
             self.stale = 0 if improved else self.stale + 1
             if improved:
                 self.best_value, self.best_epoch = value, self.epoch
-            try:
-                last_path = self.save("last")
-                if improved:  # the same state: link (or copy) rather than serialise twice
-                    best_path = self.checkpoint_dir / "best.pt"
-                    write_atomically(best_path, lambda partial: link_or_copy(last_path, partial))
+            try:  # best.pt, when improved, is the same state: linked (or copied) rather than serialised twice
+                last_path = self.save("last", also="best" if improved else None)
             except CheckpointWriteError as exc:
-                kept = f"; the checkpoints of epoch {self.epoch - 1} are kept" if self.epoch > 1 else ""
-                raise CheckpointWriteError(f"epoch {self.epoch}: {exc}{kept}") from exc.__cause__
+                kept = (f"; the checkpoints of epoch {self.epoch - 1} are kept (resume once there is space)"
+                        if self.epoch > 1 else "")
+                raise CheckpointWriteError(f"epoch {self.epoch}: {exc} or choose another --output-dir{kept}") \
+                    from exc.__cause__
+            if improved:
+                best_path = self.checkpoint_dir / "best.pt"
             # val pass, checks and checkpoints (the callbacks' share shows in FitResult.overhead_fraction)
             metrics["epoch_overhead_seconds"] = time.perf_counter() - epoch_start - metrics["epoch_seconds"]
             self.history[-1]["epoch_overhead_seconds"] = metrics["epoch_overhead_seconds"]  # (not in last.pt's copy)

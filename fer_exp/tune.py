@@ -523,7 +523,7 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     if storage_url.startswith("sqlite:"):
         check_sqlite_store(storage_url, "the Optuna storage", "pass --storage a sqlite file you can write, e.g. "
                            "sqlite:///optuna.db, or a database URL")
-        Path(storage_url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(storage_url[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)  # as SQLAlchemy reads it
     data = load_run_data(plan.config)  # bad data fails here, once, and the decode cache is warm for the workers
     check_output_dir(plan.config.output_dir)
     study, resumed = open_study(plan, storage_url)

@@ -5,6 +5,7 @@ error (exit 2, a short message, no traceback), and no run is left behind in the 
 from __future__ import annotations
 
 import io
+import os
 import string
 import tempfile
 from pathlib import Path
@@ -304,10 +305,11 @@ def test_a_checkpoint_config_naming_an_unknown_model_is_refused(tmp_path):
 
 
 def test_register_names_the_registry_refuses_and_odd_config_files_are_config_errors(tmp_path):
-    for name in ("bad/name", "bad:name", " padded", "a..b"):
+    for name in ("bad/name", "bad:name", ".", "..x", "a/../b", "   "):
         with pytest.raises(ConfigError, match="not a valid registered model name"):
             load_config(overrides={"register": name})
-    assert load_config(overrides={"register": "fer-cnn_v2.1"}).register == "fer-cnn_v2.1"
+    for name in ("fer-cnn_v2.1", "a..b", "my model"):  # what MLflow's registry accepts passes
+        assert load_config(overrides={"register": name}).register == name
     path = tmp_path / "exp.yaml"
     path.write_bytes("epochs: 3\n".encode("utf-16"))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
@@ -315,6 +317,14 @@ def test_register_names_the_registry_refuses_and_odd_config_files_are_config_err
     path.write_text("epochs: 3\nlr: 0.01\nepochs: 30\n")
     with pytest.raises(ConfigError, match="the key 'epochs' is given twice"):
         load_config(path)
+    # anchors and merge keys are YAML, not duplicates: a merged key the mapping overrides is fine
+    study = tmp_path / "study.yaml"
+    study.write_text("arms:\n  a: {set: &common {epochs: 1, batch_size: 16}}\n"
+                     "  b: {set: {<<: *common, epochs: 2, class_weights: none}}\n")
+    from fer_exp.study import read_study
+
+    runs = {run.arm: run.config for run in read_study(study).runs}
+    assert (runs["a"].epochs, runs["b"].epochs, runs["b"].batch_size, runs["b"].class_weights) == (1, 2, 16, "none")
     path.write_text("run_name: {a: 1}\n")
     with pytest.raises(ConfigError, match="run_name must be str"):
         load_config(path)
@@ -348,12 +358,33 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_cleanly_and_keeps_the
                                        "--system-metrics", "false"])
     assert result.exit_code == 1 and short_error(result.output), result.output
     assert "epoch 2: " in result.output and "last.pt could not be written (" in result.output
-    assert "the checkpoints of epoch 1 are kept (run marked FAILED)" in result.output
+    assert "the checkpoints of epoch 1 are kept (resume once there is space) (run marked FAILED)" in result.output
     run = _runs(store)[0]
     assert run.info.status == "FAILED" and "could not be written" in run.data.tags["stop_reason"]
     folder = Path(run.data.tags["checkpoint_dir"])
     assert not list(folder.glob("*.partial"))
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_best_pt_that_cannot_be_made_leaves_last_pt_as_it_was(tmp_path, monkeypatch):
+    """last.pt never names a best epoch that best.pt does not hold: both are replaced, or neither."""
+    import torch
+
+    from fer_exp.train import CheckpointWriteError, Trainer
+
+    cfg = load_config(overrides={"data": "synthetic:32,8,8", "epochs": 3, "batch_size": 16})
+    trainer = Trainer(cfg, load_data(cfg.data, seed=cfg.seed), tmp_path, progress=False)
+    trainer.epoch, trainer.best_epoch = 1, 1
+    trainer.save("last", also="best")
+    trainer.epoch, trainer.best_epoch = 2, 2
+
+    def full(source, target):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("fer_exp.train.link_or_copy", full)
+    with pytest.raises(CheckpointWriteError, match=r"best\.pt could not be written \(No space left on device"):
+        trainer.save("last", also="best")
+    assert [torch.load(tmp_path / f"{n}.pt", weights_only=True)["best_epoch"] for n in ("last", "best")] == [1, 1]
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_a_train_split_without_a_class_is_warned_about(store):
@@ -371,3 +402,17 @@ def test_a_train_split_without_a_class_is_warned_about(store):
     trained = CliRunner().invoke(main, ["train", "--data", str(store / "faces"), "--epochs", "1", "--batch-size", "8",
                                         "--system-metrics", "false"])
     assert trained.exit_code == 0 and "warning: train has no images of fear" in trained.output, trained.output
+
+
+def test_a_read_only_store_serves_commands_that_only_read(tmp_path, monkeypatch):
+    import mlflow
+
+    from fer_exp.experiment import TrackingError, check_tracking_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # makes the database
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and real_access(path, mode))  # root ignores chmod
+    check_tracking_store(uri, write=False)  # compare --no-log, study --dry-run
+    with pytest.raises(TrackingError, match="cannot be written; fix the permissions"):
+        check_tracking_store(uri)

@@ -160,14 +160,14 @@ def test_sigterm_marks_the_run_killed_and_keeps_the_checkpoints(tmp_path):
 
     env = _env(tmp_path)
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "fer_exp.cli", "train", "--data", "synthetic:64,16,16", "--epochs", "500",
+    cmd = [sys.executable, "-m", "fer_exp.cli", "train", "--data", "synthetic:64,16,16", "--epochs", "100000",
            "--batch-size", "16", "--experiment-name", "killed", "--output-dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("epoch   1/500"):
+        if line.startswith("epoch   1/100000"):
             # resuming a run that is still training is refused (both would log into one run)
             run = client.search_runs([client.get_experiment_by_name("killed").experiment_id])[0]
             twice = subprocess.run([sys.executable, "-m", "fer_exp.cli", "train", "--resume", run.info.run_id],
