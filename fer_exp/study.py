@@ -16,6 +16,7 @@ and seed tags and the same resolved configuration (where and how it ran aside).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def read_study(path: str | Path, overrides: dict | None = None, seeds: list[int]
                 raise ConfigError(f"{path}: arm {arm}: {exc}") from None
             runs.append(PlannedRun(arm, seed, cfg))
     group_by = str((raw.get("compare") or {}).get("group_by", "arm"))
+    if group_by not in (*FIELDS, "arm", "study") and not group_by.startswith(("tags.", "params.")):
+        # checked now: the comparison comes after every run has trained
+        close = difflib.get_close_matches(group_by, [*FIELDS, "arm"], n=2, cutoff=0.6)
+        raise ConfigError(f"{path}: compare.group_by {group_by!r} is not arm, a config field"
+                          f"{' (did you mean ' + ' or '.join(close) + '?)' if close else ''}, tags.NAME or params.NAME")
     return StudyFile(path, path.stem, experiment, runs, group_by)
 
 

@@ -246,6 +246,7 @@ def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
         ("seeds: [-1]\narms:\n  a: {}\n", "seeds must be a non-empty list of seeds (integers from 0)"),
         ("seeds: [42, 42]\narms:\n  a: {}\n", "name a seed twice"),
         ("arms:\n  a: {set: {seed: 5}}\n", "set may not fix seed"),
+        ("arms:\n  a: {}\ncompare: {group_by: class-weights}\n", "did you mean class_weights?"),
         ("search_space: {}\narms:\n  a: {}\n", "fer-exp tune"),
     ],
 )
