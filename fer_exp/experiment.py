@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,9 +25,12 @@ def check_tracking_store(uri: str, timeout: float = 10.0, write: bool = True) ->
     """A tracking store that cannot take runs is reported now, with what to do, rather than as MLflow's
     traceback or after the first epoch: an http(s) server that does not answer (in seconds, not after
     MLflow's minutes of retries); a sqlite store in memory (every run lost at exit), in a file that is
-    not a database, or (unless only reading: ``write=False``) where the file or its folder cannot be written."""
+    not a database, or (unless only reading: ``write=False``) where the file or its folder cannot be written.
+    A sqlite store to write is then opened, its tables made if new (:func:`create_sqlite_store`)."""
     if uri.startswith("sqlite:"):
         check_sqlite_store(uri, write=write)
+        if write:
+            create_sqlite_store(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -50,11 +54,10 @@ def check_sqlite_store(uri: str, what: str = "the tracking store",
     """A sqlite store (``what``) that cannot keep what is written to it; see :func:`check_tracking_store`."""
     from fer_exp.tune_report import mask_url
 
-    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
-    if path in ("", ":memory:"):
+    file = sqlite_file(uri)
+    if file is None:
         raise TrackingError(f"{what} {mask_url(uri)} is in memory: what it keeps would be lost when the "
                             f"command ends; {fix}")
-    file = Path(path)  # as SQLAlchemy opens it: relative to the working directory, no ~ expansion
     if file.is_dir():
         raise TrackingError(f"{what} {mask_url(uri)} names a folder, {file}; {fix}")
     if file.exists():
@@ -75,6 +78,85 @@ def check_sqlite_store(uri: str, what: str = "the tracking store",
         raise TrackingError(f"{what} {file} cannot be made: {folder} is a file, not a folder; {fix}")
     if not os.access(folder, os.W_OK):
         raise TrackingError(f"{what} {file} cannot be made: {folder} cannot be written; {fix}")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL as SQLAlchemy opens it (relative to the working directory, no ~
+    expansion); None for a database in memory."""
+    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def database_url(url: str) -> str:
+    """``url`` as SQLAlchemy is to open it: ``postgres(ql)://`` with psycopg 3 (the ``postgres`` extra)."""
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
+
+
+@contextlib.contextmanager
+def database_lock(url: str):
+    """Held by one process at a time per database, around what two processes must not do at once to it.
+    MLflow and Optuna make a new database's tables (MLflow by ~50 migrations, seconds) in whichever
+    process opens it first; two doing so at once (two runs started together on a new store, two ``fer-exp
+    tune`` on a new storage, on one machine or several) break each other's migration and all but one die
+    with a SQL traceback. The study's commands also hold it (on the study's storage) to make the study
+    and its parent run once, and to write the parent run's summary. sqlite: ``flock`` on the database's
+    folder (no file is left beside it), made here if missing; PostgreSQL: an advisory lock, held by a
+    connection of its own. Other URLs, a server that cannot be reached (opening the database then says
+    why) and file systems or platforms without locks go unlocked."""
+    if re.match(r"^postgres(ql)?(\+\w+)?://", url):
+        with _advisory_lock(database_url(url)):
+            yield
+        return
+    file = sqlite_file(url) if url.startswith("sqlite:") else None
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if file is None or fcntl is None:
+        yield
+        return
+    folder = file.absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # the database's own open says what is wrong with the folder
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # no locks here (some network file systems): open unlocked
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+DATABASE_LOCK_KEY = 0x6665722D657870  # "fer-exp": the PostgreSQL advisory lock of database_lock
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str):
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        connection = engine.connect()
+    except Exception:  # no driver, no server, refused: opening the database itself reports it
+        yield
+        return
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": DATABASE_LOCK_KEY})
+        yield
+    finally:
+        connection.close()  # the session ends, and its lock with it
+        engine.dispose()
+
+
+def create_sqlite_store(uri: str) -> None:
+    """The MLflow store at ``uri`` (sqlite) with its tables made, under :func:`database_lock`."""
+    import mlflow
+
+    with database_lock(uri):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # opening the store makes its tables
 
 
 @contextlib.contextmanager

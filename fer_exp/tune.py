@@ -25,7 +25,6 @@ import dataclasses
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from fer_exp.config import (
 )
 from fer_exp.search_space import Param, parse_enqueue, parse_space, space_spec
 from fer_exp.train import Callback, StopTraining, raise_if_stop_requested, stop_on_signals, stop_requested
-from fer_exp.tune_report import ParentRun, StudyError, format_params, format_table, mask_url, metric, study_summary
+from fer_exp.tune_report import ParentRun, StudyError, format_params, format_table, mask_url, study_summary
 
 MAX_RETRIES = 2  # a trial whose worker dies is run again at most this often
 STALE_AFTER = 3  # heartbeats missed before a running trial counts as lost
@@ -148,9 +147,10 @@ def make_storage(url: str, heartbeat: int, on_stale=None):
     """An Optuna RDB storage with heartbeats, so killed workers' trials are failed and retried."""
     optuna = _optuna()
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    driver_url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)  # psycopg 3, the `postgres` extra
+    from fer_exp.experiment import database_url
+
     try:
-        return optuna.storages.RDBStorage(driver_url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+        return optuna.storages.RDBStorage(database_url(url), engine_kwargs=engine, heartbeat_interval=heartbeat,
                                           grace_period=STALE_AFTER * heartbeat, heartbeat_stale_trial_callback=on_stale)
     except Exception as exc:  # bad URL, server down, missing driver: say which storage and why
         hint = " (install the driver: pip install 'fer-exp[postgres]')" if isinstance(exc, ImportError) else ""
@@ -508,6 +508,17 @@ def open_study(plan: StudyPlan, storage_url: str):
     return study, True
 
 
+def join_study(plan: StudyPlan, storage_url: str):
+    """The study, whether it was resumed, and its parent MLflow run (None without tracking), under the
+    storage's :func:`~fer_exp.experiment.database_lock`: of commands starting one study together (on one
+    machine or several), one makes the study and its parent run, the others find them."""
+    from fer_exp.experiment import database_lock
+
+    with database_lock(storage_url):
+        study, resumed = open_study(plan, storage_url)
+        return study, resumed, ParentRun(plan, study, storage_url) if plan.study.tracking else None
+
+
 def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     """Run (or resume) the study of ``plan``; see the module docstring."""
     from tqdm.auto import tqdm
@@ -523,13 +534,11 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     if storage_url.startswith("sqlite:"):
         check_sqlite_store(storage_url, "the Optuna storage", "pass --storage a sqlite file you can write, e.g. "
                            "sqlite:///optuna.db, or a database URL")
-        Path(storage_url[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)  # as SQLAlchemy reads it
     data = load_run_data(plan.config)  # bad data fails here, once, and the decode cache is warm for the workers
     check_output_dir(plan.config.output_dir)
-    study, resumed = open_study(plan, storage_url)
+    study, resumed, parent = join_study(plan, storage_url)
     finished_before = count_states(study, FINISHED)
     target = sc.total_trials or finished_before + sc.n_trials
-    parent = ParentRun(plan, study, storage_url) if sc.tracking else None
     print(f"study {sc.study_name} ({'resumed, ' + str(finished_before) + ' finished trials' if resumed else 'new'}) "
           f"in {mask_url(storage_url)}: {plan.config.model}, {plan.direction} {plan.config.select_metric}, "
           f"sampler {sc.sampler}, pruner {sc.pruner}, {plan.config.epochs} epochs a trial, "
@@ -589,11 +598,7 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     elif sc.retrain_best:
         print("--retrain-best: no complete trial to retrain", file=sys.stderr)
     if parent:
-        parent.summarise("FINISHED")
-        if result.retrain_run_id:
-            parent.client.set_tag(parent.run_id, "result_run_id", result.retrain_run_id)
-            parent.client.log_batch(parent.run_id, metrics=[metric(f"result_{k}", v) for k, v in result.retrain_test.items()
-                                                            if k in ("test_accuracy", "test_macro_f1")])
+        parent.summarise("FINISHED", retrain=(result.retrain_run_id, result.retrain_test))
     return result
 
 

@@ -38,7 +38,7 @@ class ParentRun:
 
         from fer_exp.tracking import tracking_uri
 
-        self.plan, self.study = plan, study
+        self.plan, self.study, self.storage_url = plan, study, storage_url
         self.uri = tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient()
@@ -97,8 +97,17 @@ class ParentRun:
         client.log_text(run_id, plan.config.to_yaml(), "config.yaml")
         client.log_text(run_id, yaml.safe_dump(space_spec(plan.space), sort_keys=False), "search_space.yaml")
 
-    def summarise(self, status: str) -> dict:
-        """Best trial, counts, trials table and figures on the parent run; returns the summary."""
+    def summarise(self, status: str, retrain: tuple[str | None, dict] = (None, {})) -> dict:
+        """Best trial, counts, trials table and figures on the parent run (and ``retrain``: the retrained
+        best's run and test metrics); returns the summary. Under the study's :func:`database_lock`: other
+        commands on the study may summarise the same run at the same moment (MLflow refuses a tag that
+        two processes write at once)."""
+        from fer_exp.experiment import database_lock
+
+        with database_lock(self.storage_url):
+            return self._summarise(status, *retrain)
+
+    def _summarise(self, status: str, retrain_run_id: str | None, retrain_test: dict) -> dict:
         summary = study_summary(self.study, self.plan)
         client, run_id = self.client, self.run_id
         tags = {"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
@@ -125,6 +134,10 @@ class ParentRun:
                 import matplotlib.pyplot as plt
 
                 plt.close(figure)
+        if retrain_run_id:
+            client.set_tag(run_id, "result_run_id", retrain_run_id)
+            client.log_batch(run_id, metrics=[metric(f"result_{k}", v) for k, v in retrain_test.items()
+                                              if k in ("test_accuracy", "test_macro_f1")])
         client.set_terminated(run_id, status)
         return summary
 

@@ -164,10 +164,11 @@ def test_sigterm_marks_the_run_killed_and_keeps_the_checkpoints(tmp_path):
            "--batch-size", "16", "--experiment-name", "killed", "--output-dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("epoch   1/100000"):
+            # opened once the command has made the store (opening a new store as it does broke its migration)
+            client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
             # resuming a run that is still training is refused (both would log into one run)
             run = client.search_runs([client.get_experiment_by_name("killed").experiment_id])[0]
             twice = subprocess.run([sys.executable, "-m", "fer_exp.cli", "train", "--resume", run.info.run_id],

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from fer_exp.cli import main
 from fer_exp.config import CHOICES, FIELDS, ConfigError
+from fer_exp.experiment import database_url
 from fer_exp.tune import make_pruner, make_sampler, plan_study
 from fer_exp.tune_report import FIGURES, mask_url
 
@@ -505,3 +506,104 @@ def test_mlflow_run_tune_entry_point(tmp_path):
     assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {roots[0].info.run_id}
     assert {r.data.params["config.model"] for r in children} == {"resnet18"}
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _start_together(script: str, n: int, tmp_path: Path) -> list[subprocess.CompletedProcess]:
+    """``n`` python processes running ``script``, in step as commands started together would be: at each
+    ``# together`` line every process says it is there and waits until all are (the first: once their
+    imports are done)."""
+    parts = script.split("# together\n")
+    code = parts[0]
+    for i, part in enumerate(parts[1:]):
+        here, go = tmp_path / f"here{i}", tmp_path / f"go{i}"
+        here.mkdir()
+        code += (f"import os, pathlib, time\npathlib.Path({str(here)!r}, str(os.getpid())).touch()\n"
+                 f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n" + part)
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(n)]
+    start = time.time()
+    for i in range(len(parts) - 1):
+        while (len(list((tmp_path / f"here{i}").iterdir())) < n and all(p.poll() is None for p in procs)
+               and time.time() - start < 300):
+            time.sleep(0.02)
+        (tmp_path / f"go{i}").touch()
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), p.stdout.read()) for p in procs]
+
+
+def test_runs_started_together_on_a_new_store_all_log(tmp_path):
+    """MLflow makes a new sqlite store's tables in the first process to open it; three at once broke each
+    other's migrations (two of three died with a SQL traceback) until the store was made under a lock."""
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    script = (f"import mlflow\nfrom fer_exp.experiment import check_tracking_store\n# together\n"
+              f"check_tracking_store({uri!r})\nmlflow.set_tracking_uri({uri!r})\n"
+              "mlflow.set_experiment('together')\nwith mlflow.start_run(): mlflow.log_metric('m', 1)\n")
+    for proc in _start_together(script, 4, tmp_path):
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    client = mlflow.MlflowClient(uri)
+    assert len(client.search_runs([client.get_experiment_by_name("together").experiment_id])) == 4
+    assert list((tmp_path / "new").iterdir()) == [tmp_path / "new" / "mlflow.db"]  # no lock file left beside it
+
+
+def _new_postgres_database(postgres_url: str, name: str) -> str:
+    """A new, empty database on conftest's server, owned by its user; its URL."""
+    import sqlalchemy
+
+    admin = postgres_url.replace("fer:pg-secret-7f3a@", "postgres@").rsplit("/", 1)[0] + "/postgres"  # trust auth
+    engine = sqlalchemy.create_engine(admin.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} OWNER fer"))
+    engine.dispose()
+    return postgres_url.rsplit("/", 1)[0] + "/" + name
+
+
+def _new_storage(kind: str, tmp_path: Path, request) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'optuna.db'}"
+    return _new_postgres_database(request.getfixturevalue("postgres_url"), f"{kind}_{tmp_path.name.lower()}"[:60])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_studies_started_together_on_a_new_storage_make_one_study(tmp_path, request, kind):
+    """`fer-exp tune` commands started together on one new storage (on one machine, or on several against
+    PostgreSQL): one makes the tables, the study (its definition, the enqueued recipe) and its parent
+    run, the others find them; their summaries of the parent run follow one another. Without the lock
+    most of four died with a SQL traceback ("table studies already exists", "UNIQUE constraint failed:
+    tags.key, tags.run_uuid"), made parent runs of their own, or enqueued the recipe again."""
+    url = _new_storage(kind, tmp_path, request)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = ("import os\nfrom fer_exp.experiment import check_tracking_store\n"
+              "from fer_exp.tune import join_study, plan_study\n"
+              f"os.environ['MLFLOW_TRACKING_URI'] = {uri!r}\ncheck_tracking_store({uri!r})\n"
+              f"plan = plan_study({str(REPO / 'experiments' / 'tune_cnn.yaml')!r})\n# together\n"
+              f"study, resumed, parent = join_study(plan, {url!r})\n# together\nparent.summarise('FINISHED')\n"
+              "print('resumed', resumed)\n")
+    procs = _start_together(script, 4, tmp_path)
+    for proc in procs:
+        assert proc.returncode == 0, mask_url(proc.stdout[-3000:])
+    assert sorted(p.stdout.split()[-1] for p in procs) == ["False", "True", "True", "True"]
+    [summary] = optuna.study.get_all_study_summaries(database_url(url))
+    study_ = optuna.load_study(study_name=summary.study_name, storage=database_url(url))
+    assert len(study_.trials) == len(plan_study(REPO / "experiments" / "tune_cnn.yaml").enqueued) > 0
+    client = mlflow.MlflowClient(uri)
+    [parent] = client.search_runs([client.get_experiment_by_name("fer2013").experiment_id])
+    assert parent.info.run_id == study_.user_attrs["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_tune_commands_started_together_on_new_stores_run_the_study_s_total(tmp_path, postgres_url):
+    """Three real `fer-exp tune` commands, as on three machines started at once: a new MLflow store,
+    a new PostgreSQL storage, `--total-trials 3`: all end well, with three trials under one parent run."""
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:64,16,16", epochs=1))
+    storage = _new_postgres_database(postgres_url, f"e2e_{tmp_path.name.lower()}"[:60])
+    procs = [_start(tmp_path, "tune", "--config", "s.yaml", "--storage", storage, "--total-trials", "3",
+                    "--pruner", "none") for _ in range(3)]
+    for proc in procs:
+        output = proc.stdout.read()
+        assert proc.wait(timeout=600) == 0, mask_url(output[-3000:])
+    study_ = load_study(tmp_path, "s", database_url(storage))
+    assert [t.state for t in study_.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    _, runs = runs_of(tmp_path)
+    [parent] = by_role(runs, "study")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials_complete"] == "3"
+    trials = by_role(runs, "trial")
+    assert len(trials) == 3 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
