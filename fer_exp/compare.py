@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
+from fer_exp.errors import first_line
 
 OVERALL = {"test_accuracy": "Accuracy", "test_macro_f1": "Macro F1", "test_weighted_f1": "Weighted F1"}
 PER_CLASS = {f"test_acc_{c}": c.capitalize() for c in CLASS_NAMES}
@@ -91,7 +92,7 @@ def select_runs(client, experiments: list[str], filter_string: str = "", run_ids
         try:
             runs = client.search_runs([e.experiment_id for e in found], filter_string=filter_string, max_results=5000)
         except Exception as exc:
-            raise CompareError(f"the filter {filter_string!r} is not valid: {str(exc).splitlines()[0]} "
+            raise CompareError(f"the filter {filter_string!r} is not valid: {first_line(exc)} "
                                "(e.g. \"tags.model = 'cnn'\" or \"params.`config.seed` = '42'\")") from None
         import os
 

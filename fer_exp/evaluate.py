@@ -11,6 +11,7 @@ import numpy as np
 
 from fer_exp.config import EVALUATION_SPLITS
 from fer_exp.data import load_data
+from fer_exp.errors import first_line
 from fer_exp.inference import LoadedModel, ensemble_probabilities
 from fer_exp.metrics import classification_metrics
 
@@ -93,7 +94,7 @@ def evaluation_experiment(name: str) -> str:
         experiment = mlflow.set_experiment(name)
         check_artifact_store(experiment)
     except mlflow.exceptions.MlflowException as exc:
-        raise EvaluateError(f"experiment {name!r}: {str(exc.message).splitlines()[0]}; choose another with "
+        raise EvaluateError(f"experiment {name!r}: {first_line(exc)}; choose another with "
                             "--experiment-name, or --no-log") from None
     except TrackingError as exc:
         raise EvaluateError(str(exc)) from None

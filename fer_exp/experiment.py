@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fer_exp.config import Config, ConfigError
 from fer_exp.data import FerData, load_data
+from fer_exp.errors import first_line
 from fer_exp.train import FitResult, RunFailed, StopTraining, Trainer
 
 
@@ -348,7 +349,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             if experiment_id is not None:
                 check_artifact_store(mlflow.MlflowClient().get_experiment(experiment_id))
         except mlflow.exceptions.MlflowException as exc:
-            raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
+            raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
     except BaseException:
         lock.close()
         raise
@@ -398,7 +399,7 @@ def read_export(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the file holds, the answer is the same
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise ConfigError(f"{path}: cannot be read as a fer-exp run export ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != EXPORT_FORMAT:
         what = " It is a training checkpoint: a tracked run's is in MLflow already, and an interrupted one resumes " \
@@ -441,7 +442,7 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
         trainer.adopt(export)
     except (RuntimeError, KeyError) as exc:
         raise ConfigError(f"{source}: its weights do not fit the {cfg.model} built from its config "
-                          f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}); was it written by another "
+                          f"({first_line(exc)}); was it written by another "
                           "fer-exp version?") from None
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -449,7 +450,7 @@ def import_run(export: dict, source: Path, cfg: Config, data: FerData, *, tags: 
         experiment = mlflow.set_experiment(cfg.experiment_name)
         check_artifact_store(experiment)
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"tracking store {uri}: {str(exc.message).splitlines()[0]}") from None
+        raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
     trained = export["trained"]
     with mlflow.start_run(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment.experiment_id,
                          tags={**(tags or {}), "imported_from": str(source)}, log_system_metrics=False) as run:

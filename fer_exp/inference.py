@@ -25,6 +25,7 @@ from fer_exp.augment import to_float
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.config import FIELDS, TTA_CHOICES, TTA_OPTIONS, Config
 from fer_exp.device import autocast, memory_format_for, resolve_amp, resolve_device
+from fer_exp.errors import first_line
 from fer_exp.models import build_model
 
 TENCROP_FRACTION = 0.875  # ten-crop: 4 corners and the centre at 42 of 48 px, resized back, and their mirrors
@@ -188,7 +189,7 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
             metadata = handle.metadata() or {}
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for foreign or truncated files
-        raise ModelLoadError(f"{path}: not a safetensors weights file ({str(exc).splitlines()[0][:120]})") from None
+        raise ModelLoadError(f"{path}: not a safetensors weights file ({first_line(exc, 120)})") from None
     if "fer_exp_config" not in metadata:
         raise ModelLoadError(f"{path}: a safetensors file without fer-exp's config; it was not saved by fer-exp")
     loaded = build_inference_model(config_from_dict(json.loads(metadata["fer_exp_config"])), state, device)
@@ -212,7 +213,7 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
         if isinstance(exc, pickle.UnpicklingError) and is_pickle(path):  # a checkpoint, but not of tensors only
             raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could "
                                  "run code); use a checkpoint written by fer-exp train") from None
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        reason = first_line(exc, 120)
         raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({reason}); give the best.pt or last.pt of a run, a "
                              "weights file (.safetensors) or an MLflow model URI (runs:/<run id>/model)") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -259,7 +260,7 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except Exception as exc:  # MLflow raises several types for a missing run, model or artifact
-            message = (str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__])[0][:200]
+            message = first_line(exc, 200)
             raise ModelLoadError(f"{uri}: cannot be loaded from the tracking store {tracking_uri()} ({message}); "
                                  "check the URI and MLFLOW_TRACKING_URI") from None
         found = sorted(local.rglob(WEIGHTS_FILE)) if local.is_dir() else []

@@ -36,6 +36,7 @@ from fer_exp.device import (  # noqa: F401 (cpu_has_native_bf16, resolve_amp: re
     resolve_amp,
     resolve_device,
 )
+from fer_exp.errors import first_line
 from fer_exp.inference import predict_probabilities
 from fer_exp.metrics import classification_metrics
 from fer_exp.models import build_model
@@ -148,7 +149,7 @@ def write_atomically(path: Path, write, before_replace=None) -> None:
             free = shutil.disk_usage(path.parent).free
         except OSError:
             free = None
-        reason = (getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         if free is not None and free < 64 * 2**20:
             reason = f"{reason}; {free / 2**20:.1f} MiB free there"
         raise CheckpointWriteError(f"{path} could not be written ({reason}); free space there") from exc

@@ -45,6 +45,7 @@ from fer_exp.config import (
     recorded_config,
     validate,
 )
+from fer_exp.errors import first_line
 from fer_exp.search_space import Param, parse_enqueue, parse_space, space_spec
 from fer_exp.train import Callback, StopTraining, raise_if_stop_requested, stop_on_signals, stop_requested
 from fer_exp.tune_report import ParentRun, StudyError, format_params, format_table, mask_url, study_summary
@@ -155,7 +156,7 @@ def make_storage(url: str, heartbeat: int, on_stale=None):
     except Exception as exc:  # bad URL, server down, missing driver: say which storage and why
         hint = " (install the driver: pip install 'fer-exp[postgres]')" if isinstance(exc, ImportError) else ""
         raise StudyError(f"cannot open the Optuna storage {mask_url(url)}: {type(exc).__name__}: "
-                         f"{mask_url(str(exc)).splitlines()[0]}{hint}") from None
+                         f"{mask_url(first_line(exc))}{hint}") from None
 
 
 def make_sampler(sc: StudyConfig, seed: int):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from fer_exp.errors import first_line
 from fer_exp.search_space import space_spec
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class ParentRun:
             try:
                 self.experiment_id = mlflow.set_experiment(plan.config.experiment_name).experiment_id
             except mlflow.exceptions.MlflowException as exc:
-                raise StudyError(f"tracking store {mask_url(self.uri)}: {str(exc.message).splitlines()[0]}") from None
+                raise StudyError(f"tracking store {mask_url(self.uri)}: {first_line(exc)}") from None
             self.run_id = self.client.create_run(self.experiment_id, run_name=plan.study.study_name).info.run_id
         study.set_user_attr("mlflow_parent_run_id", self.run_id)
         study.set_user_attr("mlflow_experiment_id", self.experiment_id)

@@ -416,3 +416,14 @@ def test_a_read_only_store_serves_commands_that_only_read(tmp_path, monkeypatch)
     check_tracking_store(uri, write=False)  # compare --no-log, study --dry-run
     with pytest.raises(TrackingError, match="cannot be written; fix the permissions"):
         check_tracking_store(uri)
+
+
+def test_errors_quote_the_first_line_of_what_went_wrong():
+    from mlflow.exceptions import MlflowException
+
+    from fer_exp.errors import first_line
+
+    assert first_line(ValueError("  bad value\n  Traceback detail\n")) == "bad value"
+    assert first_line(KeyError()) == "KeyError" and first_line(OSError("")) == "OSError"  # never an empty reason
+    assert first_line(MlflowException("experiment 'x' is deleted\nmore")) == "experiment 'x' is deleted"
+    assert first_line(RuntimeError("x" * 500), 120) == "x" * 120

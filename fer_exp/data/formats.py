@@ -18,6 +18,7 @@ import torch
 from fer_exp.classes import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, class_index
 from fer_exp.data.dataset import DataError, DecodeReport, Split
 from fer_exp.data.images import ImageDecodeError, read_gray, to_model_size
+from fer_exp.errors import first_line
 
 CSV_COLUMNS = ("emotion", "pixels", "Usage")
 CSV_USAGE_GROUPS = {"Training": "train", "PublicTest": "public", "PrivateTest": "private"}
@@ -78,7 +79,7 @@ def read_csv(path: Path, on_bad: str = "error") -> tuple[dict[str, Split], Decod
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises many types for unreadable files
-        raise DataError(f"{path}: cannot be read as CSV ({str(exc).strip().splitlines()[0][:200]})") from None
+        raise DataError(f"{path}: cannot be read as CSV ({first_line(exc, 200)})") from None
     missing = [c for c in CSV_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(
