@@ -26,9 +26,11 @@ def _isolated_store(folder: Path):
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
         mp.setenv("FER_EXP_CACHE_DIR", str(folder / "cache"))
-        # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; leaving the block removes it again
+        # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; leaving the block removes it again (set
+        # first: monkeypatch undoes only what it changed, and deleting an absent variable changes nothing)
         for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(name, raising=False)
+            mp.setenv(name, "")
+            mp.delenv(name)
         yield mp
 
 

@@ -906,24 +906,35 @@ def test_lever_ranges_are_checked(key, value, piece):
 # ================================================================ precision by measurement, compiled step
 
 
-def test_measured_amp_picks_the_faster_keeps_fp32_when_close_and_caches(tmp_path, monkeypatch):
-    import time
+def fake_clock(monkeypatch):
+    """The clock fer_exp.device measures steps with, advanced only by the returned ``sleep``: timings
+    exact to the microsecond however loaded the machine (real sleeps overshoot by milliseconds)."""
+    import types
 
+    import fer_exp.device
+
+    now = [0.0]
+    monkeypatch.setattr(fer_exp.device, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    return lambda seconds: now.__setitem__(0, now[0] + seconds)
+
+
+def test_measured_amp_picks_the_faster_keeps_fp32_when_close_and_caches(tmp_path, monkeypatch):
     from fer_exp.device import measured_amp
 
     monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path))
+    sleep = fake_clock(monkeypatch)
     calls = []
 
     def step_with(fp32_ms, bf16_ms):
         def step(dtype):
             calls.append(dtype)
-            time.sleep((bf16_ms if dtype is torch.bfloat16 else fp32_ms) / 1000)
+            sleep((bf16_ms if dtype is torch.bfloat16 else fp32_ms) / 1000)
         return step
 
     cpu = torch.device("cpu")
     assert measured_amp(cpu, step_with(20, 2), "fast bf16", repeats=2)[0] is torch.bfloat16
     assert measured_amp(cpu, step_with(2, 20), "fast fp32", repeats=2)[0] is None
-    assert measured_amp(cpu, step_with(60, 59.5), "close", repeats=3)[0] is None  # not 5% faster (3 ms margin): fp32
+    assert measured_amp(cpu, step_with(60, 59.5), "close", repeats=3)[0] is None  # not 5% faster: fp32
     calls.clear()
     dtype, report = measured_amp(cpu, step_with(2, 20), "fast bf16", repeats=2)
     assert dtype is torch.bfloat16 and report.endswith("(cached)") and calls == []  # kept, not measured again
@@ -944,27 +955,26 @@ def test_measuring_amp_leaves_the_run_untouched(data, tmp_path, monkeypatch):
 
 
 def test_measured_compile_keeps_its_paid_compilation_and_weighs_later_runs_against_a_warm_compile(tmp_path, monkeypatch):
-    import time
-
     import torch._dynamo
 
     from fer_exp.device import measured_compile
 
     monkeypatch.setenv("FER_EXP_CACHE_DIR", str(tmp_path))
+    sleep = fake_clock(monkeypatch)
     calls, resets = [], []
     compile_seconds = {"now": 0.6}  # the first call of a compilation compiles: cold, then warm after a reset
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(calls)) or compile_seconds.update(now=0.1))
 
     def eager():
         calls.append("eager")
-        time.sleep(0.02)
+        sleep(0.02)
 
     def compile_step():
         first = [True]
 
         def compiled():
             calls.append("compiled")
-            time.sleep(compile_seconds["now"] if first[0] else 0.005)
+            sleep(compile_seconds["now"] if first[0] else 0.005)
             first[0] = False
         return compiled
 
@@ -1088,7 +1098,8 @@ def test_compiled_step_captures_augmentation_forward_and_loss_and_matches_eager(
         loss.backward()
         steps.append((loss.item(), int(hits), [p.grad.clone() for p in trainer.model.parameters()]))
         trainer.model.zero_grad(set_to_none=True)
-    assert steps[1][0] == pytest.approx(steps[0][0], abs=1e-5) and steps[1][1] == steps[0][1]
+    # hits: one of 32 may flip where two logits are within float noise of each other
+    assert steps[1][0] == pytest.approx(steps[0][0], abs=1e-5) and abs(steps[1][1] - steps[0][1]) <= 1
     # fused kernels sum in another order and BatchNorm in training amplifies it: within 5% in norm
     # (measured 0.1-1.2% with 1 or 2 threads; a step that augments or mixes differently is off by far
     # more, and its loss by more than 1e-5). The conv biases before BatchNorm have gradients of ~1e-7,
@@ -1096,6 +1107,8 @@ def test_compiled_step_captures_augmentation_forward_and_loss_and_matches_eager(
     for grad_eager, grad_compiled in zip(steps[0][2], steps[1][2], strict=True):
         assert (grad_compiled - grad_eager).norm() <= 5e-2 * grad_eager.norm() + 1e-5
     runs = [trainer.fit(evaluate_test=False) for trainer in (eager, compiled)]
-    for key in ("train_loss", "val_loss", "val_accuracy"):
+    for key in ("train_loss", "val_loss"):
         assert runs[1].history[0][key] == pytest.approx(runs[0].history[0][key], abs=1e-3), key
+    one_image = 1 / len(eager.splits["val"][1])  # a prediction whose two top logits are within float noise
+    assert runs[1].history[0]["val_accuracy"] == pytest.approx(runs[0].history[0]["val_accuracy"], abs=one_image + 1e-9)
     assert not any(k.startswith("_orig_mod") for k in load_checkpoint(runs[1].last_checkpoint)["model"])

@@ -536,7 +536,8 @@ def test_runs_started_together_on_a_new_store_all_log(tmp_path):
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     script = (f"import mlflow\nfrom fer_exp.experiment import check_tracking_store\n# together\n"
               f"check_tracking_store({uri!r})\nmlflow.set_tracking_uri({uri!r})\n"
-              "mlflow.set_experiment('together')\nwith mlflow.start_run(): mlflow.log_metric('m', 1)\n")
+              "experiment = mlflow.set_experiment('together').experiment_id\n"
+              "with mlflow.start_run(experiment_id=experiment): mlflow.log_metric('m', 1)\n")
     for proc in _start_together(script, 4, tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:]
     client = mlflow.MlflowClient(uri)
@@ -601,7 +602,8 @@ def test_tune_commands_started_together_on_new_stores_run_the_study_s_total(tmp_
         output = proc.stdout.read()
         assert proc.wait(timeout=600) == 0, mask_url(output[-3000:])
     study_ = load_study(tmp_path, "s", database_url(storage))
-    assert [t.state for t in study_.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    claimed = [t for t in study_.trials if not t.user_attrs.get("surplus")]  # two asks at one moment: one gives way
+    assert [t.state for t in claimed] == [optuna.trial.TrialState.COMPLETE] * 3
     _, runs = runs_of(tmp_path)
     [parent] = by_role(runs, "study")
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_complete"] == "3"
