@@ -70,8 +70,14 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    from fer_exp.experiment import database_url, sqlite_file
+
+    file = sqlite_file(args.storage) if args.storage.startswith("sqlite:") else None
+    if file is not None and not file.is_file():  # opening it would leave an empty database there
+        print(f"error: no Optuna storage at {file}; give the --storage of the study", file=sys.stderr)
+        return 2
     try:
-        study = optuna.load_study(study_name=args.study, storage=args.storage)
+        study = optuna.load_study(study_name=args.study, storage=database_url(args.storage))
     except KeyError:
         print(f"error: no study {args.study!r} in {args.storage}", file=sys.stderr)
         return 2

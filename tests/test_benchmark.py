@@ -364,3 +364,8 @@ def test_pruning_replay_feeds_a_finished_study_through_the_pruners(tmp_path):
                               "--study", "nope"], capture_output=True, text=True, timeout=120,
                              env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert missing.returncode == 2 and "no study 'nope'" in missing.stderr
+    elsewhere = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pruning_replay.py"), "--storage",
+                                f"sqlite:///{tmp_path / 'typo.db'}", "--study", "none"], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert elsewhere.returncode == 2 and "no Optuna storage at" in elsewhere.stderr
+    assert not (tmp_path / "typo.db").exists()  # no empty database left where the study is not
