@@ -27,11 +27,11 @@ def check_tracking_store(uri: str, timeout: float = 10.0, write: bool = True) ->
     traceback or after the first epoch: an http(s) server that does not answer (in seconds, not after
     MLflow's minutes of retries); a sqlite store in memory (every run lost at exit), in a file that is
     not a database, or (unless only reading: ``write=False``) where the file or its folder cannot be written.
-    A sqlite store to write is then opened, its tables made if new (:func:`create_sqlite_store`)."""
+    A sqlite store is then opened, its tables made if new and it is to be written (:func:`open_sqlite_store`)."""
     if uri.startswith("sqlite:"):
         check_sqlite_store(uri, write=write)
-        if write:
-            create_sqlite_store(uri)
+        if write or sqlite_file(uri).exists():
+            open_sqlite_store(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -152,12 +152,20 @@ def _advisory_lock(url: str):
         engine.dispose()
 
 
-def create_sqlite_store(uri: str) -> None:
-    """The MLflow store at ``uri`` (sqlite) with its tables made, under :func:`database_lock`."""
+def open_sqlite_store(uri: str) -> None:
+    """The MLflow store at ``uri`` (sqlite) opened once, its tables made if it is new, under
+    :func:`database_lock`. A store MLflow cannot use (made by an older MLflow, whose schema this one
+    would have to migrate; a database of something else) is a :class:`TrackingError` saying so."""
     import mlflow
 
+    from fer_exp.tune_report import mask_url
+
     with database_lock(uri):
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # opening the store makes its tables
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # opening the store makes its tables
+        except Exception as exc:  # MlflowException, SQLAlchemy's errors: MLflow's first line says what
+            raise TrackingError(f"the tracking store {mask_url(uri)} cannot be used: "
+                                f"{first_line(exc).replace('<database_uri>', mask_url(uri))}") from None
 
 
 @contextlib.contextmanager

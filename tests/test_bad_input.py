@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import string
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -427,3 +429,24 @@ def test_errors_quote_the_first_line_of_what_went_wrong():
     assert first_line(KeyError()) == "KeyError" and first_line(OSError("")) == "OSError"  # never an empty reason
     assert first_line(MlflowException("experiment 'x' is deleted\nmore")) == "experiment 'x' is deleted"
     assert first_line(RuntimeError("x" * 500), 120) == "x" * 120
+
+
+def test_a_store_of_an_older_mlflow_schema_is_named_with_the_upgrade_command(store):
+    """A store an older MLflow made (its schema behind this MLflow's) stops train, tune and compare with
+    MLflow's own advice, the store's URL filled in, not a traceback."""
+    import sqlite3
+
+    import mlflow
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # makes the database at this MLflow's schema
+    with sqlite3.connect(store / "mlflow.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '0584bdc529eb'")  # as MLflow 2.x left it
+    for command in (["train", "--data", "synthetic:64,16,16", "--epochs", "1"], ["compare", "--no-log"],
+                    ["tune", "--data", "synthetic:64,16,16", "--n-trials", "1"]):
+        # a new process, as a user's command (this one has the store open already, as MLflow caches it)
+        result = subprocess.run([sys.executable, "-m", "fer_exp.cli", *command], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+        assert (f"the tracking store {uri} cannot be used: Detected out-of-date database schema" in result.stderr
+                and f"run 'mlflow db upgrade {uri}'" in result.stderr), result.stderr
