@@ -6,6 +6,8 @@ The loop knows nothing of MLflow or Optuna: they plug in as :class:`Callback` ob
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import random
@@ -142,7 +144,8 @@ def write_atomically(path: Path, write, before_replace=None) -> None:
             before_replace(partial)
         os.replace(partial, path)
     except BaseException as exc:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only file system refuses even to unlink a missing file
+            partial.unlink(missing_ok=True)
         if isinstance(exc, CheckpointWriteError) or not isinstance(exc, (OSError, RuntimeError)):
             raise  # said already (the second file); Ctrl-C and the like: the caller's to handle
         try:
@@ -152,7 +155,9 @@ def write_atomically(path: Path, write, before_replace=None) -> None:
         reason = getattr(exc, "strerror", None) or first_line(exc)
         if free is not None and free < 64 * 2**20:
             reason = f"{reason}; {free / 2**20:.1f} MiB free there"
-        raise CheckpointWriteError(f"{path} could not be written ({reason}); free space there") from exc
+        refused = getattr(exc, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM)  # not a full disk
+        raise CheckpointWriteError(f"{path} could not be written ({reason}); "
+                                   + ("make the folder writable again" if refused else "free space there")) from exc
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -617,10 +622,9 @@ class Trainer:
             try:  # best.pt, when improved, is the same state: linked (or copied) rather than serialised twice
                 last_path = self.save("last", also="best" if improved else None)
             except CheckpointWriteError as exc:
-                kept = (f"; the checkpoints of epoch {self.epoch - 1} are kept (resume once there is space)"
-                        if self.epoch > 1 else "")
-                raise CheckpointWriteError(f"epoch {self.epoch}: {exc} or choose another --output-dir{kept}") \
-                    from exc.__cause__
+                kept = (f"; the checkpoints of epoch {self.epoch - 1} are kept (resume once the folder can be written)"
+                        if self.epoch > 1 else " (or start the run with another --output-dir)")
+                raise CheckpointWriteError(f"epoch {self.epoch}: {exc}{kept}") from exc.__cause__
             if improved:
                 best_path = self.checkpoint_dir / "best.pt"
             # val pass, checks and checkpoints (the callbacks' share shows in FitResult.overhead_fraction)

@@ -360,7 +360,7 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_cleanly_and_keeps_the
                                        "--system-metrics", "false"])
     assert result.exit_code == 1 and short_error(result.output), result.output
     assert "epoch 2: " in result.output and "last.pt could not be written (" in result.output
-    assert "the checkpoints of epoch 1 are kept (resume once there is space) (run marked FAILED)" in result.output
+    assert "the checkpoints of epoch 1 are kept (resume once the folder can be written) (run marked FAILED)" in result.output
     run = _runs(store)[0]
     assert run.info.status == "FAILED" and "could not be written" in run.data.tags["stop_reason"]
     folder = Path(run.data.tags["checkpoint_dir"])
@@ -387,6 +387,21 @@ def test_a_best_pt_that_cannot_be_made_leaves_last_pt_as_it_was(tmp_path, monkey
         trainer.save("last", also="best")
     assert [torch.load(tmp_path / f"{n}.pt", weights_only=True)["best_epoch"] for n in ("last", "best")] == [1, 1]
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_folder_turned_read_only_is_said_so_not_a_traceback(tmp_path, monkeypatch):
+    """A file system remounted read-only (after disk errors) refuses the write and even the removal of
+    the partial file that was never made: one clear CheckpointWriteError, saying what to do."""
+    import errno
+
+    from fer_exp.train import CheckpointWriteError, write_atomically
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(CheckpointWriteError, match=r"last\.pt could not be written \(Read-only file system\); "
+                                                   r"make the folder writable again"):
+        write_atomically(tmp_path / "last.pt", read_only)
 
 
 def test_a_train_split_without_a_class_is_warned_about(store):
