@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -443,6 +444,7 @@ class Worker:
 def worker_main(spec: WorkerSpec, lock) -> None:
     """Entry point of a worker process."""
     stop_on_signals(second_stops_at_once=False)  # the main process may forward a Ctrl-C the worker also got
+    _stop_with_parent()
     if spec.tracking_uri:
         import mlflow
 
@@ -452,6 +454,19 @@ def worker_main(spec: WorkerSpec, lock) -> None:
         Worker(spec, lock).run()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _stop_with_parent(poll: float = 1.0) -> None:
+    """A worker whose command dies without a word (SIGKILL, a lost terminal) stops as its command's
+    SIGTERM would stop it (its trial's run KILLED, at the next step), instead of running on unseen and
+    taking new trials: a watch thread sends this process SIGTERM once its parent is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="fer-exp parent watch", daemon=True).start()
 
 
 def _share_cpu(workers: int) -> None:

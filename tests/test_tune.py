@@ -443,6 +443,38 @@ def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_pat
     assert sum(t.state.name == "COMPLETE" for t in load_study(tmp_path, "s").trials) == 1
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie no one reaps, as under a container's init, does not)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_workers_stop_when_their_command_is_killed(tmp_path):
+    """SIGKILL of `fer-exp tune --workers 2` (nothing can be forwarded): its workers stop within seconds,
+    their trials' runs KILLED, rather than running on unseen and taking new trials."""
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:256,16,16", epochs=50))
+    proc = _start(tmp_path, "tune", "--config", "s.yaml", "--workers", "2", "--n-trials", "4", "--pruner", "none")
+    lines: list[str] = []
+    pids = []
+    while len(pids) < 2:
+        pids.append(int(_read_until(proc, lambda line: line.startswith("worker "), lines).split("pid ")[1].rstrip(")\n")))
+    for worker in ("0", "1"):
+        _read_until(proc, lambda line, w=worker: line.startswith(f"[worker {w}] trial") and "started" in line, lines)
+    proc.kill()
+    proc.wait(timeout=60)
+    started = time.time()
+    while any(_alive(pid) for pid in pids):
+        assert time.time() - started < 90, f"workers {[p for p in pids if _alive(p)]} still run after their command died"
+        time.sleep(0.5)
+    _, runs = runs_of(tmp_path)
+    statuses = [r.info.status for r in by_role(runs, "trial")]
+    assert statuses.count("KILLED") == 2 and set(statuses) <= {"KILLED", "FINISHED"}, statuses  # none RUNNING
+    assert "RUNNING" not in {t.state.name for t in load_study(tmp_path, "s").trials}
+
+
 @pytest.mark.slow
 def test_a_killed_worker_s_trial_is_failed_and_retried_on_postgresql(tmp_path, postgres_url):
     """Two workers on a real PostgreSQL study; one is SIGKILLed mid-trial. The other fails that
