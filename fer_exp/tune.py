@@ -169,6 +169,40 @@ def make_sampler(sc: StudyConfig, seed: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sc.sampler_startup_trials, multivariate=True)
 
 
+def trial_seeded_sampler(make, seed: int):
+    """The study's sampler (``make(seed)``), seeded afresh for each trial from ``seed`` and the trial's
+    number. Trial numbers are the study's own, so every process proposing into one study (workers,
+    commands started together, machines) draws from a stream of its own, where one seed for a whole
+    command made commands started together propose the same trials; the same seed still makes the same
+    study, and a resumed study does not replay its first proposals."""
+    optuna = _optuna()
+
+    class _TrialSeeded(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self.sampler = make(seed)
+
+        def before_trial(self, study, trial):
+            self.sampler = make((seed * 1_000_003 + trial.number) % 2**32)
+            self.sampler.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.sampler.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.sampler.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values):
+            self.sampler.after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            self.sampler.reseed_rng()
+
+    return _TrialSeeded()
+
+
 def make_pruner(sc: StudyConfig, epochs: int):
     optuna = _optuna()
     if sc.pruner == "median":
@@ -283,7 +317,8 @@ class Worker:
         self.tracking = spec.plan.study.tracking
         self.storage = make_storage(spec.storage_url, spec.plan.study.heartbeat, LostTrialHandler(self.tracking))
         self.study = optuna.load_study(study_name=spec.plan.study.study_name, storage=self.storage,
-                                       sampler=make_sampler(spec.plan.study, spec.sampler_seed),
+                                       sampler=trial_seeded_sampler(lambda seed: make_sampler(spec.plan.study, seed),
+                                                                  spec.sampler_seed),
                                        pruner=make_pruner(spec.plan.study, spec.plan.config.epochs))
         self.data = {} if data is None else {spec.plan.config.data_key(): data}
         self.on_trial_end = on_trial_end
@@ -564,9 +599,8 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     if parent:
         print(f"parent run {parent.run_id} (experiment {parent.experiment_id}) in {mask_url(parent.uri)}")
     sys.stdout.flush()
-    base_seed = plan.config.seed * 1000 + len(study.trials)  # a resumed study does not replay its first proposals
     deadline = time.time() + sc.timeout if sc.timeout else None
-    specs = [WorkerSpec(plan, storage_url, target, deadline, base_seed + w, w, sc.workers,
+    specs = [WorkerSpec(plan, storage_url, target, deadline, plan.config.seed, w, sc.workers,
                         parent.run_id if parent else None, parent.experiment_id if parent else None,
                         parent.uri if parent else None) for w in range(sc.workers)]
     bar = tqdm(total=target, initial=min(finished_before, target), desc=f"study {sc.study_name}", unit="trial",

@@ -381,6 +381,31 @@ def test_the_sampler_is_seeded(tmp_path, store):
     assert not (tmp_path / "mlflow.db").exists()  # tracking off: Optuna's storage only
 
 
+def test_processes_asking_at_once_propose_different_trials(tmp_path):
+    """Commands (or workers) with one seed asking a study for trials at the same moment propose
+    different ones (the sampler is seeded per trial number), where one seed per command made them run
+    identical trials; the same seed still proposes the same study."""
+    from fer_exp.config import StudyConfig
+    from fer_exp.tune import trial_seeded_sampler
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="s", storage=storage)
+    config = StudyConfig(sampler="tpe", sampler_startup_trials=5)
+
+    def ask(name, *, seed=42):  # a process's own view of the study, asking before the others have told
+        study = optuna.load_study(study_name=name, storage=storage,
+                                  sampler=trial_seeded_sampler(lambda s: make_sampler(config, s), seed))
+        trial = study.ask()
+        return trial.number, trial.suggest_float("lr", 1e-7, 1e-2, log=True)
+
+    together = [ask("s") for _ in range(3)]
+    assert [number for number, _ in together] == [0, 1, 2] and len({lr for _, lr in together}) == 3
+    optuna.create_study(study_name="again", storage=storage)
+    assert [ask("again") for _ in range(3)] == together  # the same seed, the same proposals
+    optuna.create_study(study_name="other", storage=storage)
+    assert ask("other", seed=7) != together[0]
+
+
 @pytest.mark.slow
 def test_two_workers_finish_exactly_n_trials_on_sqlite(tmp_path):
     (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:64,16,16", epochs=1))
