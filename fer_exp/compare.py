@@ -13,6 +13,8 @@ import io
 import itertools
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +380,9 @@ def val_curve_figure(comparison: Comparison):
 
 FIGURES = {"per_class_accuracy": per_class_figure, "confusion_matrices": confusion_figure,
            "val_accuracy": val_curve_figure}
+# what a comparison writes into its --output folder (and logs): an earlier comparison's are replaced
+COMPARISON_FILES = ("tables.md", "overall.csv", "per_class.csv", "runs.csv", "paired_tests.csv",
+                    *(f"{name}.png" for name in FIGURES), "report.html", "runs.json")
 
 
 # ================================================================== report
@@ -458,32 +463,42 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         runs.sort(key=lambda r: (r.group, int(r.seed) if str(r.seed).isdigit() else 0, r.name))
     comparison = compare_runs(runs, group_by, notes)
     markdown = markdown_tables(comparison)
-    (output / "tables.md").write_text(markdown + "\n")
-    comparison.overall.to_csv(output / "overall.csv", index=False)
-    comparison.per_class.to_csv(output / "per_class.csv", index=False)
-    pd.DataFrame([{"run_id": r.run_id, "name": r.name, "group": r.group, "seed": r.seed,
-                   **{k: r.metrics[k] for k in (*OVERALL, *PER_CLASS)}} for r in runs]).to_csv(output / "runs.csv", index=False)
-    if not comparison.tests.empty:
-        comparison.tests.to_csv(output / "paired_tests.csv", index=False)
-    images = {}
-    plt = _plt()
-    for name, draw in FIGURES.items():
-        figure = draw(comparison)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=110)
-        plt.close(figure)
-        images[name] = buffer.getvalue()
-        (output / f"{name}.png").write_bytes(images[name])
-    uri = tracking_uri()
-    # root-relative links: the page is mostly read in the MLflow UI's artifact viewer, on its server
-    links = {r.run_id: run_page_url(r.run_id, r.experiment_id, base="") for r in runs}
-    (output / "report.html").write_text(html_page(comparison, markdown, images, links))
-    (output / "runs.json").write_text(json.dumps({r.run_id: run_page_url(r.run_id, r.experiment_id, uri)
-                                                   for r in runs}, indent=2) + "\n")
+    # written aside, then moved in: a comparison interrupted half-way leaves the folder's last one whole,
+    # and files of an earlier comparison (its paired tests, say) are not left beside this one's
+    staging = Path(tempfile.mkdtemp(prefix=".compare-", dir=output))
+    try:
+        (staging / "tables.md").write_text(markdown + "\n")
+        comparison.overall.to_csv(staging / "overall.csv", index=False)
+        comparison.per_class.to_csv(staging / "per_class.csv", index=False)
+        pd.DataFrame([{"run_id": r.run_id, "name": r.name, "group": r.group, "seed": r.seed,
+                       **{k: r.metrics[k] for k in (*OVERALL, *PER_CLASS)}} for r in runs]).to_csv(staging / "runs.csv", index=False)
+        if not comparison.tests.empty:
+            comparison.tests.to_csv(staging / "paired_tests.csv", index=False)
+        images = {}
+        plt = _plt()
+        for name, draw in FIGURES.items():
+            figure = draw(comparison)
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=110)
+            plt.close(figure)
+            images[name] = buffer.getvalue()
+            (staging / f"{name}.png").write_bytes(images[name])
+        uri = tracking_uri()
+        # root-relative links: the page is mostly read in the MLflow UI's artifact viewer, on its server
+        links = {r.run_id: run_page_url(r.run_id, r.experiment_id, base="") for r in runs}
+        (staging / "report.html").write_text(html_page(comparison, markdown, images, links))
+        (staging / "runs.json").write_text(json.dumps({r.run_id: run_page_url(r.run_id, r.experiment_id, uri)
+                                                       for r in runs}, indent=2) + "\n")
+        written = sorted(f.name for f in staging.iterdir())
+        for name in COMPARISON_FILES:
+            if name not in written:
+                (output / name).unlink(missing_ok=True)
+        for name in written:
+            os.replace(staging / name, output / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     result = CompareResult(comparison, markdown, output)
     if log:
-        import os
-
         # under `mlflow run -e compare` the comparison goes into the run MLflow started
         experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else runs[0].experiment_id
         groups = " vs ".join(comparison.groups)
@@ -495,6 +510,7 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
                 for key, title in OVERALL.items():
                     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(row["group"]))
                     mlflow.log_metric(f"{safe}.{key}", row[title])
-            mlflow.log_artifacts(str(output))
+            for name in written:  # this comparison's files, not whatever else the folder holds
+                mlflow.log_artifact(str(output / name))
         result.run_id, result.experiment_id = run.info.run_id, run.info.experiment_id
     return result

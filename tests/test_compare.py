@@ -164,6 +164,26 @@ def test_runs_on_different_test_sets_are_not_paired(tracked):
 
 
 @pytest.mark.slow  # the four tracked runs
+def test_a_comparison_into_an_earlier_one_s_folder_replaces_it_and_logs_only_its_own_files(tracked):
+    folder = tracked["tmp"] / "reused"
+    a, b, c = tracked["runs"][("resnet18", 1)], tracked["runs"][("cnn", 1)], tracked["runs"][("cnn", 2)]
+    assert invoke(tracked, "--runs", f"{a},{b}", "--output", str(folder), "--no-log").exit_code == 0
+    assert (folder / "paired_tests.csv").exists()
+    (folder / "my_notes.txt").write_text("the user's, not the comparison's")
+    result = invoke(tracked, "--runs", f"{b},{c}", "--output", str(folder))  # no paired tests: other test sets
+    assert result.exit_code == 0, result.output
+    assert not (folder / "paired_tests.csv").exists()  # not the earlier comparison's tests beside this one
+    assert (folder / "my_notes.txt").exists() and not list(folder.glob(".compare-*"))
+    assert set(pd.read_csv(folder / "runs.csv")["run_id"]) == {b, c}
+    client = tracked["client"]
+    [run] = [r for r in client.search_runs([client.get_experiment_by_name("cmp").experiment_id],
+                                           "tags.fer_exp.role = 'comparison'")
+             if set(r.data.tags["compared_runs"].split(",")) == {b, c}]
+    logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert "report.html" in logged and "my_notes.txt" not in logged and "paired_tests.csv" not in logged
+
+
+@pytest.mark.slow  # the four tracked runs
 def test_group_by_a_config_field(tracked):
     result = invoke(tracked, "--group-by", "seed", "--output", str(tracked["tmp"] / "seed"), "--no-log")
     assert result.exit_code == 0, result.output
