@@ -671,6 +671,21 @@ def test_a_corrupt_cache_file_is_decoded_again(tmp_path, isolated_cache):
     assert load_data(str(root)).from_cache
 
 
+def test_a_cache_file_changed_but_still_loadable_is_not_trusted(tmp_path, isolated_cache):
+    """Bytes flipped inside the cached pixels or labels (a bad disk, a stray write) still load as a
+    torch file; its digest tells, and the source is decoded again rather than trained on wrong data."""
+    root = make_folders(tmp_path / "faces", train=10, test=1)
+    first = load_data(str(root))
+    [cached] = isolated_cache.glob("decoded-*.pt")
+    content = bytearray(cached.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 100] = bytes(255 - b for b in content[middle:middle + 100])  # inside the pixels
+    cached.write_bytes(bytes(content))
+    again = load_data(str(root))
+    assert not again.from_cache and torch.equal(again.train.images, first.train.images)
+    assert torch.equal(again.train.labels, first.train.labels) and load_data(str(root)).from_cache
+
+
 def test_cache_keeps_the_skip_report_and_is_separate_per_on_bad(tmp_path):
     root = make_folders(tmp_path / "faces", train=10, test=1)
     (root / "train" / "angry" / "broken.jpg").write_bytes(b"garbage")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -51,14 +52,23 @@ def _path(key: str, kind: str = "decoded") -> Path:
     return cache_dir() / f"{kind}-{key}.pt"
 
 
+DIGEST_SIZE = 32  # a cache file: the BLAKE2b digest of what follows, then torch.save's bytes
+
+
 def load_blob(key: str, kind: str) -> dict | None:
-    """A saved blob of plain tensors/lists, or None when absent or unreadable."""
+    """A saved blob of plain tensors/lists, or None when absent, unreadable or not as it was written
+    (truncated, a flipped bit: its digest tells), so that it is computed again rather than trusted."""
     path = _path(key, kind)
-    if not path.exists():
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return None
+    digest, payload = content[:DIGEST_SIZE], content[DIGEST_SIZE:]
+    if digest != hashlib.blake2b(payload, digest_size=DIGEST_SIZE).digest():
         return None
     try:
-        return torch.load(path, weights_only=True)
-    except Exception:  # a truncated or foreign file: compute again rather than fail
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception:  # a foreign file: compute again rather than fail
         return None
 
 
@@ -66,9 +76,14 @@ def save_blob(key: str, kind: str, blob: dict) -> None:
     """Write atomically; a read-only or full cache location costs speed, never correctness."""
     path = _path(key, kind)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    payload = buffer.getvalue()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(blob, tmp)
+        with open(tmp, "wb") as handle:
+            handle.write(hashlib.blake2b(payload, digest_size=DIGEST_SIZE).digest())
+            handle.write(payload)
         os.replace(tmp, path)
     except (OSError, RuntimeError):
         try:
