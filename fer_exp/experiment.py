@@ -22,6 +22,22 @@ class TrackingError(RuntimeError):
     before any training, with what to do about it."""
 
 
+class TrackingFailed(RunFailed):
+    """The tracking or artifact store failed during the run (a full disk, a lost server): the run stops,
+    FAILED where the store can still say so, its checkpoints kept for a resume."""
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """The errors a SQL tracking store raises through MLflow unwrapped (sqlite's "database or disk is full")."""
+    import sqlite3
+
+    try:
+        import sqlalchemy.exc
+    except ImportError:
+        return (sqlite3.Error,)
+    return (sqlite3.Error, sqlalchemy.exc.SQLAlchemyError)
+
+
 def check_tracking_store(uri: str, timeout: float = 10.0, write: bool = True) -> None:
     """A tracking store that cannot take runs is reported now, with what to do, rather than as MLflow's
     traceback or after the first epoch: an http(s) server that does not answer (in seconds, not after
@@ -385,6 +401,20 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             mlflow.set_tag("stop_reason", str(failed))
             mlflow.end_run(status="FAILED")
             raise
+        except (OSError, mlflow.exceptions.MlflowException, *_database_errors()) as exc:
+            # the tracking or artifact store failed under the run (a full disk, a lost server): mark the run
+            # FAILED where the store still lets us, and say what is kept and how to go on
+            reason = first_line(exc)
+            with contextlib.suppress(Exception):
+                mlflow.set_tag("stop_reason", f"tracking failed: {reason}")
+            with contextlib.suppress(Exception):
+                mlflow.end_run(status="FAILED")
+            kept = trainer.checkpoint_dir / "last.pt"
+            raise TrackingFailed(
+                f"run {run.info.run_id} could not be tracked after {trainer.epoch - 1} complete epoch(s): {reason}"
+                + (f"; its checkpoints are in {trainer.checkpoint_dir}: once the store can be written again (free "
+                   f"space there), resume it with: fer-exp train --resume {run.info.run_id}" if kept.is_file() else "")
+            ) from exc
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is KILLED, last.pt of the last epoch stays
             mlflow.set_tag("stop_reason", "interrupted (Ctrl-C or SIGTERM)")
             mlflow.end_run(status="KILLED")

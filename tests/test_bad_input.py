@@ -368,6 +368,35 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_cleanly_and_keeps_the
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_a_store_that_fills_up_mid_run_ends_the_run_with_a_resume_hint(store, monkeypatch):
+    """The tracking store's disk fills after epoch 1 (sqlite: "database or disk is full"): the command
+    ends with one clear message naming the kept checkpoints and the resume command, not a traceback;
+    once the store takes writes again, the resume finishes the run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    real_log_metrics, calls = mlflow.log_metrics, []
+
+    def log_metrics(metrics, *args, **kwargs):
+        calls.append(kwargs.get("step"))
+        if kwargs.get("step") == 2:
+            raise MlflowException("(sqlite3.OperationalError) database or disk is full\n[SQL: INSERT INTO metrics ...]")
+        return real_log_metrics(metrics, *args, **kwargs)
+    monkeypatch.setattr(mlflow, "log_metrics", log_metrics)
+    result = CliRunner().invoke(main, ["train", "--data", "synthetic:32,8,8", "--epochs", "3", "--batch-size", "16",
+                                       "--system-metrics", "false"])
+    assert result.exit_code == 1 and short_error(result.output) and "Traceback" not in result.output, result.output
+    [run] = _runs(store)
+    assert (f"run {run.info.run_id} could not be tracked after 1 complete epoch(s): (sqlite3.OperationalError) "
+            "database or disk is full; its checkpoints are in") in result.output
+    assert f"resume it with: fer-exp train --resume {run.info.run_id} (run marked FAILED)" in result.output
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"].startswith("tracking failed: ")
+    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    resumed = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
+    assert resumed.exit_code == 0, resumed.output
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
+
+
 def test_a_best_pt_that_cannot_be_made_leaves_last_pt_as_it_was(tmp_path, monkeypatch):
     """last.pt never names a best epoch that best.pt does not hold: both are replaced, or neither."""
     import torch
