@@ -314,6 +314,12 @@ def find_last_checkpoint(run_id: str, cfg: Config) -> Path:
     try:
         return Path(mlflow.MlflowClient().download_artifacts(run_id, "checkpoints/last.pt", str(local.parent.parent)))
     except Exception:
+        epochs = len(mlflow.MlflowClient().get_metric_history(run_id, "val_loss"))
+        if epochs:  # it trained: its checkpoints were moved or deleted, not never written
+            where = " or ".join(str(f) for f in dict.fromkeys(filter(None, (recorded, local.parent))))
+            raise TrackingError(f"run {run_id} logged {epochs} epoch(s) but its last.pt is not in {where}, and none "
+                                "was logged: if its output folder was moved, pass the folder that now holds "
+                                f"{run_id}/checkpoints as --output-dir; if it is gone, start a new run") from None
         raise TrackingError(f"run {run_id} has no checkpoint to resume from ({local} is missing and none was logged); "
                             "it stopped before its first epoch ended: start a new run") from None
 

@@ -392,7 +392,12 @@ def test_a_store_that_fills_up_mid_run_ends_the_run_with_a_resume_hint(store, mo
     assert f"resume it with: fer-exp train --resume {run.info.run_id} (run marked FAILED)" in result.output
     assert run.info.status == "FAILED" and run.data.tags["stop_reason"].startswith("tracking failed: ")
     monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
-    resumed = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
+    # its output folder moved meanwhile: the resume says where it looked and how to point it there
+    (store / "outputs").rename(store / "moved")
+    lost = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
+    assert lost.exit_code == 2 and f"run {run.info.run_id} logged 1 epoch(s) but its last.pt is not in" in lost.output
+    assert "pass the folder that now holds" in lost.output and "start a new run" in lost.output, lost.output
+    resumed = CliRunner().invoke(main, ["train", "--resume", run.info.run_id, "--output-dir", str(store / "moved")])
     assert resumed.exit_code == 0, resumed.output
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
 
