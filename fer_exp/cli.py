@@ -254,12 +254,30 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
     from fer_exp.tracking import tracking_uri
 
     experiments = [e for e in experiments if e] or ["fer2013"]
+    _interrupt_on_sigterm()
     try:
         check_tracking_store(tracking_uri(), write=log)  # --no-log only reads the store
         result = run_compare(experiments, filter_string, _split_ids(run_ids), group_by or "model", output or None, log)
     except (CompareError, TrackingError) as exc:
         raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        _interrupted("the comparison; --output keeps the comparison it held before, whole")
     _print_comparison(result)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a scheduler's stop) ends a short command as Ctrl-C does: its run, if it was
+    logging one, marked KILLED rather than left RUNNING by a process killed outright."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _interrupted(what: str) -> None:
+    click.echo(f"\ninterrupted: {what}", err=True)
+    sys.exit(130)
 
 
 def _print_comparison(result) -> None:
@@ -390,6 +408,7 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device) 
     from fer_exp.inference import ModelLoadError, load_model
     from fer_exp.tracking import tracking_uri
 
+    _interrupt_on_sigterm()
     try:
         if log:
             check_tracking_store(tracking_uri())
@@ -397,6 +416,8 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device) 
         result = run_evaluation(models, data_source or None, split, tta, log, experiment_name or None)
     except (ModelLoadError, EvaluateError, DataError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        _interrupted("the evaluation" + ("; its run, if it had begun, is marked KILLED" if log else ""))
     m = result.metrics
     click.echo(f"{result.name} on {split}: accuracy {m[f'{split}_accuracy']:.4f}  macro-F1 {m[f'{split}_macro_f1']:.4f}  "
                f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\nper class accuracy: "

@@ -446,7 +446,7 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
 
     import mlflow
 
-    from fer_exp.tracking import run_page_url, tracking_uri
+    from fer_exp.tracking import killed_on_interrupt, run_page_url, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
@@ -505,7 +505,8 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare: {groups}"[:250], tags={
                 "fer_exp.role": "comparison", "group_by": group_by, "compared_runs": ",".join(r.run_id for r in runs)[:5000],
                 "mlflow.note.content": f"Comparison of {len(runs)} runs by {group_by}: {groups}. "
-                                       "Open report.html for the tables, tests and figures."}) as run:
+                                       "Open report.html for the tables, tests and figures."}) as run, \
+                killed_on_interrupt():
             for _, row in comparison.overall.iterrows():
                 for key, title in OVERALL.items():
                     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(row["group"]))

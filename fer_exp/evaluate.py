@@ -105,7 +105,8 @@ def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, re
                        experiment_id: str) -> tuple[str, str]:
     import mlflow
 
-    from fer_exp.tracking import log_data_inputs, log_evaluation
+    from fer_exp.tracking import killed_on_interrupt, log_data_inputs, log_evaluation
+
     sources = [m.source for m in models]
     description = (f"Evaluation of {' + '.join(f'{m.name} ({m.source})' for m in models)} on the {split} split of "
                    f"{data.source} ({len(chosen)} images), "
@@ -115,7 +116,8 @@ def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, re
             "evaluated_models": " ".join(sources)[:5000], "mlflow.note.content": description,
             "data_source": data.source, "split_rule": data.split_rule, f"{split}_size": len(chosen),
             **{f"source_run_{i}": m.run_id for i, m in enumerate(models) if m.run_id}}
-    with mlflow.start_run(run_name=f"evaluate {result.name} on {split}", experiment_id=experiment_id, tags=tags) as run:
+    with mlflow.start_run(run_name=f"evaluate {result.name} on {split}", experiment_id=experiment_id,
+                          tags=tags) as run, killed_on_interrupt():
         mlflow.log_params({"models": " ".join(sources)[:6000], "tta": tta, "split": split, "data": data.source,
                            "n_models": len(models)})
         for i, m in enumerate(models):  # each member's config, so runs filter on them like training runs

@@ -4,6 +4,7 @@ and ``fer-exp predict``."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import tempfile
@@ -193,3 +194,14 @@ def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[
         path = Path(tmp) / f"{split}_predictions.csv"
         frame.to_csv(path, index=False)
         mlflow.log_artifact(str(path))
+
+
+@contextlib.contextmanager
+def killed_on_interrupt():
+    """Inside ``mlflow.start_run()``: Ctrl-C or SIGTERM (as KeyboardInterrupt) half-way through a run's
+    logging ends the run KILLED, as an interrupted training run ends, not FAILED nor left RUNNING."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise

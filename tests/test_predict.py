@@ -341,6 +341,34 @@ def test_evaluate_an_ensemble_with_tta_logs_a_comparable_run(trained):
 
 
 @pytest.mark.slow
+def test_an_evaluation_or_comparison_interrupted_while_logging_is_marked_killed(trained, monkeypatch):
+    """Ctrl-C, or SIGTERM (raised as Ctrl-C in these short commands), half-way through the run's
+    artifacts: exit 130 with a word, the run KILLED rather than left RUNNING or marked FINISHED."""
+    import signal
+
+    import fer_exp.tracking
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fer_exp.tracking, "log_evaluation", interrupted)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler, real=signal.signal: installed.append(signum))
+    installed = []
+    result = invoke("evaluate", "--model", f"runs:/{trained['runs'][1].run_id}/model", "--data", "synthetic:96,24,40",
+                    "--experiment-name", "interrupted")
+    assert result.exit_code == 130 and "interrupted: the evaluation; its run, if it had begun, is marked KILLED" in result.output
+    assert installed == [signal.SIGTERM]  # SIGTERM interrupts as Ctrl-C does (not installed here: pytest's process)
+    monkeypatch.setattr(mlflow, "log_artifact", interrupted)
+    compared = invoke("compare", "--experiment", "use", "--output", trained["tmp"] / "cmp-interrupted",
+                      "--experiment", "interrupted")
+    assert compared.exit_code == 130 and "interrupted: the comparison" in compared.output, compared.output
+    client = trained["client"]
+    for name, role in (("interrupted", "evaluation"), ("use", "comparison")):
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.fer_exp.role = '{role}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        assert runs[0].info.status == "KILLED", (name, runs[0].info.status)
+
+
+@pytest.mark.slow
 def test_an_ensemble_is_evaluated_on_val_only_where_its_members_share_one_val_split(trained):
     """Seeds 1 and 2 hold out different val faces, so their ensemble is refused on val; members trained
     with one data_seed share that seed's split, and the ensemble's val score is the mean of theirs on it."""
