@@ -334,9 +334,13 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
     except (DataError, PretrainedWeightsError, ConfigError, TrackingError, CompareError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
-        click.echo("interrupted: the finished runs are kept; the same command makes the rest", err=True)
+        click.echo("interrupted: the finished runs are kept; the same command resumes the interrupted one and "
+                   "makes the rest", err=True)
         sys.exit(130)
     if dry_run:
+        return
+    if not run_ids:
+        click.echo("\nnothing finished to compare yet: the same command compares the runs once they are made")
         return
     click.echo(f"\n{'imported' if imports else 'made'} {len(made)} run(s); comparing all {len(run_ids)} by {plan.group_by}\n")
     try:

@@ -11,7 +11,9 @@ the ones the tracking store does not hold yet, then compares them all.
     compare: {group_by: arm}
 
 A run counts as made when a FINISHED run in the study's experiment carries the same study, arm
-and seed tags and the same resolved configuration (where and how it ran aside).
+and seed tags and the same resolved configuration (where and how it ran aside). An interrupted one
+(KILLED, or RUNNING after a SIGKILL) is resumed from its last epoch; one that another command is
+training now is left to it.
 """
 
 from __future__ import annotations
@@ -126,6 +128,17 @@ def find_made_run(client, experiment_id: str | None, study: StudyFile, planned: 
     return None
 
 
+def find_interrupted_run(client, experiment_id: str | None, study: StudyFile, planned: PlannedRun):
+    """The newest run of this arm and seed with this config that was interrupted (KILLED by Ctrl-C or
+    SIGTERM; RUNNING after a SIGKILL, or training now in another process), to resume, if any."""
+    if experiment_id is None:
+        return None
+    runs = client.search_runs([experiment_id], filter_string=f"tags.study_file = '{study.name}' and tags.arm = '{planned.arm}'",
+                              order_by=["attributes.start_time DESC"])
+    return next((run for run in runs if run.info.status in ("KILLED", "RUNNING")
+                 and same_config(run.data.params, planned.config)), None)
+
+
 def config_differences(config: dict, planned: PlannedRun) -> list[str]:
     """How an exported run's config differs from a planned run's, where and how it ran aside, and its
     data too (the same images under another path: the splits' fingerprints decide)."""
@@ -232,7 +245,8 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     nothing: the runs still missing are listed, for the same command without them to make."""
     import mlflow
 
-    from fer_exp.experiment import check_tracking_store, load_run_data, run_experiment
+    from fer_exp.experiment import (TrackingError, check_tracking_store, find_last_checkpoint, load_run_data,
+                                    resume_config, run_experiment)
     from fer_exp.tracking import tracking_uri
 
     check_tracking_store(tracking_uri(), write=not dry_run)  # a dry run only reads the store
@@ -243,10 +257,13 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     experiment_id = existing.experiment_id if existing else None
     plan = [(planned, find_made_run(client, experiment_id, study, planned)) for planned in study.runs]
     todo = [p for p, made in plan if made is None]
+    interrupted = {id(p): find_interrupted_run(client, experiment_id, study, p) for p in todo}
     print(f"study {study.name}: {len(study.runs)} run(s) in experiment {study.experiment_name}, "
           f"{len(study.runs) - len(todo)} already made, {len(todo)} to make", flush=True)
     for planned, made in plan:
-        print(f"  {planned.arm:20s} seed {planned.seed:<6d} {'made: ' + made if made else 'to make'}")
+        left = interrupted.get(id(planned))
+        print(f"  {planned.arm:20s} seed {planned.seed:<6d} " + (
+            f"made: {made}" if made else f"to resume: {left.info.run_id} ({left.info.status})" if left else "to make"))
     if dry_run or imports:
         if imports and todo and not dry_run:
             print(f"{len(todo)} run(s) still to make: the same command without --import makes them", flush=True)
@@ -262,8 +279,24 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
         if key not in data_cache:
             data_cache = {key: load_run_data(cfg)}  # one data set in memory at a time
         print(f"\n[{index + 1}/{len(plan)}] {planned.arm} seed {planned.seed}", flush=True)
-        summary = run_experiment(cfg, progress=progress, data=data_cache[key],
-                                 tags={"study_file": study.name, "arm": planned.arm})
+        left = interrupted[id(planned)]
+        summary = None
+        if left is not None:  # an interrupted run of this study: go on from its last epoch, not from scratch
+            try:
+                resumed = resume_config(left.info.run_id, {k: getattr(cfg, k) for k in EXECUTION_FIELDS
+                                                           if k not in ("run_name", "experiment_name")})
+                find_last_checkpoint(left.info.run_id, resumed)
+            except (TrackingError, ConfigError) as exc:
+                if "is still training in process" in str(exc):  # another command makes it now: not twice
+                    print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
+                    continue
+                print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
+            else:
+                print(f"resuming run {left.info.run_id} ({left.info.status})", flush=True)
+                summary = run_experiment(resumed, progress=progress, data=data_cache[key], resume_run_id=left.info.run_id)
+        if summary is None:
+            summary = run_experiment(cfg, progress=progress, data=data_cache[key],
+                                     tags={"study_file": study.name, "arm": planned.arm})
         ids.append(summary.run_id)
         new.append(summary.run_id)
     return ids, new

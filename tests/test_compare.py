@@ -255,6 +255,42 @@ def test_study_makes_its_runs_once_then_compares(tracked, tmp_path):
     assert flip.exit_code == 0 and "0 already made, 2 to make" in flip.output
 
 
+@pytest.mark.slow  # the tracked store
+def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM mid-run, then the same command: the KILLED run goes on from its last epoch
+    (one run for the arm and seed, its epochs 1..3 logged once), not a second run from scratch; a run
+    that another command trains now is left to it."""
+    from fer_exp.experiment import run_lock
+
+    (tmp_path / "base.yaml").write_text("model: cnn\nepochs: 3\nbatch_size: 32\nsystem_metrics: false\n")
+    (tmp_path / "cut.yaml").write_text("experiment_name: cut\nseeds: [4]\narms:\n  a: {config: base.yaml}\n")
+    args = ["study", str(tmp_path / "cut.yaml"), "--data", "synthetic:64,16,24", "--output-dir", str(tmp_path / "out"),
+            "--output", str(tmp_path / "report")]
+    real_log_metrics = mlflow.log_metrics
+
+    def interrupted_at_epoch_2(metrics, *a, **kw):
+        if kw.get("step") == 2:
+            raise KeyboardInterrupt
+        return real_log_metrics(metrics, *a, **kw)
+    monkeypatch.setattr(mlflow, "log_metrics", interrupted_at_epoch_2)
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 130 and "the same command resumes the interrupted one" in first.output, first.output
+    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    client = tracked["client"]
+    experiment = client.get_experiment_by_name("cut").experiment_id
+    [killed] = client.search_runs([experiment])
+    assert killed.info.status == "KILLED"
+    with run_lock(killed.data.tags["checkpoint_dir"]):  # as if another command trained it now
+        busy = CliRunner().invoke(main, args)
+    assert busy.exit_code == 0 and "skipped: the run is still training in process" in busy.output, busy.output
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert f"to resume: {killed.info.run_id} (KILLED)" in second.output and "resuming run" in second.output
+    [run] = client.search_runs([experiment], "tags.study_file = 'cut'")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     "text, piece",
     [
