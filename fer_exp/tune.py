@@ -689,6 +689,20 @@ def run_worker_processes(specs: list[WorkerSpec], study, bar) -> None:
     bar.refresh()
 
 
+def earlier_retrain(parent: ParentRun, trial_number: int, cfg: Config):
+    """The study's earlier retraining of this trial with this config: (a FINISHED one, an interrupted
+    one: KILLED, or RUNNING after a SIGKILL), each None where there is none."""
+    from fer_exp.study import same_config
+
+    runs = parent.client.search_runs([parent.experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent.run_id}' and tags.`fer_exp.role` = 'retrain' "
+        f"and tags.best_trial = '{trial_number}'"), order_by=["attributes.start_time DESC"])
+    runs = [r for r in runs if same_config(r.data.params, cfg)]
+    done = next((r for r in runs if r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics), None)
+    left = next((r for r in runs if r.info.status in ("KILLED", "RUNNING")), None)
+    return done, left
+
+
 def retrain_best(plan: StudyPlan, best: dict, data, parent: ParentRun | None):
     """The best configuration trained with the full budget, tested once, its model logged."""
     cfg = plan.trial_config(best["params"])
@@ -704,10 +718,24 @@ def retrain_best(plan: StudyPlan, best: dict, data, parent: ParentRun | None):
     else:
         from fer_exp.experiment import run_experiment
 
-        tags = {"study": plan.study.study_name, "fer_exp.role": "retrain", "study_result": "true",
-                "best_trial": str(best["number"])}
-        summary = run_experiment(cfg, data=data, parent_run_id=parent.run_id, experiment_id=parent.experiment_id,
-                                 tags=tags)
+        done, left = earlier_retrain(parent, best["number"], cfg)
+        if done is not None:  # the same command again, on a study that has not changed its best
+            print(f"already retrained: run {done.info.run_id} (the study's best is the same trial)")
+            t = {k: v for k, v in done.data.metrics.items() if k.startswith("test_")}
+            return done.info.run_id, t
+        if left is not None:  # interrupted (Ctrl-C, SIGTERM, SIGKILL): go on from its last epoch
+            from fer_exp.config import EXECUTION_FIELDS
+            from fer_exp.experiment import resume_config
+
+            print(f"resuming the interrupted retraining, run {left.info.run_id} ({left.info.status})")
+            resumed = resume_config(left.info.run_id, {k: getattr(cfg, k) for k in EXECUTION_FIELDS
+                                                       if k not in ("run_name", "experiment_name")})
+            summary = run_experiment(resumed, data=data, resume_run_id=left.info.run_id)
+        else:
+            tags = {"study": plan.study.study_name, "fer_exp.role": "retrain", "study_result": "true",
+                    "best_trial": str(best["number"])}
+            summary = run_experiment(cfg, data=data, parent_run_id=parent.run_id, experiment_id=parent.experiment_id,
+                                     tags=tags)
         result, run_id = summary.result, summary.run_id
     t = result.test_metrics
     print(f"retrained{' run ' + run_id if run_id else ''}: best epoch {result.best_epoch}, test accuracy "

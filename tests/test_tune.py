@@ -329,6 +329,37 @@ def test_retrain_best_is_tested_once_and_logs_the_model(study):
 
 
 @pytest.mark.slow
+def test_an_interrupted_retraining_is_resumed_and_a_finished_one_not_made_again(store, monkeypatch):
+    """Ctrl-C or SIGTERM during --retrain-best, then the same command: the retraining goes on from its
+    last epoch in the same run; once finished, the same command again reuses it instead of retraining."""
+    (store / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:64,16,16", epochs=1))
+    args = ["tune", "--config", "s.yaml", "--pruner", "none", "--retrain-best", "--retrain-epochs", "3"]
+    real_log_metrics = mlflow.log_metrics
+
+    def interrupted_at_epoch_2(metrics, *a, **kw):
+        if kw.get("step") == 2:  # trials have one epoch: only the retraining reaches a second
+            raise KeyboardInterrupt
+        return real_log_metrics(metrics, *a, **kw)
+    monkeypatch.setattr(mlflow, "log_metrics", interrupted_at_epoch_2)
+    first = CliRunner().invoke(main, [*args, "--n-trials", "1"])
+    assert first.exit_code == 130, first.output
+    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    [killed] = by_role(runs_of(store)[1], "retrain")
+    assert killed.info.status == "KILLED"
+    again = CliRunner().invoke(main, [*args, "--n-trials", "0"])
+    assert again.exit_code == 0 and f"resuming the interrupted retraining, run {killed.info.run_id}" in again.output, again.output
+    client, runs = runs_of(store)
+    [run] = by_role(runs, "retrain")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    third = CliRunner().invoke(main, [*args, "--n-trials", "0"])
+    assert third.exit_code == 0 and f"already retrained: run {run.info.run_id}" in third.output, third.output
+    assert len(by_role(runs_of(store)[1], "retrain")) == 1
+    parent = by_role(runs_of(store)[1], "study")[0]
+    assert parent.data.tags["result_run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
 def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
     tmp = study["tmp"]
     monkeypatch.chdir(tmp)
