@@ -623,9 +623,10 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
         best = summary["best"]
         print(f"\nbest trial #{best['number']}: {summary['metric']} {best['value']:.4f}  {format_params(best['params'])}"
               + (f"  run {best['mlflow_run_id']}" if best["mlflow_run_id"] else ""))
-    spent, possible = summary["epochs_spent"], summary["epochs_possible"]
-    if possible:
-        print(f"epochs spent: {spent} of {possible} ({100 * (1 - spent / possible):.0f}% saved by pruning and early stopping)")
+    finished, possible, spent = summary["epochs_finished"], summary["epochs_possible"], summary["epochs_spent"]
+    if possible:  # the saving over the finished trials; failed or interrupted ones said apart
+        print(f"epochs spent: {finished} of {possible} ({100 * (1 - finished / possible):.0f}% saved by pruning and "
+              "early stopping)" + (f", and {spent - finished} in failed or interrupted trials" if spent > finished else ""))
     if interrupted:
         if parent:
             parent.summarise("KILLED")

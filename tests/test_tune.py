@@ -697,3 +697,18 @@ def test_tune_commands_started_together_on_new_stores_run_the_study_s_total(tmp_
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_complete"] == "3"
     trials = by_role(runs, "trial")
     assert len(trials) == 3 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+
+
+def test_the_epochs_saved_count_only_finished_trials():
+    """A failed or interrupted trial's epochs are spent but never possible: counted apart, so the
+    saving is never negative ("13 of 12, -8% saved" before)."""
+    from fer_exp.tune_report import study_summary
+
+    plan = plan_study(REPO / "experiments" / "tune_cnn.yaml", {"epochs": "4"})
+    study_ = optuna.create_study(direction="maximize")
+    for state, epochs in (("COMPLETE", 4), ("PRUNED", 2), ("FAIL", 3)):
+        trial = optuna.trial.create_trial(state=getattr(optuna.trial.TrialState, state), user_attrs={"epochs_run": epochs},
+                                          value=0.5 if state == "COMPLETE" else None)
+        study_.add_trial(trial)
+    summary = study_summary(study_, plan)
+    assert (summary["epochs_finished"], summary["epochs_possible"], summary["epochs_spent"]) == (6, 8, 9)
