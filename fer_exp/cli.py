@@ -342,11 +342,18 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
     if not run_ids:
         click.echo("\nnothing finished to compare yet: the same command compares the runs once they are made")
         return
+    from fer_exp.train import stop_requested
+
+    if stop_requested():  # a signal after the last step of the last run: its runs are made, the comparison is not
+        _interrupted("the runs are made; the same command compares them")
     click.echo(f"\n{'imported' if imports else 'made'} {len(made)} run(s); comparing all {len(run_ids)} by {plan.group_by}\n")
+    _interrupt_on_sigterm()
     try:
         result = compare([plan.experiment_name], run_ids=run_ids, group_by=plan.group_by, output=output)
     except CompareError as exc:
         raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        _interrupted("the comparison; the runs are made, and the same command compares them")
     _print_comparison(result)
 
 

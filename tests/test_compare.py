@@ -289,6 +289,21 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     [run] = client.search_runs([experiment], "tags.study_file = 'cut'")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    # a signal once the runs are made, or during the comparison: exit 130 and a word, not a silent 0
+    import fer_exp.compare
+    import fer_exp.train
+
+    monkeypatch.setattr(fer_exp.train, "stop_requested", lambda: True)
+    late = CliRunner().invoke(main, args)
+    assert late.exit_code == 130 and "interrupted: the runs are made; the same command compares them" in late.output
+    monkeypatch.setattr(fer_exp.train, "stop_requested", lambda: False)
+    monkeypatch.setattr("signal.signal", lambda *a: None)  # (pytest's own process keeps its SIGTERM)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fer_exp.compare, "compare", interrupted)
+    during = CliRunner().invoke(main, args)
+    assert during.exit_code == 130 and "interrupted: the comparison; the runs are made" in during.output, during.output
 
 
 @pytest.mark.parametrize(
