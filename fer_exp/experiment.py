@@ -302,6 +302,17 @@ def resume_config(run_id: str, overrides: dict | None = None) -> Config:
     return cfg
 
 
+def resume_experiment(run_id: str, like: Config, **kwargs) -> RunSummary:
+    """Run ``run_id`` resumed from its last epoch with its own config, run where and how ``like`` runs
+    (device, output folder, ...); ``kwargs`` as for :func:`run_experiment`. Before any training a run
+    that cannot resume (no checkpoint, another config, still training elsewhere) is a TrackingError or
+    ConfigError that says why."""
+    from fer_exp.config import EXECUTION_FIELDS
+
+    where = {k: getattr(like, k) for k in EXECUTION_FIELDS if k not in ("run_name", "experiment_name")}
+    return run_experiment(resume_config(run_id, where), resume_run_id=run_id, **kwargs)
+
+
 def find_last_checkpoint(run_id: str, cfg: Config) -> Path:
     """The run's ``last.pt``: in the output folder, else among its logged artifacts."""
     import mlflow

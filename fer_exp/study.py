@@ -245,8 +245,8 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     nothing: the runs still missing are listed, for the same command without them to make."""
     import mlflow
 
-    from fer_exp.experiment import (TrackingError, check_tracking_store, find_last_checkpoint, load_run_data,
-                                    resume_config, run_experiment)
+    from fer_exp.experiment import (TrackingError, check_tracking_store, load_run_data, resume_experiment,
+                                    run_experiment)
     from fer_exp.tracking import tracking_uri
 
     check_tracking_store(tracking_uri(), write=not dry_run)  # a dry run only reads the store
@@ -283,17 +283,12 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
         summary = None
         if left is not None:  # an interrupted run of this study: go on from its last epoch, not from scratch
             try:
-                resumed = resume_config(left.info.run_id, {k: getattr(cfg, k) for k in EXECUTION_FIELDS
-                                                           if k not in ("run_name", "experiment_name")})
-                find_last_checkpoint(left.info.run_id, resumed)
+                summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key])
             except (TrackingError, ConfigError) as exc:
                 if "is still training in process" in str(exc):  # another command makes it now: not twice
                     print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
                     continue
                 print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
-            else:
-                print(f"resuming run {left.info.run_id} ({left.info.status})", flush=True)
-                summary = run_experiment(resumed, progress=progress, data=data_cache[key], resume_run_id=left.info.run_id)
         if summary is None:
             summary = run_experiment(cfg, progress=progress, data=data_cache[key],
                                      tags={"study_file": study.name, "arm": planned.arm})

@@ -725,13 +725,10 @@ def retrain_best(plan: StudyPlan, best: dict, data, parent: ParentRun | None):
             t = {k: v for k, v in done.data.metrics.items() if k.startswith("test_")}
             return done.info.run_id, t
         if left is not None:  # interrupted (Ctrl-C, SIGTERM, SIGKILL): go on from its last epoch
-            from fer_exp.config import EXECUTION_FIELDS
-            from fer_exp.experiment import resume_config
+            from fer_exp.experiment import resume_experiment
 
             print(f"resuming the interrupted retraining, run {left.info.run_id} ({left.info.status})")
-            resumed = resume_config(left.info.run_id, {k: getattr(cfg, k) for k in EXECUTION_FIELDS
-                                                       if k not in ("run_name", "experiment_name")})
-            summary = run_experiment(resumed, data=data, resume_run_id=left.info.run_id)
+            summary = resume_experiment(left.info.run_id, cfg, data=data)
         else:
             tags = {"study": plan.study.study_name, "fer_exp.role": "retrain", "study_result": "true",
                     "best_trial": str(best["number"])}
