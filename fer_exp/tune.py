@@ -137,11 +137,12 @@ def plan_study(path: str | Path | None, config_overrides: dict | None = None,
 def default_storage_url(tracking: bool) -> str:
     """sqlite optuna.db beside the MLflow sqlite store, else in the working directory."""
     if tracking:
+        from fer_exp.experiment import sqlite_file
         from fer_exp.tracking import tracking_uri
 
-        uri = tracking_uri()
-        if uri.startswith("sqlite:///"):
-            return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).parent / "optuna.db")
+        store = sqlite_file(tracking_uri())
+        if store is not None:
+            return "sqlite:///" + str(store.parent / "optuna.db")
     return "sqlite:///optuna.db"
 
 
