@@ -5,7 +5,8 @@ A study file (``experiments/tune_<model>.yaml``) holds a training config (option
 ``search_space:`` block (:mod:`fer_exp.search_space`). :func:`tune` then:
 
 - opens the study in an Optuna RDB storage (sqlite beside the MLflow store by default, PostgreSQL
-  for many machines), with heartbeats: a trial whose worker was killed is failed and queued again;
+  for many machines), with heartbeats: a trial whose worker was killed is failed and queued again
+  (an interrupted one is queued again at once);
 - creates one parent MLflow run per study (its id kept in the study, so a resumed study reopens it);
 - runs trials in ``workers`` processes; each trial is a normal training run (``run_experiment``)
   nested under the parent with ``parent_run_id``, selecting on val and never touching test; an
@@ -401,7 +402,8 @@ class Worker:
             except StopTraining as stop:
                 state, error = "PRUNED", stop.reason
             except KeyboardInterrupt:
-                self.finish(trial, "FAIL", None, run_ids, "interrupted (Ctrl-C or SIGTERM)", pruning.epochs)
+                if self.finish(trial, "FAIL", None, run_ids, "interrupted (Ctrl-C or SIGTERM)", pruning.epochs):
+                    self.queue_again(trial)
                 raise
             except Exception as exc:  # a config that breaks training fails its trial, not the study
                 error = f"{type(exc).__name__}: {exc}"
@@ -454,9 +456,11 @@ class Worker:
             for run_id in run_ids:
                 shutil.rmtree(Path(cfg.output_dir) / run_id, ignore_errors=True)
 
-    def finish(self, trial, state: str, value, run_ids: list, error: str | None, epochs: int) -> None:
-        """Tell Optuna the outcome and make the MLflow run say the same."""
+    def finish(self, trial, state: str, value, run_ids: list, error: str | None, epochs: int) -> bool:
+        """Tell Optuna the outcome and make the MLflow run say the same. False where the study had
+        already declared the trial lost (and queued it again itself)."""
         optuna = _optuna()
+        told = True
         trial.set_user_attr("epochs_run", epochs)
         if error:
             trial.set_user_attr("error", error[:500])
@@ -466,7 +470,7 @@ class Worker:
             else:
                 self.study.tell(trial, state=getattr(optuna.trial.TrialState, state))
         except optuna.exceptions.UpdateFinishedTrialError:
-            state, error = "FAIL", "declared lost (no heartbeat) while it still ran; its result is dropped"
+            told, state, error = False, "FAIL", "declared lost (no heartbeat) while it still ran; its result is dropped"
             self.say(f"trial {trial.number}: {error}")
         if self.tracking and run_ids:
             client = _client()
@@ -475,6 +479,19 @@ class Worker:
                 client.set_tag(run_ids[0], "stop_reason" if state == "PRUNED" else "error", error[:5000])
             if state == "FAIL" and client.get_run(run_ids[0]).info.status in ("RUNNING", "FINISHED"):
                 client.set_terminated(run_ids[0], "FAILED")
+        return told
+
+    def queue_again(self, trial) -> None:
+        """An interrupted trial (Ctrl-C, SIGTERM, its command killed) is queued again with its
+        parameters, as a killed worker's is, so the command that resumes the study runs it rather than
+        a new proposal (an enqueued recipe is not lost to an interruption). Interruptions are not
+        failures: they do not count towards MAX_RETRIES."""
+        optuna = _optuna()
+        frozen = self.storage.get_trial(trial._trial_id)
+        self.study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            system_attrs={**frozen.system_attrs, "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number)}))
+        self.say(f"trial {trial.number}: interrupted; queued again for the command that resumes the study")
 
 
 def worker_main(spec: WorkerSpec, lock) -> None:

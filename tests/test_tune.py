@@ -496,7 +496,12 @@ def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_pat
     client, runs = runs_of(tmp_path)
     assert [r.info.run_id for r in by_role(runs, "study")] == [parent.info.run_id]
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert sum(t.state.name == "COMPLETE" for t in load_study(tmp_path, "s").trials) == 1
+    trials = load_study(tmp_path, "s").trials
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 1
+    # the interrupted trial was queued again: the resumed command ran its parameters, not a new proposal
+    assert trials[1].state.name == "COMPLETE" and trials[1].system_attrs.get("failed_trial") == 0
+    assert trials[1].params == trials[0].params and "error" not in trials[1].user_attrs
+    assert "(retry of trial 0)" in proc.stdout
 
 
 def _alive(pid: int) -> bool:
