@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,12 +120,31 @@ def database_lock(url: str):
     and its parent run once, and to write the parent run's summary. sqlite: ``flock`` on the database's
     folder (no file is left beside it), made here if missing; PostgreSQL: an advisory lock, held by a
     connection of its own. Other URLs, a server that cannot be reached (opening the database then says
-    why) and file systems or platforms without locks go unlocked."""
+    why) and file systems or platforms without locks go unlocked. Reentrant: a thread that holds it
+    may take it again (``fer-exp study`` holds it while a run starts, which opens the store)."""
+    file = sqlite_file(url) if url.startswith("sqlite:") else None
+    key = str(file.absolute().parent) if file is not None else url
+    held = _held_database_locks.setdefault(threading.get_ident(), set())
+    if key in held:  # a second flock (or advisory lock) of its own would wait for this one forever
+        yield
+        return
+    held.add(key)
+    try:
+        with _database_lock(url, file):
+            yield
+    finally:
+        held.discard(key)
+
+
+_held_database_locks: dict[int, set[str]] = {}  # thread -> the database_lock keys it holds
+
+
+@contextlib.contextmanager
+def _database_lock(url: str, file: Path | None):
     if re.match(r"^postgres(ql)?(\+\w+)?://", url):
         with _advisory_lock(database_url(url)):
             yield
         return
-    file = sqlite_file(url) if url.startswith("sqlite:") else None
     try:
         import fcntl
     except ImportError:

@@ -18,6 +18,7 @@ training now is left to it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,8 +246,8 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     nothing: the runs still missing are listed, for the same command without them to make."""
     import mlflow
 
-    from fer_exp.experiment import (TrackingError, check_tracking_store, load_run_data, resume_experiment,
-                                    run_experiment)
+    from fer_exp.experiment import (TrackingError, check_tracking_store, database_lock, load_run_data,
+                                    resume_experiment, run_experiment)
     from fer_exp.tracking import tracking_uri
 
     check_tracking_store(tracking_uri(), write=not dry_run)  # a dry run only reads the store
@@ -279,19 +280,33 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
         if key not in data_cache:
             data_cache = {key: load_run_data(cfg)}  # one data set in memory at a time
         print(f"\n[{index + 1}/{len(plan)}] {planned.arm} seed {planned.seed}", flush=True)
-        left = interrupted[id(planned)]
-        summary = None
-        if left is not None:  # an interrupted run of this study: go on from its last epoch, not from scratch
-            try:
-                summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key])
-            except (TrackingError, ConfigError) as exc:
-                if "is still training in process" in str(exc):  # another command makes it now: not twice
-                    print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
-                    continue
-                print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
-        if summary is None:
-            summary = run_experiment(cfg, progress=progress, data=data_cache[key],
-                                     tags={"study_file": study.name, "arm": planned.arm})
+        with contextlib.ExitStack() as claim:
+            # Decided again under the store's lock, held until the run has started and holds its own
+            # lock: another command on the same study (another terminal, started at the same moment or
+            # since the plan above) may have made or started this run meanwhile; it is not made twice.
+            claim.enter_context(database_lock(tracking_uri()))
+            existing = client.get_experiment_by_name(study.experiment_name)
+            experiment_id = existing.experiment_id if existing else None
+            made = find_made_run(client, experiment_id, study, planned)
+            if made:
+                print(f"made meanwhile by another command: {made}", flush=True)
+                ids.append(made)
+                continue
+            left = find_interrupted_run(client, experiment_id, study, planned)
+            summary = None
+            if left is not None:  # an interrupted run of this study: go on from its last epoch, not from scratch
+                try:
+                    summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key],
+                                                on_run_start=lambda _: claim.close())
+                except (TrackingError, ConfigError) as exc:
+                    if "is still training in process" in str(exc):  # another command makes it now: not twice
+                        print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
+                        continue
+                    print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
+            if summary is None:
+                summary = run_experiment(cfg, progress=progress, data=data_cache[key],
+                                         tags={"study_file": study.name, "arm": planned.arm},
+                                         on_run_start=lambda _: claim.close())
         ids.append(summary.run_id)
         new.append(summary.run_id)
     return ids, new

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -280,6 +282,18 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     experiment = client.get_experiment_by_name("cut").experiment_id
     [killed] = client.search_runs([experiment])
     assert killed.info.status == "KILLED"
+    # a run another command has just started (RUNNING, in its first epoch: no last.pt yet) is left to it,
+    # not taken for one that cannot resume and made again
+    from mlflow.entities import Param
+
+    starting = client.create_run(experiment, tags={"study_file": "cut", "arm": "a",
+                                                   "checkpoint_dir": str(tmp_path / "starting")}).info.run_id
+    client.log_batch(starting, params=[Param(k, v) for k, v in killed.data.params.items()])
+    with run_lock(tmp_path / "starting"):
+        early = CliRunner().invoke(main, args)
+    assert early.exit_code == 0 and "skipped: the run is still training in process" in early.output, early.output
+    assert len(client.search_runs([experiment])) == 2
+    client.delete_run(starting)
     with run_lock(killed.data.tags["checkpoint_dir"]):  # as if another command trained it now
         busy = CliRunner().invoke(main, args)
     assert busy.exit_code == 0 and "skipped: the run is still training in process" in busy.output, busy.output
@@ -304,6 +318,27 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     monkeypatch.setattr(fer_exp.compare, "compare", interrupted)
     during = CliRunner().invoke(main, args)
     assert during.exit_code == 130 and "interrupted: the comparison; the runs are made" in during.output, during.output
+
+
+@pytest.mark.slow
+def test_study_commands_started_together_make_each_run_once(store):
+    """Two `fer-exp study` commands on one study file started at once (two terminals): each run is made
+    by one of them and left alone by the other. Before, both planned every run at their start and made
+    it, and the comparison counted the twins as extra seeds."""
+    (store / "base.yaml").write_text("model: cnn\nepochs: 1\nbatch_size: 32\nsystem_metrics: false\n")
+    (store / "two.yaml").write_text("experiment_name: two\nseeds: [5]\narms:\n  a: {config: base.yaml}\n"
+                                    "  b: {config: base.yaml, set: {class_weights: none}}\n")
+    command = [sys.executable, "-m", "fer_exp.cli", "study", "two.yaml", "--data", "synthetic:64,16,24",
+               "--output-dir", "out"]
+    procs = [subprocess.Popen([*command, "--output", f"report{i}"], cwd=store, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("two").experiment_id], "tags.study_file = 'two'")
+    assert sorted(r.data.tags["arm"] for r in runs) == ["a", "b"], outputs
+    assert {r.info.status for r in runs} == {"FINISHED"}
 
 
 @pytest.mark.parametrize(

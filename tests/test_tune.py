@@ -638,6 +638,38 @@ def test_runs_started_together_on_a_new_store_all_log(tmp_path):
     assert list((tmp_path / "new").iterdir()) == [tmp_path / "new" / "mlflow.db"]  # no lock file left beside it
 
 
+def test_the_database_lock_is_reentrant_in_its_thread_and_held_against_others(tmp_path):
+    """`fer-exp study` holds the store's lock while a run starts, and starting it opens the store under
+    the lock again: a second flock of the thread's own would wait for the first forever. Another
+    thread (as another process) still waits for it."""
+    import threading
+
+    from fer_exp.experiment import database_lock
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    order: list[str] = []
+
+    def other():
+        with database_lock(uri):
+            order.append("other")
+
+    def holder():
+        with database_lock(uri):
+            with database_lock(uri):
+                order.append("inner")
+            waiting = threading.Thread(target=other, daemon=True)
+            waiting.start()
+            waiting.join(1.0)
+            order.append("outer")
+        waiting.join(10)
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "database_lock taken twice by one thread waits for itself"
+    assert order == ["inner", "outer", "other"]
+
+
 def _new_postgres_database(postgres_url: str, name: str) -> str:
     """A new, empty database on conftest's server, owned by its user; its URL."""
     import sqlalchemy
