@@ -56,6 +56,7 @@ MAX_RETRIES = 2  # a trial whose worker dies is run again at most this often
 STALE_AFTER = 3  # heartbeats missed before a running trial counts as lost
 FINISHED = ("COMPLETE", "PRUNED")
 CLAIMED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+ACTIVE = ("COMPLETE", "PRUNED", "RUNNING")
 # config fields that may differ when a study is resumed: how it runs, and the data's path (the same
 # data sits at different paths on different machines)
 RESUMABLE_DIFFERENCES = (*EXECUTION_FIELDS, "data")
@@ -348,6 +349,7 @@ class Worker:
         optuna = _optuna()
         poll = min(self.plan.study.heartbeat, 5)
         while True:
+            raise_if_stop_requested()  # a stop that came after the last trial's last step starts no new trial
             if self.spec.deadline is not None and time.time() >= self.spec.deadline:
                 return None
             optuna.storages.fail_stale_trials(self.study)  # a killed worker's trial: FAIL, queued again
@@ -356,8 +358,10 @@ class Worker:
                 finished = sum(t.state.name in FINISHED for t in trials)
                 if finished >= self.spec.target:
                     return None
-                claimed = sum(t.state.name in CLAIMED for t in trials)
-                if claimed < self.spec.target or any(t.state.name == "WAITING" for t in trials):
+                # a trial is asked for (a queued one first) only while fewer than the target are finished
+                # or running: one asked beyond it would be dropped as surplus, a queued one's parameters with it
+                active = sum(t.state.name in ACTIVE for t in trials)
+                if active < self.spec.target:
                     trial = self.study.ask()
                     # another machine may have asked at the same moment: the lower trial numbers win
                     ahead = sum(t.state.name in CLAIMED and t.number < trial.number
@@ -402,8 +406,11 @@ class Worker:
             except StopTraining as stop:
                 state, error = "PRUNED", stop.reason
             except KeyboardInterrupt:
-                if self.finish(trial, "FAIL", None, run_ids, "interrupted (Ctrl-C or SIGTERM)", pruning.epochs):
-                    self.queue_again(trial)
+                try:
+                    if self.finish(trial, "FAIL", None, run_ids, "interrupted (Ctrl-C or SIGTERM)", pruning.epochs):
+                        self.queue_again(trial)
+                except Exception as exc:  # the stop goes on: the study is resumed as it is
+                    self.say(f"trial {trial.number}: its interruption could not be recorded ({first_line(exc)})")
                 raise
             except Exception as exc:  # a config that breaks training fails its trial, not the study
                 error = f"{type(exc).__name__}: {exc}"
@@ -461,15 +468,15 @@ class Worker:
         already declared the trial lost (and queued it again itself)."""
         optuna = _optuna()
         told = True
-        trial.set_user_attr("epochs_run", epochs)
-        if error:
-            trial.set_user_attr("error", error[:500])
         try:
+            trial.set_user_attr("epochs_run", epochs)
+            if error:
+                trial.set_user_attr("error", error[:500])
             if state == "COMPLETE":
                 self.study.tell(trial, value)
             else:
                 self.study.tell(trial, state=getattr(optuna.trial.TrialState, state))
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
             told, state, error = False, "FAIL", "declared lost (no heartbeat) while it still ran; its result is dropped"
             self.say(f"trial {trial.number}: {error}")
         if self.tracking and run_ids:

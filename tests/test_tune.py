@@ -437,6 +437,38 @@ def test_processes_asking_at_once_propose_different_trials(tmp_path):
     assert ask("other", seed=7) != together[0]
 
 
+def test_queued_trials_beyond_the_target_stay_queued(tmp_path):
+    """Two workers resuming a study whose interrupted trials were queued again, with room for one more
+    trial: the first takes a queued trial, the second waits rather than taking the other and dropping it
+    (and its parameters) as surplus."""
+    from fer_exp.tune import Worker, WorkerSpec
+
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
+    plan = plan_study(tmp_path / "s.yaml", None, {"study_name": "s", "tracking": False, "heartbeat": 1})
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    study_ = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    distributions = {"lr": optuna.distributions.FloatDistribution(1e-7, 1e-2, log=True)}
+    study_.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, distributions=distributions, value=0.5))
+    for lr in (2e-3, 3e-3):  # queued again after an interruption
+        study_.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params={"lr": lr},
+                                                   distributions=distributions))
+    workers = [Worker(WorkerSpec(plan, storage, 2, time.time() + 2, 42, w, 2)) for w in (0, 1)]
+    first = workers[0].claim()
+    assert first is not None and first.params == {"lr": 2e-3}
+    assert workers[1].claim() is None  # the deadline passes while it waits for the first to finish
+    assert [t.state.name for t in study_.trials] == ["COMPLETE", "RUNNING", "WAITING"]
+    # a stop (Ctrl-C, SIGTERM) that comes between trials starts no new one: nothing asked, nothing to fail
+    from fer_exp import train
+
+    train._stop_requested.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Worker(WorkerSpec(plan, storage, 3, None, 42, 0, 1)).claim()
+    finally:
+        train._stop_requested.clear()
+    assert [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials] == ["COMPLETE", "RUNNING", "WAITING"]
+
+
 @pytest.mark.slow
 def test_two_workers_finish_exactly_n_trials_on_sqlite(tmp_path):
     (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:64,16,16", epochs=1))
