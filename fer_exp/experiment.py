@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -167,6 +168,7 @@ def _database_lock(url: str, file: Path | None):
         os.close(handle)  # releases the lock
 
 
+HOST_TAG = "fer_exp.host"  # the machine a run was started on
 DATABASE_LOCK_KEY = 0x6665722D657870  # "fer-exp": the PostgreSQL advisory lock of database_lock
 
 
@@ -175,7 +177,9 @@ def _advisory_lock(url: str):
     import sqlalchemy
 
     try:
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        # autocommit: the lock is the session's, and no transaction stays open while it is held (one left
+        # idle would meet idle_in_transaction_session_timeout, or a transaction-pooling proxy)
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
         connection = engine.connect()
     except Exception:  # no driver, no server, refused: opening the database itself reports it
         yield
@@ -358,7 +362,8 @@ def find_last_checkpoint(run_id: str, cfg: Config) -> Path:
 def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: bool = True, *,
                    data: FerData | None = None, parent_run_id: str | None = None, experiment_id: str | None = None,
                    tags: dict | None = None, evaluate_test: bool = True, log_checkpoints: bool = True,
-                   on_run_start: Callable[[str], None] | None = None, resume_run_id: str | None = None) -> RunSummary:
+                   on_run_start: Callable[[str], None] | None = None, resume_run_id: str | None = None,
+                   before_start: Callable[[], None] | None = None) -> RunSummary:
     """Load the data (unless given), build the trainer, and train inside an MLflow run.
 
     The run's experiment is, in this order: ``experiment_id``; the parent run's (``parent_run_id``,
@@ -368,11 +373,14 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
     its reason as the ``stop_reason`` tag, Ctrl-C or SIGTERM likewise; any other error ends it FAILED.
     Tuning trials pass ``evaluate_test=False`` (select on val, never touch test) and no model.
     ``resume_run_id`` continues that (interrupted) run from its ``last.pt``, in the same MLflow run
-    (``cfg`` from :func:`resume_config`).
+    (``cfg`` from :func:`resume_config`). ``before_start`` is called once the trainer is built, just
+    before the run starts (an exception from it starts nothing); ``on_run_start(run_id)`` once the run has
+    started, holds its checkpoint folder's :func:`run_lock` and has its ``config.*`` params (a new run is
+    known by its config from then on), before the first epoch.
     """
     import mlflow
 
-    from fer_exp.tracking import MLflowCallback, describe_run, tracking_uri
+    from fer_exp.tracking import MLflowCallback, describe_run, log_config_params, tracking_uri
 
     check_tracking_store(tracking_uri())  # seconds, before the data is decoded or a step is taken
     if data is None:
@@ -411,14 +419,16 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                 check_artifact_store(mlflow.MlflowClient().get_experiment(experiment_id))
         except mlflow.exceptions.MlflowException as exc:
             raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
+        if before_start is not None:
+            before_start()
     except BaseException:
         lock.close()
         raise
     if resume_run_id:
         start = dict(run_id=resume_run_id, log_system_metrics=cfg.system_metrics)
-    else:
+    else:  # the host: whether a RUNNING run still trains can only be told on the machine that trains it
         start = dict(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment_id, parent_run_id=parent_run_id,
-                     tags=tags, log_system_metrics=cfg.system_metrics)
+                     tags={HOST_TAG: socket.gethostname(), **(tags or {})}, log_system_metrics=cfg.system_metrics)
     with lock, mlflow.start_run(**start) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"
         if resume_run_id and trainer.resumed_from is not None:
@@ -426,6 +436,8 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
         else:
             lock.enter_context(run_lock(trainer.checkpoint_dir))
         mlflow.set_tag("checkpoint_dir", str(trainer.checkpoint_dir.resolve()))
+        if not resume_run_id:
+            log_config_params(cfg)  # again with the run's description at its first epoch: the same values
         if on_run_start is not None:
             on_run_start(run.info.run_id)
         try:

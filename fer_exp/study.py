@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,40 @@ def find_interrupted_run(client, experiment_id: str | None, study: StudyFile, pl
                  and same_config(run.data.params, planned.config)), None)
 
 
+def experiment_of(client, study: StudyFile) -> str | None:
+    """The id of the study's experiment, None before its first run."""
+    existing = client.get_experiment_by_name(study.experiment_name)
+    return existing.experiment_id if existing else None
+
+
+class RunTaken(Exception):
+    """Another command made or started a run between this command's last look and its start."""
+
+    def __init__(self, message: str, run_id: str, finished: bool):
+        super().__init__(message)
+        self.run_id, self.finished = run_id, finished
+
+
+def claim_new_run(claim: contextlib.ExitStack, client, study: StudyFile, planned: PlannedRun, known) -> None:
+    """Takes the tracking store's :func:`~fer_exp.experiment.database_lock` into ``claim`` (released by the
+    caller once its run has started and logged its config, when others can see it) and looks a last time:
+    :class:`RunTaken` where another command has made this run, or started one other than ``known`` (the
+    interrupted run this command found and could not resume), since. Two commands started together on
+    one study make each run once."""
+    from fer_exp.experiment import database_lock
+    from fer_exp.tracking import tracking_uri
+
+    claim.enter_context(database_lock(tracking_uri()))
+    experiment_id = experiment_of(client, study)
+    made = find_made_run(client, experiment_id, study, planned)
+    if made:
+        raise RunTaken(f"made meanwhile by another command: {made}", made, True)
+    started = find_interrupted_run(client, experiment_id, study, planned)
+    if started is not None and (known is None or started.info.run_id != known.info.run_id):
+        raise RunTaken(f"skipped: run {started.info.run_id} was started meanwhile by another command; the same command "
+                       "compares it once it has finished", started.info.run_id, False)
+
+
 def config_differences(config: dict, planned: PlannedRun) -> list[str]:
     """How an exported run's config differs from a planned run's, where and how it ran aside, and its
     data too (the same images under another path: the splits' fingerprints decide)."""
@@ -246,16 +281,15 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     nothing: the runs still missing are listed, for the same command without them to make."""
     import mlflow
 
-    from fer_exp.experiment import (TrackingError, check_tracking_store, database_lock, load_run_data,
-                                    resume_experiment, run_experiment)
+    from fer_exp.experiment import (HOST_TAG, TrackingError, check_tracking_store, load_run_data, resume_experiment,
+                                    run_experiment)
     from fer_exp.tracking import tracking_uri
 
     check_tracking_store(tracking_uri(), write=not dry_run)  # a dry run only reads the store
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     new = import_study_runs(study, imports, client, dry_run) if imports else []
-    existing = client.get_experiment_by_name(study.experiment_name)
-    experiment_id = existing.experiment_id if existing else None
+    experiment_id = experiment_of(client, study)
     plan = [(planned, find_made_run(client, experiment_id, study, planned)) for planned in study.runs]
     todo = [p for p, made in plan if made is None]
     interrupted = {id(p): find_interrupted_run(client, experiment_id, study, p) for p in todo}
@@ -280,33 +314,41 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
         if key not in data_cache:
             data_cache = {key: load_run_data(cfg)}  # one data set in memory at a time
         print(f"\n[{index + 1}/{len(plan)}] {planned.arm} seed {planned.seed}", flush=True)
-        with contextlib.ExitStack() as claim:
-            # Decided again under the store's lock, held until the run has started and holds its own
-            # lock: another command on the same study (another terminal, started at the same moment or
-            # since the plan above) may have made or started this run meanwhile; it is not made twice.
-            claim.enter_context(database_lock(tracking_uri()))
-            existing = client.get_experiment_by_name(study.experiment_name)
-            experiment_id = existing.experiment_id if existing else None
-            made = find_made_run(client, experiment_id, study, planned)
-            if made:
-                print(f"made meanwhile by another command: {made}", flush=True)
-                ids.append(made)
+        # looked at again now: another command on this study (another terminal, another machine on the
+        # same store) may have made or started the run since the plan above
+        experiment_id = experiment_of(client, study)
+        made = find_made_run(client, experiment_id, study, planned)
+        if made:
+            print(f"made meanwhile by another command: {made}", flush=True)
+            ids.append(made)
+            continue
+        left = find_interrupted_run(client, experiment_id, study, planned)
+        summary = None
+        if left is not None:  # an interrupted run of this study: go on from its last epoch, not from scratch
+            host = left.data.tags.get(HOST_TAG)
+            if left.info.status == "RUNNING" and host not in (None, socket.gethostname()):
+                print(f"skipped: run {left.info.run_id} is RUNNING on {host}, where it may still train; the same command "
+                      "there resumes it if its command is gone, and here compares it once it has finished", flush=True)
                 continue
-            left = find_interrupted_run(client, experiment_id, study, planned)
-            summary = None
-            if left is not None:  # an interrupted run of this study: go on from its last epoch, not from scratch
+            try:
+                summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key])
+            except (TrackingError, ConfigError) as exc:
+                if "is still training in process" in str(exc):  # another command makes it now: not twice
+                    print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
+                    continue
+                print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
+        if summary is None:
+            with contextlib.ExitStack() as claim:  # the store's lock, from the last look until the run has started
                 try:
-                    summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key],
-                                                on_run_start=lambda _: claim.close())
-                except (TrackingError, ConfigError) as exc:
-                    if "is still training in process" in str(exc):  # another command makes it now: not twice
-                        print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
-                        continue
-                    print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
-            if summary is None:
-                summary = run_experiment(cfg, progress=progress, data=data_cache[key],
-                                         tags={"study_file": study.name, "arm": planned.arm},
-                                         on_run_start=lambda _: claim.close())
+                    summary = run_experiment(
+                        cfg, progress=progress, data=data_cache[key], tags={"study_file": study.name, "arm": planned.arm},
+                        before_start=lambda: claim_new_run(claim, client, study, planned, left),
+                        on_run_start=lambda _: claim.close())
+                except RunTaken as taken:
+                    print(taken, flush=True)
+                    if taken.finished:
+                        ids.append(taken.run_id)
+                    continue
         ids.append(summary.run_id)
         new.append(summary.run_id)
     return ids, new

@@ -71,6 +71,12 @@ def run_page_url(run_id: str, experiment_id: str, uri: str | None = None, base: 
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
+def log_config_params(cfg) -> None:
+    """The run's resolved config as ``config.*`` params: `mlflow run` logs its own -P values under the
+    plain names (an empty one means "not given"), and MLflow never lets a param change."""
+    mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
+
+
 def log_data_inputs(data) -> None:
     """The three splits as MLflow dataset inputs (the UI's Datasets panel): source, digest, shape."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -125,9 +131,7 @@ class MLflowCallback(Callback):
         """A new run's config (params and config.yaml), tags, data inputs and description."""
         cfg, data = trainer.cfg, trainer.data
         trainable, total = count_parameters(trainer.model)
-        # `mlflow run` logs its own -P values under the plain names (an empty one means "not given"),
-        # and MLflow never lets a param change, so the resolved config lives under `config.*`.
-        mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
+        log_config_params(cfg)
         mlflow.set_tags({
             "model": cfg.model, "num_params": total, "num_params_trainable": trainable,
             "data_source": data.source, "data_format": data.format, "split_rule": data.split_rule,

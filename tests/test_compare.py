@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,11 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
         early = CliRunner().invoke(main, args)
     assert early.exit_code == 0 and "skipped: the run is still training in process" in early.output, early.output
     assert len(client.search_runs([experiment])) == 2
+    # RUNNING on another machine (a shared store): whether it still trains is known there alone
+    client.set_tag(starting, "fer_exp.host", "gpu-box-7")
+    elsewhere = CliRunner().invoke(main, args)
+    assert elsewhere.exit_code == 0 and f"skipped: run {starting} is RUNNING on gpu-box-7" in elsewhere.output
+    assert len(client.search_runs([experiment])) == 2
     client.delete_run(starting)
     with run_lock(killed.data.tags["checkpoint_dir"]):  # as if another command trained it now
         busy = CliRunner().invoke(main, args)
@@ -339,6 +345,7 @@ def test_study_commands_started_together_make_each_run_once(store):
     runs = client.search_runs([client.get_experiment_by_name("two").experiment_id], "tags.study_file = 'two'")
     assert sorted(r.data.tags["arm"] for r in runs) == ["a", "b"], outputs
     assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["fer_exp.host"] for r in runs} == {socket.gethostname()}  # where each was trained
 
 
 @pytest.mark.parametrize(
