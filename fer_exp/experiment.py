@@ -409,7 +409,6 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                 client.set_tag(launch, "mlflow.parentRunId", resume_run_id)
                 client.set_tag(launch, "fer_exp.role", "launch")
                 client.set_tag(launch, "mlflow.note.content", f"Resumed run {resume_run_id}; its metrics are there.")
-            print(f"resuming run {resume_run_id} after epoch {trainer.epoch} (from {checkpoint})", file=sys.stderr)
         try:
             if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does
                 experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
@@ -421,26 +420,29 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
         if before_start is not None:
             before_start()
+        if resume_run_id:
+            print(f"resuming run {resume_run_id} after epoch {trainer.epoch} (from {checkpoint})", file=sys.stderr)
     except BaseException:
         lock.close()
         raise
     if resume_run_id:
         start = dict(run_id=resume_run_id, log_system_metrics=cfg.system_metrics)
-    else:  # the host: whether a RUNNING run still trains can only be told on the machine that trains it
+    else:
         start = dict(run_name=cfg.run_name or describe_run(cfg), experiment_id=experiment_id, parent_run_id=parent_run_id,
-                     tags={HOST_TAG: socket.gethostname(), **(tags or {})}, log_system_metrics=cfg.system_metrics)
+                     tags=tags, log_system_metrics=cfg.system_metrics)
     with lock, mlflow.start_run(**start) as run:
         trainer.checkpoint_dir = Path(cfg.output_dir) / run.info.run_id / "checkpoints"
         if resume_run_id and trainer.resumed_from is not None:
             trainer.checkpoint_dir = trainer.resumed_from.parent  # go on writing where it was
         else:
             lock.enter_context(run_lock(trainer.checkpoint_dir))
-        mlflow.set_tag("checkpoint_dir", str(trainer.checkpoint_dir.resolve()))
-        if not resume_run_id:
-            log_config_params(cfg)  # again with the run's description at its first epoch: the same values
-        if on_run_start is not None:
-            on_run_start(run.info.run_id)
         try:
+            # where it trains, set again by a resume: whether a RUNNING run still trains is known on its host alone
+            mlflow.set_tags({"checkpoint_dir": str(trainer.checkpoint_dir.resolve()), HOST_TAG: socket.gethostname()})
+            if not resume_run_id:
+                log_config_params(cfg)  # again with the run's description at its first epoch: the same values
+            if on_run_start is not None:
+                on_run_start(run.info.run_id)
             result = trainer.fit(evaluate_test=evaluate_test)
         except StopTraining as stop:
             mlflow.set_tag("stop_reason", stop.reason)

@@ -35,6 +35,7 @@ from fer_exp.config import (
     read_yaml,
     recorded_config,
 )
+from fer_exp.errors import first_line
 
 STUDY_KEYS = ("experiment_name", "seeds", "arms", "compare")
 
@@ -155,24 +156,40 @@ class RunTaken(Exception):
         self.run_id, self.finished = run_id, finished
 
 
-def claim_new_run(claim: contextlib.ExitStack, client, study: StudyFile, planned: PlannedRun, known) -> None:
+def claim_run(claim: contextlib.ExitStack, client, study: StudyFile, planned: PlannedRun | None, known) -> None:
     """Takes the tracking store's :func:`~fer_exp.experiment.database_lock` into ``claim`` (released by the
-    caller once its run has started and logged its config, when others can see it) and looks a last time:
-    :class:`RunTaken` where another command has made this run, or started one other than ``known`` (the
-    interrupted run this command found and could not resume), since. Two commands started together on
-    one study make each run once."""
-    from fer_exp.experiment import database_lock
+    caller once its run has started, with its host and config logged, when others can see it) and looks a
+    last time. Resuming ``known`` (an interrupted run; ``planned`` None): :class:`RunTaken` where another command has resumed
+    it since (its status or host changed; on one machine its checkpoint folder's lock says so too). Making
+    a new run (``known``: the interrupted run this command could not resume, or None): :class:`RunTaken`
+    where another command has made this run, or started or resumed one, since. So commands on one study,
+    in several terminals or on several machines sharing a store, make and resume each run once."""
+    import mlflow
+
+    from fer_exp.experiment import HOST_TAG, TrackingError, database_lock
     from fer_exp.tracking import tracking_uri
 
     claim.enter_context(database_lock(tracking_uri()))
-    experiment_id = experiment_of(client, study)
-    made = find_made_run(client, experiment_id, study, planned)
-    if made:
-        raise RunTaken(f"made meanwhile by another command: {made}", made, True)
-    started = find_interrupted_run(client, experiment_id, study, planned)
-    if started is not None and (known is None or started.info.run_id != known.info.run_id):
-        raise RunTaken(f"skipped: run {started.info.run_id} was started meanwhile by another command; the same command "
-                       "compares it once it has finished", started.info.run_id, False)
+    try:
+        if planned is None:  # resuming known
+            now = client.get_run(known.info.run_id)
+            host = now.data.tags.get(HOST_TAG)
+            if now.info.status != known.info.status or host != known.data.tags.get(HOST_TAG):
+                raise RunTaken(f"skipped: run {known.info.run_id} was resumed meanwhile by another command ({now.info.status}"
+                               + (f" on {host}" if host else "") + "); the same command compares it once it has finished",
+                               known.info.run_id, now.info.status == "FINISHED")
+            return
+        experiment_id = experiment_of(client, study)
+        made = find_made_run(client, experiment_id, study, planned)
+        if made:
+            raise RunTaken(f"made meanwhile by another command: {made}", made, True)
+        started = find_interrupted_run(client, experiment_id, study, planned)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"tracking store {tracking_uri()}: {first_line(exc)}") from None
+    if started is not None and (known is None or (started.info.run_id, started.info.status)
+                                != (known.info.run_id, known.info.status)):
+        raise RunTaken(f"skipped: run {started.info.run_id} was started or resumed meanwhile by another command; the same "
+                       "command compares it once it has finished", started.info.run_id, False)
 
 
 def config_differences(config: dict, planned: PlannedRun) -> list[str]:
@@ -330,19 +347,27 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
                 print(f"skipped: run {left.info.run_id} is RUNNING on {host}, where it may still train; the same command "
                       "there resumes it if its command is gone, and here compares it once it has finished", flush=True)
                 continue
-            try:
-                summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key])
-            except (TrackingError, ConfigError) as exc:
-                if "is still training in process" in str(exc):  # another command makes it now: not twice
-                    print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
+            with contextlib.ExitStack() as claim:  # the store's lock, from the last look until the run goes on
+                try:
+                    summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key],
+                                                before_start=lambda: claim_run(claim, client, study, None, left),
+                                                on_run_start=lambda _: claim.close())
+                except RunTaken as taken:
+                    print(taken, flush=True)
+                    if taken.finished:
+                        ids.append(taken.run_id)
                     continue
-                print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
+                except (TrackingError, ConfigError) as exc:
+                    if "is still training in process" in str(exc):  # another command makes it now: not twice
+                        print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
+                        continue
+                    print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
         if summary is None:
             with contextlib.ExitStack() as claim:  # the store's lock, from the last look until the run has started
                 try:
                     summary = run_experiment(
                         cfg, progress=progress, data=data_cache[key], tags={"study_file": study.name, "arm": planned.arm},
-                        before_start=lambda: claim_new_run(claim, client, study, planned, left),
+                        before_start=lambda: claim_run(claim, client, study, planned, left),
                         on_run_start=lambda _: claim.close())
                 except RunTaken as taken:
                     print(taken, flush=True)

@@ -349,7 +349,6 @@ class Worker:
         optuna = _optuna()
         poll = min(self.plan.study.heartbeat, 5)
         while True:
-            raise_if_stop_requested()  # a stop that came after the last trial's last step starts no new trial
             if self.spec.deadline is not None and time.time() >= self.spec.deadline:
                 return None
             optuna.storages.fail_stale_trials(self.study)  # a killed worker's trial: FAIL, queued again
@@ -362,7 +361,11 @@ class Worker:
                 # or running: one asked beyond it would be dropped as surplus, a queued one's parameters with it
                 active = sum(t.state.name in ACTIVE for t in trials)
                 if active < self.spec.target:
+                    raise_if_stop_requested()  # a stop that came after a trial's last step starts no new one
                     trial = self.study.ask()
+                    # a heartbeat at once: a process killed before its trial's heartbeats start leaves a trial
+                    # that is still found stale (Optuna skips RUNNING trials that never had one)
+                    self.storage.record_heartbeat(trial._trial_id)
                     # another machine may have asked at the same moment: the lower trial numbers win
                     ahead = sum(t.state.name in CLAIMED and t.number < trial.number
                                 for t in self.study.get_trials(deepcopy=False))

@@ -300,6 +300,21 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     assert elsewhere.exit_code == 0 and f"skipped: run {starting} is RUNNING on gpu-box-7" in elsewhere.output
     assert len(client.search_runs([experiment])) == 2
     client.delete_run(starting)
+    # resumed by a command on another machine between this command's look and its resume: left to it
+    import fer_exp.study
+
+    host = killed.data.tags["fer_exp.host"]
+    assert host == socket.gethostname()
+    client.set_tag(killed.info.run_id, "fer_exp.host", "gpu-box-9")
+    client.update_run(killed.info.run_id, status="RUNNING")
+    monkeypatch.setattr(fer_exp.study, "find_interrupted_run", lambda *a: killed)  # what it saw before
+    raced = CliRunner().invoke(main, args)
+    monkeypatch.undo()
+    assert raced.exit_code == 0, raced.output
+    assert f"skipped: run {killed.info.run_id} was resumed meanwhile by another command (RUNNING on gpu-box-9)" in raced.output
+    assert "resuming run" not in raced.output and len(client.search_runs([experiment])) == 1
+    client.set_tag(killed.info.run_id, "fer_exp.host", "old-box")  # KILLED on another machine: resumed here
+    client.update_run(killed.info.run_id, status="KILLED")
     with run_lock(killed.data.tags["checkpoint_dir"]):  # as if another command trained it now
         busy = CliRunner().invoke(main, args)
     assert busy.exit_code == 0 and "skipped: the run is still training in process" in busy.output, busy.output
@@ -308,6 +323,7 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     assert f"to resume: {killed.info.run_id} (KILLED)" in second.output and "resuming run" in second.output
     [run] = client.search_runs([experiment], "tags.study_file = 'cut'")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["fer_exp.host"] == host  # where it trained last
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
     # a signal once the runs are made, or during the comparison: exit 130 and a word, not a silent 0
     import fer_exp.compare
