@@ -554,8 +554,9 @@ def test_workers_stop_when_their_command_is_killed(tmp_path):
     pids = []
     while len(pids) < 2:
         pids.append(int(_read_until(proc, lambda line: line.startswith("worker "), lines).split("pid ")[1].rstrip(")\n")))
-    for worker in ("0", "1"):
-        _read_until(proc, lambda line, w=worker: line.startswith(f"[worker {w}] trial") and "started" in line, lines)
+    running: set[str] = set()  # both workers in a trial, whichever started first
+    while running != {"0", "1"}:
+        running.add(_read_until(proc, lambda line: line.startswith("[worker ") and "started" in line, lines)[8])
     proc.kill()
     proc.wait(timeout=60)
     started = time.time()
