@@ -359,7 +359,9 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
                     continue
                 except (TrackingError, ConfigError) as exc:
                     if "is still training in process" in str(exc):  # another command makes it now: not twice
-                        print(f"skipped: {exc}; the same command compares it once it has finished", flush=True)
+                        training = str(exc).split(", which holds")[0].replace("the run is", "is")
+                        print(f"skipped: run {left.info.run_id} {training} (another command); the same command "
+                              "compares it once it has finished", flush=True)
                         continue
                     print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
         if summary is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -292,7 +293,7 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     client.log_batch(starting, params=[Param(k, v) for k, v in killed.data.params.items()])
     with run_lock(tmp_path / "starting"):
         early = CliRunner().invoke(main, args)
-    assert early.exit_code == 0 and "skipped: the run is still training in process" in early.output, early.output
+    assert early.exit_code == 0 and f"skipped: run {starting} is still training in process {os.getpid()} (another command)" in early.output, early.output
     assert len(client.search_runs([experiment])) == 2
     # RUNNING on another machine (a shared store): whether it still trains is known there alone
     client.set_tag(starting, "fer_exp.host", "gpu-box-7")
@@ -317,7 +318,7 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     client.update_run(killed.info.run_id, status="KILLED")
     with run_lock(killed.data.tags["checkpoint_dir"]):  # as if another command trained it now
         busy = CliRunner().invoke(main, args)
-    assert busy.exit_code == 0 and "skipped: the run is still training in process" in busy.output, busy.output
+    assert busy.exit_code == 0 and f"skipped: run {killed.info.run_id} is still training in process {os.getpid()} (another command)" in busy.output, busy.output
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
     assert f"to resume: {killed.info.run_id} (KILLED)" in second.output and "resuming run" in second.output
