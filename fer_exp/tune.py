@@ -259,6 +259,10 @@ class PruningCallback(Callback):
 
     def __init__(self, trial, metric: str):
         self.trial, self.metric, self.epochs, self.last_value = trial, metric, 0, float("nan")
+        self.resumed_after = 0  # a retry that goes on from its interrupted trial's last epoch: that epoch
+
+    def on_fit_start(self, trainer) -> None:
+        self.resumed_after = trainer.epoch if trainer.resumed_from is not None else 0
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         value = metrics[self.metric]
@@ -389,7 +393,8 @@ class Worker:
     def run_trial(self, trial) -> None:
         plan, started = self.plan, time.perf_counter()
         params = {p.name: p.suggest(trial) for p in plan.space}
-        retry_of = self.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        attrs = self.storage.get_trial(trial._trial_id).system_attrs
+        retry_of, resume_run_id = attrs.get("failed_trial"), attrs.get("resume_run_id")
         trial.set_user_attr("worker", self.spec.worker)
         pruning = PruningCallback(trial, plan.config.select_metric)
         run_ids: list[str] = []
@@ -401,7 +406,7 @@ class Worker:
                 data = self.load(cfg)
                 self.say(f"trial {trial.number} started: {format_params(params)}"
                          + (f" (retry of trial {retry_of})" if retry_of is not None else ""))
-                result = self.fit(cfg, data, trial, pruning, run_ids, retry_of)
+                result = self.fit(cfg, data, trial, pruning, run_ids, retry_of, resume_run_id)
                 value = result.best_value
                 state = "COMPLETE" if math.isfinite(value) else "FAIL"
                 if state == "FAIL":
@@ -410,14 +415,14 @@ class Worker:
                 state, error = "PRUNED", stop.reason
             except KeyboardInterrupt:
                 try:
-                    if self.finish(trial, "FAIL", None, run_ids, "interrupted (Ctrl-C or SIGTERM)", pruning.epochs):
-                        self.queue_again(trial)
+                    if self.finish(trial, "FAIL", None, run_ids, "interrupted (Ctrl-C or SIGTERM)", pruning):
+                        self.queue_again(trial, run_ids)
                 except Exception as exc:  # the stop goes on: the study is resumed as it is
                     self.say(f"trial {trial.number}: its interruption could not be recorded ({first_line(exc)})")
                 raise
             except Exception as exc:  # a config that breaks training fails its trial, not the study
                 error = f"{type(exc).__name__}: {exc}"
-        self.finish(trial, state, value, run_ids, error, pruning.epochs)
+        self.finish(trial, state, value, run_ids, error, pruning)
         seconds = time.perf_counter() - started
         self.failures_in_a_row = self.failures_in_a_row + 1 if state == "FAIL" else 0
         try:
@@ -440,14 +445,17 @@ class Worker:
         if self.on_trial_end is not None:
             self.on_trial_end(state)
 
-    def fit(self, cfg: Config, data, trial, pruning: PruningCallback, run_ids: list, retry_of):
-        """Train one trial: a nested MLflow run when tracking, else the bare training loop."""
+    def fit(self, cfg: Config, data, trial, pruning: PruningCallback, run_ids: list, retry_of, resume_run_id=None):
+        """Train one trial: a nested MLflow run when tracking, else the bare training loop. The retry of
+        an interrupted trial goes on in that trial's run from its last epoch where its checkpoint is here."""
         if not self.tracking:
             from fer_exp.train import Trainer
 
             with tempfile.TemporaryDirectory(prefix="fer-trial-") as folder:
                 return Trainer(cfg, data, folder, callbacks=[pruning], progress=False).fit(evaluate_test=False)
-        from fer_exp.experiment import run_experiment
+        import mlflow
+
+        from fer_exp.experiment import TrackingError, resume_experiment, run_experiment
 
         tags = {"study": self.plan.study.study_name, "trial": str(trial.number), "trial_state": "RUNNING",
                 "fer_exp.role": "trial", "worker": str(self.spec.worker)}
@@ -457,22 +465,41 @@ class Worker:
         def started(run_id: str) -> None:
             run_ids.append(run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
+            if run_id == resume_run_id:  # the interrupted trial's run is this trial's now
+                mlflow.set_tags({**tags, "mlflow.runName": cfg.run_name})
+                with contextlib.suppress(Exception):
+                    mlflow.delete_tag("error")
 
+        keep = False
+        options = dict(progress=False, log_model=False, data=data, evaluate_test=False, log_checkpoints=False,
+                       on_run_start=started)
         try:
-            return run_experiment(cfg, [pruning], progress=False, log_model=False, data=data,
-                                  parent_run_id=self.spec.parent_run_id, experiment_id=self.spec.experiment_id,
-                                  tags=tags, evaluate_test=False, log_checkpoints=False, on_run_start=started).result
+            if resume_run_id is not None:
+                try:
+                    return resume_experiment(resume_run_id, cfg, callbacks=[pruning], **options).result
+                except (TrackingError, ConfigError) as exc:  # on another machine, say: trained from the start
+                    if run_ids:
+                        raise
+                    self.say(f"trial {trial.number}: run {resume_run_id} cannot go on here ({first_line(exc)}); "
+                             "training from the start")
+            return run_experiment(cfg, [pruning], parent_run_id=self.spec.parent_run_id,
+                                  experiment_id=self.spec.experiment_id, tags=tags, **options).result
+        except KeyboardInterrupt:
+            keep = True  # its last epoch, for the retry that the resuming command runs
+            raise
         finally:  # trials keep no weights: --retrain-best trains the chosen configuration again
-            for run_id in run_ids:
+            for run_id in run_ids if not keep else ():
                 shutil.rmtree(Path(cfg.output_dir) / run_id, ignore_errors=True)
 
-    def finish(self, trial, state: str, value, run_ids: list, error: str | None, epochs: int) -> bool:
+    def finish(self, trial, state: str, value, run_ids: list, error: str | None, pruning: PruningCallback) -> bool:
         """Tell Optuna the outcome and make the MLflow run say the same. False where the study had
         already declared the trial lost (and queued it again itself)."""
         optuna = _optuna()
         told = True
         try:
-            trial.set_user_attr("epochs_run", epochs)
+            trial.set_user_attr("epochs_run", pruning.epochs)
+            if pruning.resumed_after:  # trained by the interrupted trial it goes on from, counted there
+                trial.set_user_attr("epochs_resumed", pruning.resumed_after)
             if error:
                 trial.set_user_attr("error", error[:500])
             if state == "COMPLETE":
@@ -491,17 +518,23 @@ class Worker:
                 client.set_terminated(run_ids[0], "FAILED")
         return told
 
-    def queue_again(self, trial) -> None:
+    def queue_again(self, trial, run_ids: list) -> None:
         """An interrupted trial (Ctrl-C, SIGTERM, its command killed) is queued again with its
         parameters, as a killed worker's is, so the command that resumes the study runs it rather than
-        a new proposal (an enqueued recipe is not lost to an interruption). Interruptions are not
-        failures: they do not count towards MAX_RETRIES."""
+        a new proposal (an enqueued recipe is not lost to an interruption). Where an epoch of it finished
+        (tracking on), the retry goes on from there in the same run, its reported values kept for the
+        pruner. Interruptions are not failures: they do not count towards MAX_RETRIES."""
         optuna = _optuna()
         frozen = self.storage.get_trial(trial._trial_id)
+        attrs = {**frozen.system_attrs, "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number)}
+        attrs.pop("resume_run_id", None)
+        if run_ids and (Path(self.plan.config.output_dir) / run_ids[0] / "checkpoints" / "last.pt").is_file():
+            attrs["resume_run_id"] = run_ids[0]
         self.study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-            system_attrs={**frozen.system_attrs, "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number)}))
-        self.say(f"trial {trial.number}: interrupted; queued again for the command that resumes the study")
+            system_attrs=attrs, intermediate_values=frozen.intermediate_values if "resume_run_id" in attrs else None))
+        self.say(f"trial {trial.number}: interrupted; queued again for the command that resumes the study"
+                 + (" (it goes on from its last epoch)" if "resume_run_id" in attrs else ""))
 
 
 def worker_main(spec: WorkerSpec, lock) -> None:

@@ -181,7 +181,9 @@ def study_summary(study, plan: StudyPlan) -> dict:
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     states = [t.state.name for t in trials]
     summary = {"study": plan.study.study_name, "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
-               "failed": states.count("FAIL"), "epochs_spent": sum(t.user_attrs.get("epochs_run") or 0 for t in trials),
+               # a retry that went on from its interrupted trial's last epoch ran only the epochs after it
+               "failed": states.count("FAIL"), "epochs_spent": sum((t.user_attrs.get("epochs_run") or 0)
+                                                                  - (t.user_attrs.get("epochs_resumed") or 0) for t in trials),
                "epochs_finished": sum(t.user_attrs.get("epochs_run") or 0 for t in trials if t.state.name in ("COMPLETE", "PRUNED")),
                "epochs_possible": plan.config.epochs * (states.count("COMPLETE") + states.count("PRUNED")),
                "direction": plan.direction, "metric": plan.config.select_metric}

@@ -504,24 +504,34 @@ def _read_until(proc: subprocess.Popen, predicate, lines: list, limit=300) -> st
 
 @pytest.mark.slow
 def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_path):
-    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:256,16,16", epochs=4))
+    """SIGTERM mid-trial: the trial's run KILLED, the parent KILLED, exit 130. The same command then runs
+    the interrupted trial again (its parameters, not a new proposal), going on in its run from its last
+    epoch, with the values it had reported kept for the pruner."""
+    epochs = 20
+    (tmp_path / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:256,16,16", epochs=epochs))
     args = ["tune", "--config", "s.yaml", "--pruner", "none"]
     proc = _start(tmp_path, *args, "--n-trials", "3")
     lines: list[str] = []
     _read_until(proc, lambda line: "trial 0 started" in line, lines)
-    time.sleep(3)  # into the first epoch: the trial's run exists
+    started = time.time()
+    while not list(tmp_path.glob("outputs/*/checkpoints/last.pt")):  # an epoch finished
+        assert time.time() - started < 120 and proc.poll() is None, "".join(lines)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     output = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=120) == 130, output
     assert "interrupted: resume with the same command" in output
+    assert "trial 0: interrupted; queued again for the command that resumes the study (it goes on from its last epoch)" in output
     client, runs = runs_of(tmp_path)
     parent = by_role(runs, "study")[0]
     assert parent.info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in runs}
     study_ = load_study(tmp_path, "s")
     assert study_.trials[0].state.name == "FAIL"
-    killed = [r for r in by_role(runs, "trial") if r.data.tags["trial"] == "0"]
-    assert [r.info.status for r in killed] in ([], ["KILLED"])
+    [killed] = [r for r in by_role(runs, "trial") if r.data.tags["trial"] == "0"]
+    assert killed.info.status == "KILLED"
+    done = len(client.get_metric_history(killed.info.run_id, "val_accuracy"))
+    assert 1 <= done < epochs, output
 
     proc = fer_exp(tmp_path, *args, "--n-trials", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -534,6 +544,17 @@ def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_pat
     assert trials[1].state.name == "COMPLETE" and trials[1].system_attrs.get("failed_trial") == 0
     assert trials[1].params == trials[0].params and "error" not in trials[1].user_attrs
     assert "(retry of trial 0)" in proc.stdout
+    # ... in the interrupted trial's run, from its last checkpoint: each epoch trained and logged once
+    assert trials[1].user_attrs["mlflow_run_id"] == killed.info.run_id
+    assert "resuming run" in proc.stdout + proc.stderr
+    run = client.get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["trial"] == "1" and run.data.tags["trial_state"] == "COMPLETE"
+    assert run.data.tags["retry_of_trial"] == "0" and "error" not in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == list(range(1, epochs + 1))
+    assert sorted(trials[1].intermediate_values) == list(range(1, epochs + 1))
+    assert trials[1].user_attrs["epochs_resumed"] >= done  # (the checkpoint may be an epoch ahead of the metrics)
+    assert not (tmp_path / "outputs" / run.info.run_id).exists()  # trials keep no weights once finished
+    assert f"epochs spent: {epochs} of {epochs}" in proc.stdout  # the resumed epochs are not counted twice
 
 
 def _alive(pid: int) -> bool:
