@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,21 @@ def claim_run(claim: contextlib.ExitStack, client, study: StudyFile, planned: Pl
                        "command compares it once it has finished", started.info.run_id, False)
 
 
+def start_claimed(start, client, study: StudyFile, planned: PlannedRun | None, known, ids: list[str]):
+    """``start(before_start=..., on_run_start=...)`` (run_experiment or resume_experiment with their other
+    arguments) under :func:`claim_run`: its summary, or None where another command took the run (said so,
+    and a finished one's id added to ``ids``)."""
+    with contextlib.ExitStack() as claim:  # the store's lock, from the last look until the run has started
+        try:
+            return start(before_start=lambda: claim_run(claim, client, study, planned, known),
+                         on_run_start=lambda _: claim.close())
+        except RunTaken as taken:
+            print(taken, flush=True)
+            if taken.finished:
+                ids.append(taken.run_id)
+            return None
+
+
 def config_differences(config: dict, planned: PlannedRun) -> list[str]:
     """How an exported run's config differs from a planned run's, where and how it ran aside, and its
     data too (the same images under another path: the splits' fingerprints decide)."""
@@ -347,35 +363,24 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
                 print(f"skipped: run {left.info.run_id} is RUNNING on {host}, where it may still train; the same command "
                       "there resumes it if its command is gone, and here compares it once it has finished", flush=True)
                 continue
-            with contextlib.ExitStack() as claim:  # the store's lock, from the last look until the run goes on
-                try:
-                    summary = resume_experiment(left.info.run_id, cfg, progress=progress, data=data_cache[key],
-                                                before_start=lambda: claim_run(claim, client, study, None, left),
-                                                on_run_start=lambda _: claim.close())
-                except RunTaken as taken:
-                    print(taken, flush=True)
-                    if taken.finished:
-                        ids.append(taken.run_id)
+            try:
+                summary = start_claimed(functools.partial(resume_experiment, left.info.run_id, cfg, progress=progress,
+                                                          data=data_cache[key]), client, study, None, left, ids)
+                if summary is None:  # resumed meanwhile by another command
                     continue
-                except (TrackingError, ConfigError) as exc:
-                    if "is still training in process" in str(exc):  # another command makes it now: not twice
-                        training = str(exc).split(", which holds")[0].replace("the run is", "is")
-                        print(f"skipped: run {left.info.run_id} {training} (another command); the same command "
-                              "compares it once it has finished", flush=True)
-                        continue
-                    print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
+            except (TrackingError, ConfigError) as exc:
+                if "is still training in process" in str(exc):  # another command makes it now: not twice
+                    training = str(exc).split(", which holds")[0].replace("the run is", "is")
+                    print(f"skipped: run {left.info.run_id} {training} (another command); the same command "
+                          "compares it once it has finished", flush=True)
+                    continue
+                print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
         if summary is None:
-            with contextlib.ExitStack() as claim:  # the store's lock, from the last look until the run has started
-                try:
-                    summary = run_experiment(
-                        cfg, progress=progress, data=data_cache[key], tags={"study_file": study.name, "arm": planned.arm},
-                        before_start=lambda: claim_run(claim, client, study, planned, left),
-                        on_run_start=lambda _: claim.close())
-                except RunTaken as taken:
-                    print(taken, flush=True)
-                    if taken.finished:
-                        ids.append(taken.run_id)
-                    continue
+            summary = start_claimed(functools.partial(run_experiment, cfg, progress=progress, data=data_cache[key],
+                                                      tags={"study_file": study.name, "arm": planned.arm}),
+                                    client, study, planned, left, ids)
+            if summary is None:  # made or started meanwhile by another command
+                continue
         ids.append(summary.run_id)
         new.append(summary.run_id)
     return ids, new
