@@ -262,7 +262,13 @@ class PruningCallback(Callback):
         self.resumed_after = 0  # a retry that goes on from its interrupted trial's last epoch: that epoch
 
     def on_fit_start(self, trainer) -> None:
-        self.resumed_after = trainer.epoch if trainer.resumed_from is not None else 0
+        """A resumed trial reports the epochs it goes on from (its own trial number's first report), so
+        the pruner sees the whole curve; they are counted as the interrupted trial's epochs."""
+        if trainer.resumed_from is None:
+            return
+        self.resumed_after = self.epochs = trainer.epoch
+        for row in trainer.history:
+            self.trial.report(row[self.metric], row["epoch"])
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         value = metrics[self.metric]
@@ -330,6 +336,7 @@ class Worker:
         self.data = {} if data is None else {spec.plan.config.data_key(): data}
         self.on_trial_end = on_trial_end
         self.prefix = f"[worker {spec.worker}] " if spec.workers > 1 else ""
+        self.run_folders: dict[str, Path] = {}  # trial run id -> its folder, as the run recorded it
         self.failures_in_a_row = 0
 
     def load(self, cfg: Config):
@@ -455,7 +462,7 @@ class Worker:
                 return Trainer(cfg, data, folder, callbacks=[pruning], progress=False).fit(evaluate_test=False)
         import mlflow
 
-        from fer_exp.experiment import TrackingError, resume_experiment, run_experiment
+        from fer_exp.experiment import resume_experiment, run_experiment
 
         tags = {"study": self.plan.study.study_name, "trial": str(trial.number), "trial_state": "RUNNING",
                 "fer_exp.role": "trial", "worker": str(self.spec.worker)}
@@ -464,20 +471,22 @@ class Worker:
 
         def started(run_id: str) -> None:
             run_ids.append(run_id)
+            self.run_folders[run_id] = Path(mlflow.get_run(run_id).data.tags["checkpoint_dir"]).parent
             trial.set_user_attr("mlflow_run_id", run_id)
             if run_id == resume_run_id:  # the interrupted trial's run is this trial's now
                 mlflow.set_tags({**tags, "mlflow.runName": cfg.run_name})
-                with contextlib.suppress(Exception):
-                    mlflow.delete_tag("error")
+                for stale in ("error", "stop_reason"):
+                    with contextlib.suppress(Exception):
+                        mlflow.delete_tag(stale)
 
-        keep = False
+        interrupted = False
         options = dict(progress=False, log_model=False, data=data, evaluate_test=False, log_checkpoints=False,
                        on_run_start=started)
         try:
             if resume_run_id is not None:
                 try:
                     return resume_experiment(resume_run_id, cfg, callbacks=[pruning], **options).result
-                except (TrackingError, ConfigError) as exc:  # on another machine, say: trained from the start
+                except Exception as exc:  # not reopened (another machine, a deleted run, a broken last.pt)
                     if run_ids:
                         raise
                     self.say(f"trial {trial.number}: run {resume_run_id} cannot go on here ({first_line(exc)}); "
@@ -485,11 +494,20 @@ class Worker:
             return run_experiment(cfg, [pruning], parent_run_id=self.spec.parent_run_id,
                                   experiment_id=self.spec.experiment_id, tags=tags, **options).result
         except KeyboardInterrupt:
-            keep = True  # its last epoch, for the retry that the resuming command runs
+            interrupted = True
             raise
-        finally:  # trials keep no weights: --retrain-best trains the chosen configuration again
-            for run_id in run_ids if not keep else ():
-                shutil.rmtree(Path(cfg.output_dir) / run_id, ignore_errors=True)
+        finally:  # trials keep no weights (--retrain-best trains the chosen configuration again), but an
+            # interrupted one keeps its last epoch for the retry that the resuming command runs
+            for run_id in run_ids:
+                if not (interrupted and self.last_checkpoint(run_id)):
+                    shutil.rmtree(self.run_folder(run_id), ignore_errors=True)
+
+    def run_folder(self, run_id: str) -> Path:
+        """Where a trial's run keeps its checkpoints (``checkpoints/`` in it): as its run recorded it."""
+        return self.run_folders.get(run_id) or Path(self.plan.config.output_dir) / run_id
+
+    def last_checkpoint(self, run_id: str | None) -> bool:
+        return run_id is not None and (self.run_folder(run_id) / "checkpoints" / "last.pt").is_file()
 
     def finish(self, trial, state: str, value, run_ids: list, error: str | None, pruning: PruningCallback) -> bool:
         """Tell Optuna the outcome and make the MLflow run say the same. False where the study had
@@ -522,17 +540,18 @@ class Worker:
         """An interrupted trial (Ctrl-C, SIGTERM, its command killed) is queued again with its
         parameters, as a killed worker's is, so the command that resumes the study runs it rather than
         a new proposal (an enqueued recipe is not lost to an interruption). Where an epoch of it finished
-        (tracking on), the retry goes on from there in the same run, its reported values kept for the
-        pruner. Interruptions are not failures: they do not count towards MAX_RETRIES."""
+        (tracking on), the retry goes on from there in the same run (and reports that run's epochs so
+        far for the pruner). Interruptions are not failures: they do not count towards MAX_RETRIES."""
         optuna = _optuna()
         frozen = self.storage.get_trial(trial._trial_id)
         attrs = {**frozen.system_attrs, "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number)}
+        source = run_ids[0] if run_ids else attrs.pop("resume_run_id", None)  # (a retry stopped before it went on)
         attrs.pop("resume_run_id", None)
-        if run_ids and (Path(self.plan.config.output_dir) / run_ids[0] / "checkpoints" / "last.pt").is_file():
-            attrs["resume_run_id"] = run_ids[0]
+        if self.last_checkpoint(source):
+            attrs["resume_run_id"] = source
         self.study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-            system_attrs=attrs, intermediate_values=frozen.intermediate_values if "resume_run_id" in attrs else None))
+            system_attrs=attrs))
         self.say(f"trial {trial.number}: interrupted; queued again for the command that resumes the study"
                  + (" (it goes on from its last epoch)" if "resume_run_id" in attrs else ""))
 

@@ -437,6 +437,26 @@ def test_processes_asking_at_once_propose_different_trials(tmp_path):
     assert ask("other", seed=7) != together[0]
 
 
+def test_a_resumed_trial_reports_the_epochs_it_goes_on_from():
+    """The retry that goes on from an interrupted trial's epoch 3 reports epochs 1-3 from the run's history
+    (the pruner sees the whole curve) and counts them as resumed: stopped again before epoch 4 ends, it
+    has run 3 epochs of which 3 are resumed (not 0 and -3)."""
+    from pathlib import Path as P
+    from types import SimpleNamespace
+
+    from fer_exp.tune import PruningCallback
+
+    trial = optuna.create_study(direction="maximize").ask()
+    pruning = PruningCallback(trial, "val_accuracy")
+    history = [{"epoch": e, "val_accuracy": 0.1 * e} for e in (1, 2, 3)]
+    pruning.on_fit_start(SimpleNamespace(resumed_from=P("last.pt"), epoch=3, history=history))
+    assert (pruning.epochs, pruning.resumed_after) == (3, 3)
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {1: 0.1, 2: 0.2, 3: 0.1 * 3}
+    fresh = PruningCallback(trial, "val_accuracy")
+    fresh.on_fit_start(SimpleNamespace(resumed_from=None, epoch=0, history=[]))
+    assert (fresh.epochs, fresh.resumed_after) == (0, 0)
+
+
 def test_queued_trials_beyond_the_target_stay_queued(tmp_path):
     """Two workers resuming a study whose interrupted trials were queued again, with room for one more
     trial: the first takes a queued trial, the second waits rather than taking the other and dropping it
@@ -549,7 +569,7 @@ def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_pat
     assert "resuming run" in proc.stdout + proc.stderr
     run = client.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["trial"] == "1" and run.data.tags["trial_state"] == "COMPLETE"
-    assert run.data.tags["retry_of_trial"] == "0" and "error" not in run.data.tags
+    assert run.data.tags["retry_of_trial"] == "0" and "error" not in run.data.tags and "stop_reason" not in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == list(range(1, epochs + 1))
     assert sorted(trials[1].intermediate_values) == list(range(1, epochs + 1))
     assert trials[1].user_attrs["epochs_resumed"] >= done  # (the checkpoint may be an epoch ahead of the metrics)
