@@ -676,6 +676,12 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
           f"{max(target - finished_before, 0)} trial(s) to run on {sc.workers} worker(s)")
     print("searching: " + "; ".join(f"{p.name} {p.describe()}" for p in plan.space)
           + (f" (fixed by the command line: {', '.join(plan.fixed_by_cli)})" if plan.fixed_by_cli else ""))
+    retries = [t for t in study.get_trials(deepcopy=False, states=[_optuna().trial.TrialState.WAITING])
+               if "failed_trial" in t.system_attrs]
+    if retries:  # run first: queued again when their trials were interrupted or their workers lost
+        print("queued again: " + "; ".join(
+            f"trial {t.system_attrs['failed_trial']} ({format_params(t.params)})"
+            + (" from its last epoch" if "resume_run_id" in t.system_attrs else "") for t in retries))
     if parent:
         print(f"parent run {parent.run_id} (experiment {parent.experiment_id}) in {mask_url(parent.uri)}")
     sys.stdout.flush()

@@ -564,6 +564,7 @@ def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_pat
     assert trials[1].state.name == "COMPLETE" and trials[1].system_attrs.get("failed_trial") == 0
     assert trials[1].params == trials[0].params and "error" not in trials[1].user_attrs
     assert "(retry of trial 0)" in proc.stdout
+    assert f"queued again: trial 0 (lr={trials[0].params['lr']:.3g}) from its last epoch" in proc.stdout
     # ... in the interrupted trial's run, from its last checkpoint: each epoch trained and logged once
     assert trials[1].user_attrs["mlflow_run_id"] == killed.info.run_id
     assert "resuming run" in proc.stdout + proc.stderr
