@@ -24,6 +24,14 @@ class TrackingError(RuntimeError):
     before any training, with what to do about it."""
 
 
+class RunBusy(TrackingError):
+    """The run is training now in another process (``holder``, its pid), which holds its checkpoint folder."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
 class TrackingFailed(RunFailed):
     """The tracking or artifact store failed during the run (a full disk, a lost server): the run stops,
     FAILED where the store can still say so, its checkpoints kept for a resume."""
@@ -232,8 +240,8 @@ def run_lock(checkpoint_dir: str | Path):
         handle.seek(0)
         holder = handle.read().strip() or "?"
         handle.close()
-        raise TrackingError(f"the run is still training in process {holder}, which holds {folder / '.lock'}: stop "
-                            f"it first (Ctrl-C there, or kill {holder}; it keeps its last epoch), then resume") from None
+        raise RunBusy(f"the run is still training in process {holder}, which holds {folder / '.lock'}: stop "
+                      f"it first (Ctrl-C there, or kill {holder}; it keeps its last epoch), then resume", holder) from None
     except OSError as exc:  # a file system without locks (NFS without lockd, some FUSE mounts): train unlocked
         handle.close()
         print(f"warning: {folder} cannot be locked ({exc.strerror or exc}); a second resume of this run would not "

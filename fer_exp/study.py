@@ -314,8 +314,8 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
     nothing: the runs still missing are listed, for the same command without them to make."""
     import mlflow
 
-    from fer_exp.experiment import (HOST_TAG, TrackingError, check_tracking_store, load_run_data, resume_experiment,
-                                    run_experiment)
+    from fer_exp.experiment import (HOST_TAG, RunBusy, TrackingError, check_tracking_store, load_run_data,
+                                    resume_experiment, run_experiment)
     from fer_exp.tracking import tracking_uri
 
     check_tracking_store(tracking_uri(), write=not dry_run)  # a dry run only reads the store
@@ -368,12 +368,11 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
                                                           data=data_cache[key]), client, study, None, left, ids)
                 if summary is None:  # resumed meanwhile by another command
                     continue
+            except RunBusy as busy:  # another command makes it now: not twice
+                print(f"skipped: run {left.info.run_id} is still training in process {busy.holder} (another command); "
+                      "the same command compares it once it has finished", flush=True)
+                continue
             except (TrackingError, ConfigError) as exc:
-                if "is still training in process" in str(exc):  # another command makes it now: not twice
-                    training = str(exc).split(", which holds")[0].replace("the run is", "is")
-                    print(f"skipped: run {left.info.run_id} {training} (another command); the same command "
-                          "compares it once it has finished", flush=True)
-                    continue
                 print(f"run {left.info.run_id} cannot be resumed ({exc}); making a new one", flush=True)
         if summary is None:
             summary = start_claimed(functools.partial(run_experiment, cfg, progress=progress, data=data_cache[key],
