@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -248,6 +249,7 @@ def run(args) -> dict:
                 if eval_fn:
                     samples.setdefault((group, name, "eval"), []).append(timed(eval_fn, device))
 
+    shutil.rmtree(tmp, ignore_errors=True)  # the conventional pipeline's image folder
     results: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "data": args.data, "batch_size": args.batch_size, "batches": args.batches,
                      "rounds": args.rounds, "workers": args.workers, "images_per_second": {}}
@@ -292,6 +294,7 @@ def cold_start(data: str, repeats: int = 2) -> list[float]:
                 break
         proc.kill()
         proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
     if len(seconds) != repeats + 1:
         raise RuntimeError(f"fer-exp train never reported its first training step: {' '.join(cmd)}")
     return seconds[1:]

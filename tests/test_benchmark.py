@@ -23,7 +23,9 @@ def unpacked_results(out: Path, into: Path) -> Path:
 
 @pytest.mark.slow
 def test_throughput_benchmark_smoke(tmp_path):
-    env = dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache"))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache"), TMPDIR=str(temp))
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--data", "synthetic:128,32,32",
            "--batches", "2", "--batch-size", "16", "--eval-batch-size", "16", "--rounds", "1", "--workers", "1",
            "--resnet-batches", "1", "--resnet-batch-size", "4", "--json", "--cold-start", "--cold-start-repeats", "1"]
@@ -40,10 +42,13 @@ def test_throughput_benchmark_smoke(tmp_path):
             "resnet18@112 train fer-exp/compute bound"} <= set(results["ratios"])
     assert all(v > 0 for v in results["ratios"].values())
     assert len(results["cold_start_seconds"]) == 1 and all(0 < s < 120 for s in results["cold_start_seconds"])
+    assert not list(temp.glob("fer-*"))  # its image folder and the launches' store are removed
 
 
 def test_full_training_benchmark_reports_speed_and_accuracy(tmp_path):
-    env = dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache"))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache"), TMPDIR=str(temp))
     out = tmp_path / "run.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "full_training.py"), "--config", str(REPO / "experiments" / "cnn.yaml"),
            "--data", "synthetic:96,32,32", "--set", "epochs=2", "--set", "batch_size=16", "--set", "early_stopping=0",
@@ -56,6 +61,7 @@ def test_full_training_benchmark_reports_speed_and_accuracy(tmp_path):
     assert result["epochs_run"] == 2 and len(result["epoch_seconds"]) == 2 and all(s > 0 for s in result["epoch_seconds"])
     assert result["fit_seconds"] >= sum(result["epoch_seconds"]) * 0.99
     assert result["train_images"] == 96 - 0 and result["test_images"] == 32
+    assert not list(temp.glob("fer-*"))  # the run's checkpoints are not left behind
     assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["test_macro_f1"] <= 1
     assert all(0 <= a <= 1 for a in result["val_accuracy"]) and result["amp"] in ("fp32", "bfloat16")
     assert "epoch 2/2" in proc.stderr  # one progress line per epoch
@@ -67,7 +73,8 @@ def test_a_full_training_cut_off_by_its_time_limit_still_returns_what_it_measure
     out = tmp_path / "run.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "full_training.py"), "--data", "synthetic:64,16,16",
            "--set", "epochs=500", "--set", "batch_size=16", "--set", "early_stopping=0", "--json", str(out)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache")),
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+                                                        TMPDIR=str(tmp_path)),  # the killed run's checkpoints
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
