@@ -701,6 +701,7 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
         interrupted = True
     finally:
         bar.close()
+    interrupted = interrupted or stop_requested()  # one that came as the last trial finished starts no retraining
     summary = study_summary(study, plan)
     print("\n" + format_table(study, plan))
     result = TuneResult(sc.study_name, mask_url(storage_url), summary, parent.run_id if parent else None,

@@ -359,6 +359,36 @@ def test_an_interrupted_retraining_is_resumed_and_a_finished_one_not_made_again(
     assert parent.data.tags["result_run_id"] == run.info.run_id
 
 
+def test_a_stop_as_the_last_trial_finishes_starts_no_retraining(store, monkeypatch):
+    """Ctrl-C just after the study's last trial was told: the command ends interrupted (exit 130, parent
+    KILLED) instead of starting --retrain-best only to kill it; the same command then retrains."""
+    from fer_exp import train
+    from fer_exp.tune import Worker
+
+    (store / "s.yaml").write_text(STUDY_FILE.format(data="synthetic:64,16,16", epochs=1))
+    args = ["tune", "--config", "s.yaml", "--pruner", "none", "--retrain-best", "--retrain-epochs", "1"]
+    real_finish = Worker.finish
+
+    def stop_after_telling(self, *a, **kw):
+        told = real_finish(self, *a, **kw)
+        train._stop_requested.set()  # as stop_on_signals' handler does
+        return told
+    monkeypatch.setattr(Worker, "finish", stop_after_telling)
+    try:
+        first = CliRunner().invoke(main, [*args, "--n-trials", "1"])
+    finally:
+        train._stop_requested.clear()
+    assert first.exit_code == 130 and "interrupted: resume with the same command" in first.output, first.output
+    assert "retraining" not in first.output
+    _, runs = runs_of(store)
+    assert by_role(runs, "retrain") == [] and by_role(runs, "study")[0].info.status == "KILLED"
+    monkeypatch.setattr(Worker, "finish", real_finish)
+    again = CliRunner().invoke(main, [*args, "--n-trials", "0"])
+    assert again.exit_code == 0 and "retraining trial #0" in again.output, again.output
+    [run] = by_role(runs_of(store)[1], "retrain")
+    assert run.info.status == "FINISHED"
+
+
 @pytest.mark.slow
 def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
     tmp = study["tmp"]
