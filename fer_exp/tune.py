@@ -544,7 +544,10 @@ class Worker:
         far for the pruner). Interruptions are not failures: they do not count towards MAX_RETRIES."""
         optuna = _optuna()
         frozen = self.storage.get_trial(trial._trial_id)
-        attrs = {**frozen.system_attrs, "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number)}
+        # its origin, not the pruner's records: SuccessiveHalving and Hyperband skip the rungs a trial holds
+        # (completed_rung_N), so a retry would pass them unjudged; one that goes on reports its epochs again
+        attrs = {key: value for key, value in frozen.system_attrs.items() if not key.startswith("completed_rung_")}
+        attrs["failed_trial"] = attrs.get("failed_trial", frozen.number)
         source = run_ids[0] if run_ids else attrs.pop("resume_run_id", None)  # (a retry stopped before it went on)
         attrs.pop("resume_run_id", None)
         if self.last_checkpoint(source):

@@ -517,6 +517,13 @@ def test_queued_trials_beyond_the_target_stay_queued(tmp_path):
     finally:
         train._stop_requested.clear()
     assert [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials] == ["COMPLETE", "RUNNING", "WAITING"]
+    # the interrupted trial queued again keeps its parameters and origin, not the rungs it had passed
+    # (SuccessiveHalving and Hyperband skip the rungs a trial holds: the retry would pass them unjudged)
+    workers[0].storage.set_trial_system_attr(first._trial_id, "completed_rung_0", 0.4)
+    workers[0].queue_again(first, [])
+    retry = optuna.load_study(study_name="s", storage=storage).trials[-1]
+    assert retry.state.name == "WAITING" and retry.params == {"lr": 2e-3}
+    assert retry.system_attrs == {"failed_trial": first.number}
 
 
 @pytest.mark.slow
