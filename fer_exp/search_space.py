@@ -15,11 +15,17 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fer_exp.config import FIELDS, TYPES, Config, ConfigError, coerce, validate
+from fer_exp.config import EXECUTION_FIELDS, FIELDS, TYPES, Config, ConfigError, coerce, validate
 
 PARAM_TYPES = ("float", "int", "categorical")
-# what a trial may not change: the study's identity and where its runs go
-NOT_SEARCHABLE = ("model", "data", "device", "experiment_name", "run_name", "output_dir", "on_bad", "val_fraction", "data_seed", "seed")
+# what a trial may not change, and why: the study's identity and data, its objective (each trial's value
+# is its select_metric, compared under one direction), what trials never do (test: tta), where and how runs run
+NOT_SEARCHABLE = {
+    **dict.fromkeys(("model", "data", "on_bad", "val_fraction", "data_seed", "seed"), "what the study is of"),
+    "select_metric": "the study's objective: trials scored on different metrics cannot be compared",
+    "tta": "trials never see the test split (tta is test-time augmentation)",
+    **dict.fromkeys(EXECUTION_FIELDS, "where and how runs run, not what they train"),
+}
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def parse_param(name, spec, origin: str) -> Param:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"{origin}: search_space: unknown config field {name!r}.{hint}")
     if name in NOT_SEARCHABLE:
-        raise ConfigError(f"{origin}: search_space.{name}: {name} is fixed for a whole study, not searched "
+        raise ConfigError(f"{origin}: search_space.{name}: {name} is fixed for a whole study ({NOT_SEARCHABLE[name]}), not searched "
                           f"(searchable: {', '.join(f for f in FIELDS if f not in NOT_SEARCHABLE)})")
     if not isinstance(spec, dict):
         raise ConfigError(f"{origin}: search_space.{name} must be a mapping such as "
