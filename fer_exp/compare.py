@@ -9,6 +9,7 @@ HTML page holding it all, and the comparison logged as an MLflow run of its own.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import itertools
 import json
@@ -74,17 +75,75 @@ def group_value(run, key: str) -> str:
     return "?"
 
 
+def search_all_runs(client, experiment_ids: list[str], filter_string: str = "", page_size: int = 1000) -> list:
+    """Every run the search finds, newest first, page by page (one page stops at a store's maximum)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=page_size,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def run_config(run: RunInfo) -> dict:
+    """The config a run trained (its ``config.*`` params, fields it predates at their defaults), as text,
+    where and how it ran aside; and whose test it is: the run's own, or an evaluation's (``fer-exp
+    evaluate``: another TTA, an ensemble), which is not a twin of the run it evaluated."""
+    from fer_exp.config import EXECUTION_FIELDS, recorded_config
+
+    made = recorded_config({k[len("config."):]: v for k, v in run.params.items() if k.startswith("config.")})
+    config = {k: str(v) for k, v in made.items() if k not in EXECUTION_FIELDS}
+    evaluation = run.tags.get("model", "?") if run.tags.get("fer_exp.role") == "evaluation" else "its own"
+    return {**config, "test evaluation": evaluation}
+
+
+def newest_of_twins(runs: list) -> tuple[list, list]:
+    """(runs, older twins left out): of runs with one group, seed and config (a run trained again, a
+    smoke test repeated), a search keeps the newest (``runs`` are newest first), not several "seeds"."""
+    kept, twins, seen = [], [], set()
+    for run in runs:
+        key = (run.group, tuple(sorted(run_config(run).items())))  # the seed is in the config
+        (twins if key in seen else kept).append(run)
+        seen.add(key)
+    return kept, twins
+
+
+def mixed_configs(runs: list) -> list[str]:
+    """A note for each group whose runs trained different configs beyond their seed: its mean and interval
+    are then over different recipes, not over seeds of one."""
+    notes = []
+    for group in dict.fromkeys(r.group for r in runs):
+        configs = [run_config(r) for r in runs if r.group == group]
+        differ = {k: sorted({c[k] for c in configs}) for k in configs[0] if k != "seed" and len({c[k] for c in configs}) > 1}
+        if differ:
+            shown = "; ".join(f"{k} ({', '.join(v[:4])}{', ...' if len(v) > 4 else ''})" for k, v in list(differ.items())[:4])
+            notes.append(f"group {group} averages runs whose configs differ beyond the seed, in {shown}"
+                         + (f" and {len(differ) - 4} more field(s)" if len(differ) > 4 else "")
+                         + ": its interval is not over seeds of one recipe; group by one of these fields or --filter")
+    return notes
+
+
 def select_runs(client, experiments: list[str], filter_string: str = "", run_ids: list[str] = ()) -> tuple[list, list[str]]:
     """(runs to compare, notes on what was skipped). Explicit ``run_ids`` must all be comparable;
     a search skips tuning runs and comparisons, and runs that did not finish."""
     notes: list[str] = []
     if run_ids:
         runs = []
-        for run_id in run_ids:
+        for run_id in dict.fromkeys(run_ids):  # a run named twice is one run, not two seeds
             try:
-                runs.append(client.get_run(run_id))
+                run = client.get_run(run_id)
             except Exception:
                 raise CompareError(f"no run {run_id} in the tracking store {client.tracking_uri}") from None
+            if run.info.lifecycle_stage != "active":
+                raise CompareError(f"run {run.info.run_name or '?'} {run_id} is deleted: restore it (the MLflow UI's "
+                                   "deleted runs, or `mlflow runs restore --run-id ID`) or leave it out")
+            experiment = client.get_experiment(run.info.experiment_id)
+            if experiment.lifecycle_stage != "active":
+                raise CompareError(f"run {run_id} is in the deleted experiment {experiment.name}: restore it "
+                                   f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or leave the run out")
+            runs.append(run)
     else:
         found = [client.get_experiment_by_name(name) for name in experiments]
         missing = [name for name, exp in zip(experiments, found) if exp is None]
@@ -92,7 +151,7 @@ def select_runs(client, experiments: list[str], filter_string: str = "", run_ids
             known = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise CompareError(f"no experiment named {', '.join(missing)} in {client.tracking_uri} (experiments: {known})")
         try:
-            runs = client.search_runs([e.experiment_id for e in found], filter_string=filter_string, max_results=5000)
+            runs = search_all_runs(client, [e.experiment_id for e in found], filter_string)
         except Exception as exc:
             raise CompareError(f"the filter {filter_string!r} is not valid: {first_line(exc)} "
                                "(e.g. \"tags.model = 'cnn'\" or \"params.`config.seed` = '42'\")") from None
@@ -171,6 +230,17 @@ def mcnemar(correct_a, correct_b) -> dict:
     chi2 = (abs(b - c) - 1) ** 2 / (b + c) if b + c else 0.0
     p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
     return {"n": int(len(correct_a)), "a_right_b_wrong": b, "a_wrong_b_right": c, "chi2": float(chi2), "p_value": float(p)}
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjustment of several tests' p-values: an adjusted p below 0.05 keeps the chance
+    of any false "significant" among them under 5% (135 tests of an ablation flag ~7 by chance unadjusted)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def paired_test(a: RunInfo, b: RunInfo) -> dict:
@@ -261,6 +331,8 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
             tests.append(paired_test(a, b))
         except CompareError as exc:
             notes = [*notes, str(exc)]
+    for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
+        test["p_holm"] = adjusted
     return Comparison(runs, group_by, group_table(runs, OVERALL), group_table(runs, PER_CLASS), pd.DataFrame(tests),
                       list(notes))
 
@@ -290,16 +362,21 @@ def markdown_tables(comparison: Comparison) -> str:
     if several:
         out += ["", "Several runs: mean ± standard deviation [95% confidence interval of the mean, t distribution]."]
     if not comparison.tests.empty:
+        several_tests = len(comparison.tests) > 1
         out += ["", "## Paired tests on the test predictions (McNemar, exact)", "",
-                "| A | B | images | A right, B wrong | A wrong, B right | χ² | p | B − A accuracy (points) | "
-                "largest per-class differences B − A |", "|---" * 9 + "|"]
+                "| A | B | images | A right, B wrong | A wrong, B right | χ² | p | p (Holm) | B − A accuracy (points) | "
+                "largest per-class differences B − A |", "|---" * 10 + "|"]
         for _, t in comparison.tests.iterrows():
             deltas = sorted(((t[f"delta_{c}"], c) for c in CLASS_NAMES if not math.isnan(t[f"delta_{c}"])),
                             key=lambda d: -abs(d[0]))[:3]
-            mark = " (significant, p < 0.05)" if t["p_value"] < 0.05 else ""
+            mark = " (significant)" if t["p_holm"] < 0.05 else ""
             out.append(f"| {t['a']} | {t['b']} | {t['n']} | {t['a_right_b_wrong']} | {t['a_wrong_b_right']} | "
-                       f"{t['chi2']:.2f} | {t['p_value']:.3g}{mark} | {100 * (t['accuracy_b'] - t['accuracy_a']):+.2f} | "
+                       f"{t['chi2']:.2f} | {t['p_value']:.3g} | {t['p_holm']:.3g}{mark} | "
+                       f"{100 * (t['accuracy_b'] - t['accuracy_a']):+.2f} | "
                        + ", ".join(f"{c} {100 * d:+.1f}" for d, c in deltas) + " |")
+        out += ["", "Significant: p < 0.05 after Holm's adjustment for the "
+                + (f"{len(comparison.tests)} tests in this table (each test's own p beside it)." if several_tests
+                   else "one test (the same as its p).")]
     if comparison.notes:
         out += ["", *[f"Note: {n}" for n in comparison.notes]]
     return "\n".join(out)
@@ -322,12 +399,13 @@ def per_class_figure(comparison: Comparison):
     frame = comparison.per_class
     fig, ax = plt.subplots(figsize=(12, 5.5), constrained_layout=True)
     width = 0.8 / max(len(frame), 1)
+    palette = plt.get_cmap("tab10" if len(frame) <= 10 else "tab20")
     x = np.arange(NUM_CLASSES)
     for i, (_, row) in enumerate(frame.iterrows()):
         means = np.array([100 * row[t] for t in PER_CLASS.values()])
         spread = np.array([100 * row[f"{t} std"] for t in PER_CLASS.values()])
         errors = [np.minimum(spread, means), np.minimum(spread, 100 - means)] if row["runs"] > 1 else None
-        ax.bar(x + (i - (len(frame) - 1) / 2) * width, means, width, yerr=errors, capsize=3,
+        ax.bar(x + (i - (len(frame) - 1) / 2) * width, means, width, yerr=errors, capsize=3, color=palette(i % palette.N),
                label=f"{row['group']} ({row['runs']} run{'s' if row['runs'] > 1 else ''})")
     ax.set(xticks=x, xticklabels=list(PER_CLASS.values()), ylabel="test accuracy (%)", ylim=(0, 100),
            title="Per-class accuracy" + (" (mean ± std over runs)" if any(frame["runs"] > 1) else ""))
@@ -362,7 +440,8 @@ def confusion_figure(comparison: Comparison):
 def val_curve_figure(comparison: Comparison):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 5.5), constrained_layout=True)
-    colours = {g: f"C{i}" for i, g in enumerate(comparison.groups)}
+    palette = plt.get_cmap("tab10" if len(comparison.groups) <= 10 else "tab20")  # C10 would be C0 again
+    colours = {g: palette(i % palette.N) for i, g in enumerate(comparison.groups)}
     seen = set()
     for run in comparison.runs:
         if not run.val_curve:
@@ -402,9 +481,9 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
                    for r in comparison.runs)
     tests = ""
     if not comparison.tests.empty:
-        shown = comparison.tests[["a", "b", "n", "a_right_b_wrong", "a_wrong_b_right", "chi2", "p_value",
+        shown = comparison.tests[["a", "b", "n", "a_right_b_wrong", "a_wrong_b_right", "chi2", "p_value", "p_holm",
                                   "accuracy_a", "accuracy_b", *[f"delta_{c}" for c in CLASS_NAMES]]]
-        tests = "<h2>Paired tests (McNemar, exact binomial p)</h2>" + shown.to_html(index=False, border=0, classes="t",
+        tests = "<h2>Paired tests (McNemar, exact binomial p; p_holm adjusted for the table's tests)</h2>" + shown.to_html(index=False, border=0, classes="t",
                                                                                    float_format=lambda v: f"{v:.4g}")
     figures = "".join(f"<h2>{name.replace('_', ' ').capitalize()}</h2><img src=\"data:image/png;base64,"
                       f"{base64.b64encode(png).decode()}\" style=\"max-width:100%\">" for name, png in images.items())
@@ -417,6 +496,23 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
             f"<h2>Per-class accuracy (test split, %)</h2>{table_html(comparison.per_class, PER_CLASS.values())}"
             f"<p>Several runs: mean ± std [95% CI of the mean].</p>{tests}{notes}{figures}"
             f"<details><summary>Markdown</summary><pre>{html.escape(markdown)}</pre></details></body></html>")
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM held back (delivered on leaving) where the platform can; else nothing."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # Windows, or not the main thread's business
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -451,16 +547,29 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     selected, notes = select_runs(client, experiments, filter_string, run_ids)
-    if all(group_value(run, group_by) == "?" for run in selected):
+    ungrouped = [run for run in selected if group_value(run, group_by) == "?"]
+    if len(ungrouped) == len(selected):
         raise CompareError(f"no compared run has {group_by!r} (as a tag, a config field or a param), so all would be "
                            "one group '?'; group by a config field (model, class_weights, lr, ...), a tag (arm, "
                            "tags.X) or a param (params.X): a run's page in the MLflow UI lists its tags and params")
+    if ungrouped:  # not a group of their own: '?' would pool whatever lacks the key (other models, say)
+        if run_ids:
+            raise CompareError(f"run(s) {', '.join(r.info.run_id for r in ungrouped)} have no {group_by!r} (as a tag, "
+                               "a config field or a param): leave them out or group by something every run has")
+        notes.append(f"skipped {len(ungrouped)} run(s) without {group_by!r}: "
+                     + ", ".join(r.info.run_name or r.info.run_id for r in ungrouped[:5]))
+        selected = [run for run in selected if run not in ungrouped]
     output = Path(output or f"reports/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output(output)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [load_run(client, run, group_by, Path(tmp)) for run in selected]
-    if not run_ids:  # a search: groups and seeds in order (runs named on the command line keep theirs)
+    if not run_ids:  # a search: one run per group, seed and config; groups and seeds in order
+        runs, twins = newest_of_twins(runs)
+        if twins:
+            notes.append(f"skipped {len(twins)} older run(s) with the same group, seed and config as a newer one "
+                         "(trained again): " + ", ".join(f"{r.name} {r.run_id}" for r in twins[:5]))
         runs.sort(key=lambda r: (r.group, int(r.seed) if str(r.seed).isdigit() else 0, r.name))
+    notes += mixed_configs(runs)
     comparison = compare_runs(runs, group_by, notes)
     markdown = markdown_tables(comparison)
     # written aside, then moved in: a comparison interrupted half-way leaves the folder's last one whole,
@@ -490,11 +599,12 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         (staging / "runs.json").write_text(json.dumps({r.run_id: run_page_url(r.run_id, r.experiment_id, uri)
                                                        for r in runs}, indent=2) + "\n")
         written = sorted(f.name for f in staging.iterdir())
-        for name in COMPARISON_FILES:
-            if name not in written:
-                (output / name).unlink(missing_ok=True)
-        for name in written:
-            os.replace(staging / name, output / name)
+        with signals_held():  # a Ctrl-C or SIGTERM here waits: never half the earlier comparison, half this one
+            for name in COMPARISON_FILES:
+                if name not in written:
+                    (output / name).unlink(missing_ok=True)
+            for name in written:
+                os.replace(staging / name, output / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result = CompareResult(comparison, markdown, output)

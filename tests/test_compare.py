@@ -107,6 +107,56 @@ def test_paired_tests_match_a_hand_computation(tracked, by_model):
         assert row["p_value"] == pytest.approx(p)
         fear = preds["a"]["label"] == CLASS_NAMES.index("fear")
         assert row["delta_fear"] == pytest.approx(right_b[fear].mean() - right_a[fear].mean())
+    low, high = sorted(tests["p_value"])  # Holm over the two tests: 2 x the lower, then the higher (never below)
+    assert sorted(tests["p_holm"]) == pytest.approx(sorted([min(1, 2 * low), max(min(1, 2 * low), high)]))
+
+
+def test_holm_by_hand():
+    from fer_exp.compare import holm
+
+    # sorted 0.01, 0.02, 0.04: 3 x 0.01, max(0.03, 2 x 0.02), max(0.04, 1 x 0.04)
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0]) and holm([0.2]) == [0.2] and holm([]) == []
+
+
+@pytest.mark.slow  # the tracked store
+def test_a_search_compares_each_recipe_and_seed_once_and_says_what_it_left_out(tracked):
+    """Runs made by hand in their own experiment: a run trained twice (the older is left out), a group
+    mixing recipes (said, with the fields), a run without the grouping key (left out, not a group '?'),
+    runs named twice or deleted (one run; refused); a search reads every page."""
+    from fer_exp.compare import search_all_runs
+
+    client = tracked["client"]
+    experiment = client.create_experiment("twins")
+    metrics = {k: 0.5 for k in ("test_accuracy", "test_macro_f1", "test_weighted_f1", *PER_CLASS)}
+
+    def made(name, start, params, tags=None, accuracy=0.5):
+        run = client.create_run(experiment, start_time=start, run_name=name, tags=tags or {"model": "cnn"})
+        for key, value in {**metrics, "test_accuracy": accuracy}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    recipe = {"config.model": "cnn", "config.epochs": 2, "config.seed": 1}
+    older = made("first", 1000, recipe, accuracy=0.2)
+    newer = made("again", 2000, {**recipe, "config.device": "cuda"}, accuracy=0.4)  # where it ran: the same recipe
+    longer = made("longer", 3000, {**recipe, "config.epochs": 60, "config.seed": 2}, accuracy=0.6)
+    made("no model", 4000, {"lr": 0.1}, tags={"note": "made elsewhere"})
+    assert [r.info.run_id for r in search_all_runs(client, [experiment], page_size=2)][1:] == [longer, newer, older]
+    result = CliRunner().invoke(main, ["compare", "--experiment", "twins", "--no-log", "--output", str(tracked["tmp"] / "twins")])
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(tracked["tmp"] / "twins" / "runs.csv")
+    assert list(runs["run_id"]) == [newer, longer]
+    assert f"skipped 1 older run(s) with the same group, seed and config as a newer one (trained again): first {older}" in result.output
+    assert "skipped 1 run(s) without 'model': no model" in result.output
+    assert "group cnn averages runs whose configs differ beyond the seed, in epochs (2, 60)" in result.output
+    assert "| cnn | 2 | 50.00 ± 14.14" in result.output  # 0.4 and 0.6, not 0.2
+    named = CliRunner().invoke(main, ["compare", "--runs", f"{older},{older}", "--no-log", "--output", str(tracked["tmp"] / "once")])
+    assert named.exit_code == 0 and "| cnn | 1 | 20.00 |" in named.output, named.output
+    client.delete_run(longer)
+    deleted = CliRunner().invoke(main, ["compare", "--runs", f"{newer},{longer}", "--no-log", "--output", str(tracked["tmp"] / "gone")])
+    assert deleted.exit_code == 2 and f"run longer {longer} is deleted" in deleted.output, deleted.output
 
 
 def test_mcnemar_by_hand():
