@@ -56,6 +56,21 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def evaluation_precision(device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    """Where and in which precision a run evaluated its model (kept with its weights and checkpoints)."""
+    return {"device_type": device.type, "amp": "bf16" if amp_dtype is not None else "fp32"}
+
+
+def inference_amp(amp: str, device: torch.device, evaluated: dict | None = None) -> torch.dtype | None:
+    """The autocast dtype a loaded model predicts in. ``amp: auto`` on CUDA is measured per model when it
+    trains (fp32 beats bf16 for the CNN on an H200), so a model evaluated on CUDA predicts on CUDA in the
+    precision its run measured and tested in: the same numbers as its test. Elsewhere the rule applies
+    (on CPUs it follows the hardware: native bf16 or not)."""
+    if amp == "auto" and evaluated and evaluated.get("device_type") == device.type == "cuda":
+        return torch.bfloat16 if evaluated.get("amp") == "bf16" else None
+    return resolve_amp(amp, device)
+
+
 def memory_format_for(channels_last: bool) -> torch.memory_format:
     """The layout a model trains, evaluates and predicts in (config ``channels_last``): one source, so a
     loaded model runs the same kernels, and gives the same numbers, as its training run's evaluation."""

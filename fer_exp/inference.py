@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fer_exp.augment import to_float
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.config import FIELDS, TTA_CHOICES, TTA_OPTIONS, Config
-from fer_exp.device import autocast, memory_format_for, resolve_amp, resolve_device
+from fer_exp.device import autocast, inference_amp, memory_format_for, resolve_device
 from fer_exp.errors import first_line
 from fer_exp.models import build_model
 
@@ -150,7 +150,10 @@ def own_tta(cfg: Config, recorded: str | None = None) -> str:
     return cfg.tta if cfg.tta in TTA_CHOICES else "none"
 
 
-def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.device = "auto") -> LoadedModel:
+def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.device = "auto",
+                          evaluated_in: dict | None = None) -> LoadedModel:
+    """The model on ``device``, predicting in the precision its run evaluated in where that was measured
+    (``evaluated_in``: see :func:`fer_exp.device.inference_amp`)."""
     target = resolve_device(device) if isinstance(device, str) else device
     try:
         model = build_model(cfg.model, input_size=cfg.input_size or None, freeze_depth=0, pretrained="none",
@@ -163,20 +166,22 @@ def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.dev
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:300]
         raise ModelLoadError(f"the weights do not fit a {cfg.model} at {cfg.input_size or 'its default'} px: "
                              f"{detail or str(exc)[:300]}") from None
-    loaded = LoadedModel(model, cfg, source="", device=target, amp_dtype=resolve_amp(cfg.amp, target), tta=own_tta(cfg))
+    loaded = LoadedModel(model, cfg, source="", device=target, amp_dtype=inference_amp(cfg.amp, target, evaluated_in),
+                         tta=own_tta(cfg))
     model.to(target, memory_format=loaded.memory_format).eval()
     return loaded
 
 
-def save_weights(model: torch.nn.Module, cfg: Config, path: str | Path, tta: str = "none") -> Path:
-    """The model's weights as safetensors (no pickle: loading runs no code), the config and the TTA its run
-    tested with in its metadata."""
+def save_weights(model: torch.nn.Module, cfg: Config, path: str | Path, tta: str = "none",
+                 evaluated_in: dict | None = None) -> Path:
+    """The model's weights as safetensors (no pickle: loading runs no code), the config, the TTA its run
+    tested with and where and in which precision it evaluated in its metadata."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"fer_exp_config": json.dumps(cfg.to_dict()), "classes": ",".join(CLASS_NAMES),
-                                          "fer_exp_tta": tta})
+                                          "fer_exp_tta": tta, "fer_exp_evaluated_in": json.dumps(evaluated_in or {})})
     return Path(path)
 
 
@@ -192,7 +197,8 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
         raise ModelLoadError(f"{path}: not a safetensors weights file ({first_line(exc, 120)})") from None
     if "fer_exp_config" not in metadata:
         raise ModelLoadError(f"{path}: a safetensors file without fer-exp's config; it was not saved by fer-exp")
-    loaded = build_inference_model(config_from_dict(json.loads(metadata["fer_exp_config"])), state, device)
+    loaded = build_inference_model(config_from_dict(json.loads(metadata["fer_exp_config"])), state, device,
+                                   json.loads(metadata.get("fer_exp_evaluated_in") or "{}"))
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, metadata.get("fer_exp_tta")))
 
 
@@ -221,7 +227,7 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
     weights = state["model"]
     if "ema" in state:  # the run evaluated and logged its EMA weights: predict with those
         weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    loaded = build_inference_model(config_from_dict(state["config"]), weights, device)
+    loaded = build_inference_model(config_from_dict(state["config"]), weights, device, state.get("evaluated_in"))
     recorded = state["trained"].get("test_tta") if isinstance(state.get("trained"), dict) else None  # an export's
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, recorded))
 

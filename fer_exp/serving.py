@@ -154,9 +154,10 @@ def model_signature(tta: str = "none"):
     return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("tta", "string", tta)]))
 
 
-def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = None, tta: str = "none"):
-    """Log ``model`` (trained with ``cfg``, tested with ``tta``: what it predicts with by default) as the
-    run's ``model``, optionally registering it."""
+def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = None, tta: str = "none",
+              evaluated_in: dict | None = None):
+    """Log ``model`` (trained with ``cfg``, tested with ``tta``: what it predicts with by default, in the
+    precision of ``evaluated_in`` on its kind of device) as the run's ``model``, optionally registering it."""
     import shutil
     import tempfile
 
@@ -164,7 +165,7 @@ def log_model(model: torch.nn.Module, cfg, registered_model_name: str | None = N
 
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
-        weights = save_weights(model, cfg, Path(tmp) / WEIGHTS_FILE, tta)
+        weights = save_weights(model, cfg, Path(tmp) / WEIGHTS_FILE, tta, evaluated_in)
         code = Path(tmp) / "fer_exp"  # the package's sources, without compiled caches
         shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with warnings.catch_warnings():  # "no input example": the README and the signature's docs say what it takes

@@ -167,7 +167,8 @@ class MLflowCallback(Callback):
         if self.log_model:
             from fer_exp.serving import log_model
 
-            log_model(trainer.eval_model, trainer.cfg, registered_model_name=trainer.cfg.register or None, tta=result.tta)
+            log_model(trainer.eval_model, trainer.cfg, registered_model_name=trainer.cfg.register or None, tta=result.tta,
+                      evaluated_in=trainer.evaluated_in)
 
     @staticmethod
     def log_test_evaluation(trainer: Trainer, result: FitResult) -> None:

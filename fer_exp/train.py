@@ -32,6 +32,7 @@ from fer_exp.device import (  # noqa: F401 (cpu_has_native_bf16, resolve_amp: re
     AUTO_COMPILE_MODE,
     autocast,
     cpu_has_native_bf16,
+    evaluation_precision,
     measured_amp,
     measured_compile,
     memory_format_for,
@@ -415,6 +416,11 @@ class Trainer:
         return autocast(self.device, self.amp_dtype)
 
     @property
+    def evaluated_in(self) -> dict:
+        """The device type and precision the run evaluates in: a loaded model predicts the same way."""
+        return evaluation_precision(self.device, self.amp_dtype)
+
+    @property
     def eval_model(self) -> torch.nn.Module:
         """The weights that are evaluated, selected and logged: the EMA where there is one."""
         return self.ema.module if self.ema is not None else self.model
@@ -547,7 +553,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
                 "stale": self.stale, "history": self.history, "config": self.cfg.to_dict(),
-                "rng": self.generator.get_state(), "global_rng": global_rng_state()}
+                "rng": self.generator.get_state(), "global_rng": global_rng_state(), "evaluated_in": self.evaluated_in}
 
     def save(self, name: str, also: str | None = None) -> Path:
         """The state as ``<name>.pt`` (and, the same state, ``<also>.pt``: a link or copy made before either
@@ -674,7 +680,8 @@ class Trainer:
                    "test_tta": result.tta}
         state = {"format": EXPORT_FORMAT, "model": best["model"], **({"ema": best["ema"]} if "ema" in best else {}),
                  "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
-                 "history": self.history, "config": self.cfg.to_dict(), "data": self.data.fingerprint(), "trained": trained}
+                 "history": self.history, "config": self.cfg.to_dict(), "data": self.data.fingerprint(), "trained": trained,
+                 "evaluated_in": self.evaluated_in}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda partial: torch.save(state, partial))

@@ -260,6 +260,12 @@ def test_logged_model_is_code_and_safetensors_not_a_pickle(trained):
     assert "serialization_format: safetensors" in mlmodel and "pyfunc_model.py" in mlmodel
     assert not list(folder.rglob("*.pkl")) and list(folder.rglob("model.safetensors"))
     assert (folder / "code" / "fer_exp" / "inference.py").is_file()  # the package travels with the model
+    from safetensors import safe_open
+
+    with safe_open(str(next(folder.rglob("model.safetensors"))), framework="pt") as handle:
+        recorded = json.loads(handle.metadata()["fer_exp_evaluated_in"])
+    checkpoint = torch.load(Path(run.result.best_checkpoint), weights_only=True)
+    assert recorded == checkpoint["evaluated_in"] and recorded["device_type"] == "cpu" and recorded["amp"] in ("bf16", "fp32")
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.run_id}/model")
     as_array = pyfunc.predict(np.zeros((2, 1, 48, 48), np.float32))
     buffer = io.BytesIO()
@@ -400,6 +406,32 @@ def test_the_served_model_class_defines_without_mlflows_type_hint_warning():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "type hint" not in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def test_a_model_predicts_in_the_precision_its_run_evaluated_in(tmp_path, monkeypatch):
+    """amp auto on CUDA is measured when a model trains (fp32 for the CNN on an H200), so a loaded model
+    predicts on CUDA in what its run tested in, not by the bf16 rule; elsewhere, and for amp off or bf16,
+    the rule. The record travels in the weights file and the checkpoint."""
+    from fer_exp import inference
+    from fer_exp.device import inference_amp, resolve_amp
+    from fer_exp.models import build_model
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert inference_amp("auto", cuda, {"device_type": "cuda", "amp": "fp32"}) is None
+    assert inference_amp("auto", cuda, {"device_type": "cuda", "amp": "bf16"}) is torch.bfloat16
+    assert inference_amp("off", cuda, {"device_type": "cuda", "amp": "bf16"}) is None
+    assert inference_amp("bf16", cuda, {"device_type": "cuda", "amp": "fp32"}) is torch.bfloat16
+    assert inference_amp("auto", cpu, {"device_type": "cuda", "amp": "fp32"}) == resolve_amp("auto", cpu)
+    record = {"device_type": "cuda", "amp": "fp32"}
+    seen = []
+    real = inference.inference_amp
+    monkeypatch.setattr(inference, "inference_amp", lambda amp, device, evaluated=None: seen.append(evaluated) or real(amp, device, evaluated))
+    path = inference.save_weights(build_model("cnn"), load_config(), tmp_path / "model.safetensors", evaluated_in=record)
+    inference.load_model(str(path), "cpu")
+    torch.save({"model": build_model("cnn").state_dict(), "config": load_config().to_dict(), "evaluated_in": record},
+               tmp_path / "best.pt")
+    inference.load_model(str(tmp_path / "best.pt"), "cpu")
+    assert seen == [record, record]
 
 
 def test_a_single_text_column_of_any_name_is_read_as_base64_images():
