@@ -4,7 +4,9 @@ and the seven class probabilities of each.
 Input, any of:
   - a DataFrame with an ``image`` column of encoded image files (PNG, JPEG, ...) as base64 text or
     bytes: what ``mlflow models serve`` receives as ``{"dataframe_split": {"columns": ["image"], ...}}``;
-  - an array of pixels 0-255, (N, H, W), (N, 1, H, W) or (N, H, W, 3): ``{"inputs": [...]}``.
+  - a list of such base64 texts: ``{"inputs": ["<base64>", ...]}`` (or ``"instances"``);
+  - an array of pixels 0-255, (N, H, W), (N, 1, H, W), (N, H, W, 3), or one colour image (H, W, 3):
+    ``{"inputs": [...]}``. Values outside 0-255, or floats all within 0-1 (scaled images), are refused.
 Any size and colour: images are made 48x48 grayscale exactly as training data is
 (:mod:`fer_exp.data.images`). Output: a DataFrame with ``emotion`` and ``prob_<class>`` columns.
 Optional param ``tta``: none, flip, tencrop, or model: the one the run was tested with (chosen on val where
@@ -49,8 +51,11 @@ class ServingInputError(MlflowException):
 
 def _decode_cell(value, row: int) -> np.ndarray:
     if isinstance(value, str):
+        text = "".join(value.split())  # base64 wrapped in lines (the `base64` tool wraps at 76 characters)
+        if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
+            text = text.split(",", 1)[1]
         try:
-            value = base64.b64decode(value, validate=True)
+            value = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise ServingInputError(f"row {row}: the {IMAGE_COLUMN!r} value is not base64 text of an image file") from None
     if not isinstance(value, (bytes, bytearray)):
@@ -64,7 +69,17 @@ def _decode_cell(value, row: int) -> np.ndarray:
 def _from_array(array: np.ndarray) -> np.ndarray:
     if array.dtype == object:
         raise ServingInputError("an array input must be numeric pixels 0-255")
+    scaled = array.dtype.kind == "f"
     array = np.asarray(array, dtype=np.float32)
+    if array.size and not np.isfinite(array).all():
+        raise ServingInputError("an array input must be pixels 0-255; it holds NaN or infinite values")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ServingInputError(f"an array input must be pixels 0-255; got values from {array.min():g} to {array.max():g}")
+    if scaled and array.size and 0 < array.max() <= 1:
+        raise ServingInputError("an array input must be pixels 0-255; these all lie within 0-1 (images scaled to "
+                                "0-1?): multiply them by 255")
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[1] > 4:  # one colour image (H, W, 3): a batch of it
+        array = array[None]
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
     elif array.ndim == 4 and array.shape[-1] in (3, 4):  # RGB(A), channels last: PIL's luma ("L") weights
@@ -102,7 +117,11 @@ def images_from_input(model_input) -> torch.Tensor:
         return images_from_input(pd.DataFrame({IMAGE_COLUMN: list(model_input)}))
     if isinstance(model_input, torch.Tensor):
         model_input = model_input.cpu().numpy()
-    return torch.from_numpy(_from_array(np.asarray(model_input)))
+    array = np.asarray(model_input)
+    if array.dtype.kind in "US" or (array.dtype == object and array.size and isinstance(array.flat[0], (str, bytes))):
+        # {"inputs": ["<base64>", ...]} or {"instances": [...]}: MLflow hands over an array of text
+        return images_from_input(pd.DataFrame({IMAGE_COLUMN: array.ravel().tolist()}))
+    return torch.from_numpy(_from_array(array))
 
 
 def probability_frame(probabilities: np.ndarray) -> pd.DataFrame:

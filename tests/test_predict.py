@@ -308,6 +308,8 @@ def test_mlflow_models_serve_answers_with_seven_probabilities_per_image(trained,
             torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("L").resize((48, 48), Image.Resampling.BILINEAR))
                                        for f in files])))[0]
         np.testing.assert_allclose([[r[p] for p in PROBS] for r in rows], expected, atol=1e-5)
+        as_list = post({"inputs": encoded})["predictions"]  # a list of base64 texts, as most clients send it
+        np.testing.assert_allclose([[r[p] for p in PROBS] for r in as_list], expected, atol=1e-5)
         arrays = post({"inputs": np.zeros((2, 48, 48)).tolist(), "params": {"tta": "tencrop"}})["predictions"]
         assert len(arrays) == 2 and all(len([k for k in r if k.startswith("prob_")]) == 7 for r in arrays)
 
@@ -445,6 +447,29 @@ def test_a_single_text_column_of_any_name_is_read_as_base64_images():
     assert images.shape == (1, 48, 48) and images.dtype == torch.uint8 and int(images[0, 0, 0]) == 200
     with pytest.raises(ServingInputError, match="row 0: the 'image' value is not base64 text"):
         images_from_input(pd.DataFrame({"img": ["aaa"]}))
+
+
+def test_served_inputs_as_users_send_them():
+    """A list of base64 texts (what {"inputs": [...]} becomes: an array of text), base64 wrapped in lines or
+    as a data URL, one colour image (H, W, 3); pixels outside 0-255 or scaled to 0-1 are refused, not
+    clipped into a black face."""
+    from fer_exp.serving import ServingInputError, images_from_input
+
+    buffer = io.BytesIO()
+    Image.new("L", (60, 60), 200).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76)) + "\n"
+    for given in (np.array([encoded, encoded]), np.array([wrapped, "data:image/png;base64," + encoded], dtype=object)):
+        images = images_from_input(given)
+        assert images.shape == (2, 48, 48) and (images == 200).all()
+    colour = np.zeros((30, 40, 3), np.uint8)
+    colour[..., 0] = 100  # red 100: luma 29.9
+    one = images_from_input(colour)
+    assert one.shape == (1, 48, 48) and (one == 30).all()
+    for bad, message in ((np.full((1, 48, 48), 0.5), "within 0-1"), (np.full((1, 48, 48), 300), "values from 300 to 300"),
+                         (np.full((1, 48, 48), np.nan), "NaN")):
+        with pytest.raises(ServingInputError, match=message):
+            images_from_input(bad)
 
 
 def test_a_file_named_twice_is_predicted_once(tmp_path):
