@@ -365,21 +365,25 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
 @click.option("--detect-faces", is_flag=True, help="Find faces with OpenCV's Haar cascade and classify each one.")
 @click.option("--tta", type=click.Choice(TTA_OPTIONS), default="model", show_default=True,
               help="Test-time augmentation: average over the mirror image (flip) or ten crops and their mirrors; "
-                   "model: the one each model's run was tested with (its tag test_tta; none for a checkpoint of a tta-auto run).")
+                   "model: the one each model's run was tested with (its tag test_tta; none for a checkpoint file of a tta-auto run).")
 @click.option("--output", default="", help="Write the predictions to this .csv or .json file.")
 @click.option("--show", "show_dir", default="", help="Save the images with boxes and labels drawn into this folder.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def predict(images, model_uris, detect_faces, tta, output, show_dir, device) -> None:
+@click.option("--batch-size", type=click.IntRange(min=0), default=0,
+              help="Images per forward pass (0: the model's eval_batch_size); lower it where memory is short.")
+def predict(images, model_uris, detect_faces, tta, output, show_dir, device, batch_size) -> None:
     """Predict the emotion of each image (or of each face in it) in IMAGES: files or folders, any size,
     colour or format. One row per face or image, with the emotion and all seven probabilities."""
     from fer_exp.config import ConfigError
     from fer_exp.faces import FaceDetectorError
     from fer_exp.inference import ModelLoadError, load_model
-    from fer_exp.predict import PredictError, check_paths, format_predictions, predict_images, write_predictions
+    from fer_exp.predict import PredictError, check_output, check_paths, format_predictions, predict_images, write_predictions
 
     try:
         check_paths(list(images))
-        models = [load_model(uri, device) for uri in model_uris]
+        if output:
+            check_output(output)
+        models = [load_model(uri, device, batch_size) for uri in model_uris]
         result = predict_images(models, list(images), detect_faces=detect_faces, tta=tta, show_dir=show_dir or None)
         written = write_predictions(result.frame, output) if output else None
     except (ModelLoadError, PredictError, FaceDetectorError, ConfigError) as exc:
@@ -408,7 +412,9 @@ def predict(images, model_uris, detect_faces, tta, output, show_dir, device) -> 
 @click.option("--experiment-name", default="", help="MLflow experiment of the evaluation run (default: the first model's).")
 @click.option("--log/--no-log", default=True, show_default=True, help="Log the evaluation as an MLflow run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def evaluate(model_uris, data_source, split, tta, experiment_name, log, device) -> None:
+@click.option("--batch-size", type=click.IntRange(min=0), default=0,
+              help="Images per forward pass (0: each model's eval_batch_size); lower it where memory is short.")
+def evaluate(model_uris, data_source, split, tta, experiment_name, log, device, batch_size) -> None:
     """Evaluate one model or an ensemble, with optional test-time augmentation, and log it as a run with
     the same metrics, confusion matrix and predictions as a training run (fer-exp compare sets them side by side)."""
     from fer_exp.config import ConfigError
@@ -423,7 +429,7 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device) 
     try:
         if log:
             check_tracking_store(tracking_uri())
-        models = [load_model(uri, device) for uri in model_uris]
+        models = [load_model(uri, device, batch_size) for uri in model_uris]
         result = run_evaluation(models, data_source or None, split, tta, log, experiment_name or None)
     except (ModelLoadError, EvaluateError, DataError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None

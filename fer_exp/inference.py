@@ -100,6 +100,7 @@ class LoadedModel:
     device: torch.device = torch.device("cpu")
     amp_dtype: torch.dtype | None = None
     tta: str = "none"  # the test-time augmentation its run was tested with (chosen on val where tta was auto)
+    batch_size: int = 0  # images per forward pass (0: its config's eval_batch_size)
 
     @property
     def name(self) -> str:
@@ -118,7 +119,7 @@ class LoadedModel:
 
     def predict(self, images: torch.Tensor, tta: str = "model", labels: torch.Tensor | None = None,
                 batch_size: int | None = None) -> tuple[np.ndarray, float | None]:
-        return predict_probabilities(self.model, images, batch_size=batch_size or self.config.eval_batch_size,
+        return predict_probabilities(self.model, images, batch_size=batch_size or self.batch_size or self.config.eval_batch_size,
                                      tta=self.resolve_tta(tta), amp_dtype=self.amp_dtype, memory_format=self.memory_format, labels=labels)
 
 
@@ -232,10 +233,15 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, recorded))
 
 
-def load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
+def load_model(uri: str, device: str | torch.device = "auto", batch_size: int = 0) -> LoadedModel:
     """A trained model from a checkpoint (``.pt``), a weights file (``.safetensors``), a logged MLflow
     model's folder, or an MLflow URI: ``runs:/<run id>/model``, ``models:/<name>/<version>``,
-    ``models:/<name>@<alias>``."""
+    ``models:/<name>@<alias>``, ``models:/m-<model id>``; predicting ``batch_size`` images at a time (0:
+    its config's eval_batch_size)."""
+    return dataclasses.replace(_load_model(uri, device), batch_size=batch_size)
+
+
+def _load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
     path = Path(uri)
     if "://" not in uri and not uri.startswith(("runs:", "models:")):
         if path.is_dir():
@@ -243,6 +249,9 @@ def load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
             if not found:
                 raise ModelLoadError(f"{uri}: a folder without {WEIGHTS_FILE}; give a checkpoint, a weights file "
                                      "or an MLflow model URI (runs:/<run id>/model)")
+            if len(found) > 1:  # an mlruns/ folder, say: which model is meant is not for fer-exp to guess
+                raise ModelLoadError(f"{uri}: a folder with {len(found)} models ({', '.join(map(str, found[:3]))}"
+                                     f"{', ...' if len(found) > 3 else ''}); give the one meant, or its runs:/<run id>/model")
             return load_weights_file(found[0], device)
         if not path.is_file():
             raise ModelLoadError(f"{uri}: no such file; give a checkpoint (.pt), a weights file (.safetensors), or "
@@ -259,8 +268,11 @@ def load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
 def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
     import mlflow
 
-    from fer_exp.tracking import tracking_uri  # (also quiets MLflow's download bars)
+    from fer_exp.tracking import DEFAULT_TRACKING_URI, tracking_uri  # (also quiets MLflow's download bars)
 
+    if tracking_uri() == DEFAULT_TRACKING_URI and not Path("mlflow.db").is_file():  # opening it would make an empty one
+        raise ModelLoadError(f"{uri}: no MLflow store here ({Path.cwd() / 'mlflow.db'} does not exist); run from the "
+                             "folder that holds mlflow.db, or set MLFLOW_TRACKING_URI (e.g. sqlite:////path/to/mlflow.db)")
     mlflow.set_tracking_uri(tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -282,16 +294,25 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
         run_id = uri[len("runs:/"):].split("/")[0]
     elif uri.startswith("models:/"):
         run_id = model_version_run_id(uri)
-    return dataclasses.replace(loaded, source=uri, run_id=run_id)
+    tta = loaded.tta
+    if run_id and loaded.config.tta == "auto" and tta == "none":  # a checkpoint of a tta-auto run: its run knows the choice
+        try:
+            tta = own_tta(loaded.config, mlflow.MlflowClient().get_run(run_id).data.tags.get("test_tta"))
+        except mlflow.exceptions.MlflowException:
+            pass
+    return dataclasses.replace(loaded, source=uri, run_id=run_id, tta=tta)
 
 
 def model_version_run_id(uri: str) -> str | None:
-    """The run that made a registered model version (``models:/name/3`` or ``models:/name@alias``)."""
+    """The run that made a registered model version (``models:/name/3`` or ``models:/name@alias``) or a
+    logged model (``models:/m-<id>``)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     ref = uri[len("models:/"):]
     try:
+        if ref.startswith("m-") and "/" not in ref and "@" not in ref:  # MLflow 3's own id of a logged model
+            return client.get_logged_model(ref).source_run_id
         if "@" in ref:
             name, alias = ref.split("@", 1)
             return client.get_model_version_by_alias(name, alias).run_id

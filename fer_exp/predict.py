@@ -100,6 +100,15 @@ def predict_images(models: list[LoadedModel], paths: list[str], *, detect_faces:
     return result
 
 
+def check_output(output: str) -> None:
+    """A wrong ``--output`` stops the command before any model is loaded or image predicted."""
+    from fer_exp.experiment import check_output_dir
+
+    if Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise PredictError(f"--output {output}: write a .csv or a .json file")
+    check_output_dir(Path(output).parent, "the predictions", "--output")
+
+
 def write_predictions(frame: pd.DataFrame, output: str) -> Path:
     path = Path(output)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:

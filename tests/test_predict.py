@@ -133,6 +133,19 @@ def test_a_model_predicts_with_the_tta_its_run_was_tested_with(trained):
     assert evaluation.data.tags["tta"] == "flip" and evaluation.data.tags["model"] == "cnn+tta:flip"
     assert evaluation.data.metrics["test_accuracy"] == pytest.approx(
         client.get_run(run.run_id).data.metrics["test_accuracy"])
+    # a checkpoint of a tta-auto run (its config cannot know the choice): its run's tag says it
+    from fer_exp.models import build_model
+
+    auto = client.create_run(run.experiment_id, tags={"test_tta": "tencrop"})
+    torch.save({"model": build_model("cnn").state_dict(), "config": {**load_config().to_dict(), "tta": "auto"}},
+               trained["tmp"] / "best.pt")
+    client.log_artifact(auto.info.run_id, str(trained["tmp"] / "best.pt"), "checkpoints")
+    assert load_model(f"runs:/{auto.info.run_id}/checkpoints/best.pt").tta == "tencrop"
+    assert load_model(str(trained["tmp"] / "best.pt")).tta == "none"  # the file alone does not know
+    # MLflow 3's own address of a logged model names its run too
+    [logged_model] = client.search_logged_models(experiment_ids=[run.experiment_id],
+                                                 filter_string=f"source_run_id = '{run.run_id}'")
+    assert load_model(f"models:/{logged_model.model_id}").run_id == run.run_id
     # an ensemble of a flip model and a plain one, each with its own
     both = invoke("evaluate", "--model", f"runs:/{trained['runs'][1].run_id}/model", "--model", uri,
                   "--data", "synthetic:96,24,40", "--no-log")
@@ -470,6 +483,38 @@ def test_served_inputs_as_users_send_them():
                          (np.full((1, 48, 48), np.nan), "NaN")):
         with pytest.raises(ServingInputError, match=message):
             images_from_input(bad)
+
+
+def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predicting(tmp_path, monkeypatch):
+    """A bad --output is refused before the model loads; a folder holding several models is not guessed
+    from; a runs:/ URI where no store is leaves no empty mlflow.db behind; --batch-size changes nothing
+    but memory."""
+    from fer_exp.inference import save_weights
+    from fer_exp.models import build_model
+
+    image = tmp_path / "x.png"
+    Image.new("L", (48, 48), 100).save(image)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    blocked = invoke("predict", "--model", "runs:/0123456789abcdef/model", image, "--output", tmp_path / "blocker" / "p.csv")
+    assert blocked.exit_code == 2 and "the predictions cannot be written there" in blocked.output, blocked.output
+    for sub in ("a", "b"):
+        (tmp_path / "models" / sub).mkdir(parents=True)
+        save_weights(build_model("cnn"), load_config(), tmp_path / "models" / sub / "model.safetensors")
+    several = invoke("predict", "--model", tmp_path / "models", image)
+    assert several.exit_code == 2 and "a folder with 2 models" in several.output, several.output
+    one = tmp_path / "models" / "a" / "model.safetensors"
+    default, small = (predict_rows(invoke("predict", "--model", one, image, *extra)) for extra in ((), ("--batch-size", "1")))
+    assert len(default) == 1 and default == small
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    nowhere = invoke("predict", "--model", "runs:/0123456789abcdef/model", image)
+    assert nowhere.exit_code == 2 and "no MLflow store here" in nowhere.output and "MLFLOW_TRACKING_URI" in nowhere.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def predict_rows(result) -> list[str]:
+    assert result.exit_code == 0, result.output
+    return [line for line in result.output.splitlines() if line.strip().endswith("48x48")]
 
 
 def test_a_file_named_twice_is_predicted_once(tmp_path):
