@@ -449,6 +449,9 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             mlflow.set_tags({"checkpoint_dir": str(trainer.checkpoint_dir.resolve()), HOST_TAG: socket.gethostname()})
             if not resume_run_id:
                 log_config_params(cfg)  # again with the run's description at its first epoch: the same values
+            else:  # why it stopped before is no longer so: a resumed run that finishes is not "interrupted"
+                with contextlib.suppress(mlflow.exceptions.MlflowException):
+                    mlflow.delete_tag("stop_reason")
             if on_run_start is not None:
                 on_run_start(run.info.run_id)
             result = trainer.fit(evaluate_test=evaluate_test)

@@ -475,9 +475,8 @@ class Worker:
             trial.set_user_attr("mlflow_run_id", run_id)
             if run_id == resume_run_id:  # the interrupted trial's run is this trial's now
                 mlflow.set_tags({**tags, "mlflow.runName": cfg.run_name})
-                for stale in ("error", "stop_reason"):
-                    with contextlib.suppress(Exception):
-                        mlflow.delete_tag(stale)
+                with contextlib.suppress(Exception):  # (run_experiment clears its stop_reason)
+                    mlflow.delete_tag("error")
 
         interrupted = False
         options = dict(progress=False, log_model=False, data=data, evaluate_test=False, log_checkpoints=False,

@@ -375,6 +375,7 @@ def test_an_interrupted_study_resumes_its_run_instead_of_making_it_again(tracked
     [run] = client.search_runs([experiment], "tags.study_file = 'cut'")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["fer_exp.host"] == host  # where it trained last
+    assert killed.data.tags["stop_reason"] == "interrupted (Ctrl-C or SIGTERM)" and "stop_reason" not in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
     # a signal once the runs are made, or during the comparison: exit 130 and a word, not a silent 0
     import fer_exp.compare
