@@ -9,6 +9,7 @@ import click
 
 from fer_exp.classes import CLASS_NAMES
 from fer_exp.config import EVALUATION_SPLITS, TTA_OPTIONS
+from fer_exp.errors import counted
 
 
 class UserError(click.ClickException):
@@ -170,7 +171,11 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
     except (ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     source = f"resuming run {resume}" if resume else f"config: {config_path or 'defaults'}"
-    click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {cfg.epochs} epochs ({source})")
+    click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {counted(cfg.epochs, 'epoch')} ({source})")
+    if not resume and not config_path and cfg.model == "resnet18" and cfg.pretrained == "none":
+        click.echo("note: no --config, so resnet18 trains from random weights with the defaults (lr 0.001, nothing "
+                   "frozen); the ImageNet-pretrained ResNet18 of the README is --config experiments/resnet18.yaml "
+                   "(or -P config=experiments/resnet18.yaml)")
     stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
     try:
         summary = run_experiment(cfg, resume_run_id=resume)
@@ -399,7 +404,10 @@ def predict(images, model_uris, detect_faces, tta, output, show_dir, device, bat
     click.echo(f"\n{read} image(s){faces} in {result.seconds:.1f} s"
                + (f"; {len(result.skipped)} skipped" if result.skipped else "")
                + (f"; predictions in {written}" if written else "")
-               + (f"; drawn images in {show_dir}/" if show_dir else ""))
+               + (f"; drawn images in {Path(show_dir)}/" if show_dir else ""))
+    if detect_faces and result.frame.empty and result.no_face:
+        click.echo("no face was found in any image: if they are faces already cropped (as FER2013's are), "
+                   "predict without --detect-faces", err=True)
 
 
 @main.command()

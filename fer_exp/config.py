@@ -158,6 +158,13 @@ _SCHEMAS = {Config: (FIELDS, TYPES, "config key"),
             StudyConfig: (STUDY_FIELDS, typing.get_type_hints(StudyConfig), "study setting")}
 
 
+# what other tools call some fields (for "did you mean"; spelling mistakes are found by similarity)
+COMMON_NAMES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs",
+                "n_epochs": "epochs", "max_epochs": "epochs", "lr_scheduler": "scheduler", "patience": "early_stopping",
+                "smoothing": "label_smoothing", "img_size": "input_size", "image_size": "input_size",
+                "mixup": "mixup_alpha", "ema": "ema_decay", "precision": "amp", "n_jobs": "workers"}
+
+
 def coerce(name: str, value, origin: str, schema: type = Config):
     """Check and convert one value to the field's type; ``origin`` says where it came from.
     ``schema`` is the dataclass the field belongs to (:class:`Config` or :class:`StudyConfig`)."""
@@ -165,7 +172,8 @@ def coerce(name: str, value, origin: str, schema: type = Config):
     if not isinstance(name, str):
         raise ConfigError(f"{origin}: {what}s must be names, got {name!r} (quote it in YAML)")
     if name not in fields:
-        close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+        close = [COMMON_NAMES[name]] if COMMON_NAMES.get(name) in fields else \
+            difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"{origin}: unknown {what} {name!r}.{hint} Valid {what}s: {', '.join(fields)}")
     kind = types[name]

@@ -281,8 +281,10 @@ def check_output_dir(folder: str | Path, what: str = "checkpoints", option: str 
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
         raise ConfigError(f"{option.lstrip('-').replace('-', '_')} {folder}: {what} cannot be written there "
-                          f"({exc.strerror or exc}); choose another folder with {option}") from None
+                          f"({reason}); choose another folder with {option}") from None
 
 
 @dataclass

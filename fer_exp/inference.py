@@ -254,6 +254,8 @@ def _load_model(uri: str, device: str | torch.device = "auto") -> LoadedModel:
                                      f"{', ...' if len(found) > 3 else ''}); give the one meant, or its runs:/<run id>/model")
             return load_weights_file(found[0], device)
         if not path.is_file():
+            if len(uri) == 32 and all(c in "0123456789abcdef" for c in uri):  # a bare run id
+                raise ModelLoadError(f"{uri}: no such file; for the model of run {uri} give runs:/{uri}/model")
             raise ModelLoadError(f"{uri}: no such file; give a checkpoint (.pt), a weights file (.safetensors), or "
                                  "an MLflow model URI (runs:/<run id>/model, models:/<name>/<version>)")
         if path.suffix == ".safetensors":

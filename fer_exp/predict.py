@@ -4,6 +4,7 @@ models (averaged) and optional test-time augmentation. Images are prepared exact
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,8 +118,8 @@ def write_predictions(frame: pd.DataFrame, output: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".csv":
             frame.to_csv(path, index=False)
-        else:
-            frame.to_json(path, orient="records", indent=2)
+        else:  # (pandas' own JSON writes paths as "photos\/a.jpg")
+            path.write_text(json.dumps(json.loads(frame.to_json(orient="records")), indent=2) + "\n")
     except OSError as exc:
         raise PredictError(f"--output {output}: cannot be written ({exc.strerror or exc})") from None
     return path

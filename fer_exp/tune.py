@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fer_exp.config import (
+    CHOICES,
     EXECUTION_FIELDS,
     Config,
     ConfigError,
@@ -47,7 +48,7 @@ from fer_exp.config import (
     recorded_config,
     validate,
 )
-from fer_exp.errors import first_line
+from fer_exp.errors import counted, first_line
 from fer_exp.search_space import Param, parse_enqueue, parse_space, space_spec
 from fer_exp.train import Callback, StopTraining, raise_if_stop_requested, stop_on_signals, stop_requested
 from fer_exp.tune_report import ParentRun, StudyError, format_params, format_table, mask_url, study_summary
@@ -98,6 +99,8 @@ class StudyPlan:
 
 def find_study_file(model: str | None) -> Path:
     """experiments/tune_<model>.yaml, in the working directory or beside the package (a checkout)."""
+    if model is not None and model not in CHOICES["model"]:
+        raise ConfigError(f"model must be one of {', '.join(CHOICES['model'])}, got {model!r}")
     name = f"tune_{model or 'cnn'}.yaml"
     for folder in (Path("experiments"), REPO_EXPERIMENTS):
         if (folder / name).is_file():
@@ -441,7 +444,7 @@ class Worker:
         if state == "PRUNED":
             shown = f"{pruning.last_value:.4f}"
         self.say(f"trial {trial.number} {state:8s} {plan.config.select_metric} {shown}  {best_text}  "
-                 f"{format_params(params)}  [{pruning.epochs} epochs, {seconds:.0f} s]"
+                 f"{format_params(params)}  [{counted(pruning.epochs, 'epoch')}, {seconds:.0f} s]"
                  + (f"  ({error})" if error and state != "PRUNED" else ""))
         if self.tracking and best is not None and self.spec.parent_run_id:
             with contextlib.suppress(Exception):
@@ -674,7 +677,7 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     target = sc.total_trials or finished_before + sc.n_trials
     print(f"study {sc.study_name} ({'resumed, ' + str(finished_before) + ' finished trials' if resumed else 'new'}) "
           f"in {mask_url(storage_url)}: {plan.config.model}, {plan.direction} {plan.config.select_metric}, "
-          f"sampler {sc.sampler}, pruner {sc.pruner}, {plan.config.epochs} epochs a trial, "
+          f"sampler {sc.sampler}, pruner {sc.pruner}, {counted(plan.config.epochs, 'epoch')} a trial, "
           f"{max(target - finished_before, 0)} trial(s) to run on {sc.workers} worker(s)")
     print("searching: " + "; ".join(f"{p.name} {p.describe()}" for p in plan.space)
           + (f" (fixed by the command line: {', '.join(plan.fixed_by_cli)})" if plan.fixed_by_cli else ""))
@@ -798,7 +801,7 @@ def retrain_best(plan: StudyPlan, best: dict, data, parent: ParentRun | None):
     cfg = plan.trial_config(best["params"])
     epochs = plan.study.retrain_epochs or cfg.epochs
     cfg = dataclasses.replace(cfg, epochs=epochs, run_name=f"{plan.study.study_name} best (trial #{best['number']})")
-    print(f"\nretraining trial #{best['number']}'s configuration for {epochs} epochs, then testing it once")
+    print(f"\nretraining trial #{best['number']}'s configuration for {counted(epochs, 'epoch')}, then testing it once")
     if parent is None:
         from fer_exp.train import Trainer
 

@@ -66,6 +66,18 @@ def test_any_train_options_exit_2_with_a_message_and_leave_no_run(store, options
     assert not (store / "mlflow.db").exists() or not _runs(store)
 
 
+@pytest.mark.parametrize("args, noted", [
+    (["--model", "resnet18"], True),  # the defaults: random weights, the CNN's lr
+    (["--model", "resnet18", "--pretrained", "imagenet"], False),  # chosen
+    (["--config", "experiments/resnet18.yaml", "--pretrained", "none"], False),
+    (["--model", "cnn"], False),
+])
+def test_resnet18_without_a_config_says_it_is_not_the_readme_s_pretrained_recipe(store, args, noted):
+    config = [str(Path(__file__).resolve().parents[1] / a) if a.startswith("experiments/") else a for a in args]
+    result = CliRunner().invoke(main, ["train", *config, "--data", str(store / "nowhere")])
+    assert result.exit_code == 2 and ("--config experiments/resnet18.yaml" in result.output) == noted, result.output
+
+
 def _runs(store: Path):
     import mlflow
 

@@ -142,7 +142,8 @@ def test_unknown_override_key_names_option():
         load_config(overrides={"no_such_key": 1})
 
 
-@pytest.mark.parametrize("typo, field", [("sceduler", "scheduler"), ("epcohs", "epochs")])
+@pytest.mark.parametrize("typo, field", [("sceduler", "scheduler"), ("epcohs", "epochs"),
+                                         ("learning_rate", "lr"), ("patience", "early_stopping")])  # other tools' names
 def test_unknown_key_typo_gets_suggestion(tmp_path, typo, field):
     with pytest.raises(ConfigError, match=f"Did you mean {field}"):
         load_config(write(tmp_path, f"{typo}: 1\n"))

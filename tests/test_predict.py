@@ -497,6 +497,7 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     (tmp_path / "blocker").write_text("a file, not a folder")
     blocked = invoke("predict", "--model", "runs:/0123456789abcdef/model", image, "--output", tmp_path / "blocker" / "p.csv")
     assert blocked.exit_code == 2 and "the predictions cannot be written there" in blocked.output, blocked.output
+    assert f"{tmp_path / 'blocker'} is a file, not a folder" in blocked.output
     for sub in ("a", "b"):
         (tmp_path / "models" / sub).mkdir(parents=True)
         save_weights(build_model("cnn"), load_config(), tmp_path / "models" / sub / "model.safetensors")
@@ -505,6 +506,14 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     one = tmp_path / "models" / "a" / "model.safetensors"
     default, small = (predict_rows(invoke("predict", "--model", one, image, *extra)) for extra in ((), ("--batch-size", "1")))
     assert len(default) == 1 and default == small
+    as_json = invoke("predict", "--model", one, image, "--output", tmp_path / "p.json")
+    assert as_json.exit_code == 0 and "\\/" not in (tmp_path / "p.json").read_text()
+    assert json.loads((tmp_path / "p.json").read_text())[0]["source"] == str(image)
+    faceless = invoke("predict", "--model", one, image, "--detect-faces")  # a flat grey square: no face
+    assert faceless.exit_code == 0 and "predict without --detect-faces" in faceless.output, faceless.output
+    run_id = "0123456789abcdef0123456789abcdef"
+    bare = invoke("predict", "--model", run_id, image)
+    assert bare.exit_code == 2 and f"give runs:/{run_id}/model" in bare.output
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     nowhere = invoke("predict", "--model", "runs:/0123456789abcdef/model", image)

@@ -154,6 +154,8 @@ def test_no_study_file_for_the_model_says_how_to_give_one(tmp_path, store, monke
     monkeypatch.setattr("fer_exp.tune.REPO_EXPERIMENTS", tmp_path / "nowhere")
     result = CliRunner().invoke(main, ["tune", "--model", "resnet18"])
     assert result.exit_code == 2 and "experiments/tune_resnet18.yaml" in result.output and "--config" in result.output
+    typo = CliRunner().invoke(main, ["tune", "--model", "cnnx"])
+    assert typo.exit_code == 2 and "model must be one of cnn, resnet18, got 'cnnx'" in typo.output, typo.output
 
 
 def test_passwords_are_masked():
