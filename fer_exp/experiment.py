@@ -296,9 +296,17 @@ class RunSummary:
 
 
 def load_run_data(cfg: Config) -> FerData:
-    """The data a config trains on (decoded once, then read from the cache)."""
+    """The data a config trains on (decoded once, then read from the cache); bad samples skipped by
+    ``on_bad: skip`` are said on stderr (all of them are in the run's data_summary.json)."""
     source, on_bad, seed, val_fraction = cfg.data_key()
-    return load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction)
+    data = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction)
+    skipped = data.report.skipped
+    if skipped:
+        print(f"skipped {len(skipped)} bad sample(s) (--on-bad skip): "
+              + "; ".join(f"{where}: {why}" for where, why in skipped[:3])
+              + (f"; ... and {len(skipped) - 3} more (the run's data_summary.json lists them)" if len(skipped) > 3 else ""),
+              file=sys.stderr)
+    return data
 
 
 def resume_config(run_id: str, overrides: dict | None = None) -> Config:
