@@ -426,6 +426,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                 client = mlflow.MlflowClient()
                 client.set_tag(launch, "mlflow.parentRunId", resume_run_id)
                 client.set_tag(launch, "fer_exp.role", "launch")
+                client.set_tag(launch, "mlflow.runName", f"resume of {cfg.run_name or describe_run(cfg)}")
                 client.set_tag(launch, "mlflow.note.content", f"Resumed run {resume_run_id}; its metrics are there.")
         try:
             if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does

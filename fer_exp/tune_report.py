@@ -60,12 +60,14 @@ class ParentRun:
                 self.client.set_tag(launch, "mlflow.parentRunId", known)
                 self.client.set_tag(launch, "fer_exp.role", "launch")
                 self.client.set_tag(launch, "study", plan.study.study_name)
+                self.client.set_tag(launch, "mlflow.runName", f"{plan.study.study_name} (resumed)")
                 self.client.set_tag(launch, "mlflow.note.content",
                                     f"Resumed study {plan.study.study_name}; its trials are under run {known}.")
             return
         if launch:
             run = self.client.get_run(launch)
             self.run_id, self.experiment_id = launch, run.info.experiment_id
+            self.client.set_tag(launch, "mlflow.runName", plan.study.study_name)  # MLflow named it at random
         else:
             try:
                 self.experiment_id = mlflow.set_experiment(plan.config.experiment_name).experiment_id

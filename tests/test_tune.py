@@ -712,6 +712,7 @@ def test_mlflow_run_tune_entry_point(tmp_path):
     client, runs = runs_of(tmp_path, "tuning")
     roots = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(roots) == 1 and roots[0].data.tags["fer_exp.role"] == "study"
+    assert roots[0].info.run_name == "tune_resnet18"  # the study's name, not one MLflow drew at random
     assert roots[0].data.params["model"] == "resnet18" and roots[0].data.params["n_trials"] == "2"  # -P values
     children = by_role(runs, "trial")
     assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {roots[0].info.run_id}
