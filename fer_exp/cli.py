@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -313,14 +314,9 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
     runs trained elsewhere (on a GPU machine without MLflow, say) are tracked instead: their test split
     is evaluated here, on the same faces (checked: the same splits' members)."""
     import time
-    from pathlib import Path
 
-    from fer_exp.compare import CompareError, check_output, compare
     from fer_exp.config import ConfigError
-    from fer_exp.data import DataError
-    from fer_exp.experiment import TrackingError
-    from fer_exp.models import PretrainedWeightsError
-    from fer_exp.study import read_study, run_study
+    from fer_exp.study import read_study
 
     try:
         seed_list = [int(s) for s in seeds.replace(",", " ").split()] or None
@@ -331,6 +327,24 @@ def study(study_file: str, seeds: str, arms: str, dry_run: bool, imports: tuple[
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     output = Path(output or f"reports/{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    made_here = [folder for folder in [output, *output.parents] if not folder.exists()]  # innermost first
+    try:
+        _make_and_compare(plan, output, dry_run, imports)
+    finally:  # a study that stops before its comparison leaves no empty report folders behind
+        for folder in made_here:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+def _make_and_compare(plan, output, dry_run: bool, imports) -> None:
+    from fer_exp.compare import CompareError, check_output, compare
+    from fer_exp.config import ConfigError
+    from fer_exp.data import DataError
+    from fer_exp.experiment import TrackingError
+    from fer_exp.models import PretrainedWeightsError
+    from fer_exp.study import run_study
+
     stop_on_signals()
     try:
         if not dry_run:

@@ -210,6 +210,7 @@ def test_study_import_refuses_what_is_not_an_export_of_this_data(store):
     assert result.exit_code == 2 and short_error(result.output), result.output
     assert "good.pt was trained on other data than synthetic:40,8,8: its train" in result.output.replace("\n", "")
     assert not _runs(store)
+    assert not (store / "reports").exists()  # the report folder made for the comparison that never came
     # the same faces decoded to other pixels where it trained (another libjpeg): imported, and said so
     import torch
 
