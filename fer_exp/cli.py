@@ -449,9 +449,9 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device, 
 
     _interrupt_on_sigterm()
     try:
+        models = [load_model(uri, device, batch_size) for uri in model_uris]  # first: a URI where no store is says so
         if log:
             check_tracking_store(tracking_uri())
-        models = [load_model(uri, device, batch_size) for uri in model_uris]
         result = run_evaluation(models, data_source or None, split, tta, log, experiment_name or None)
     except (ModelLoadError, EvaluateError, DataError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None

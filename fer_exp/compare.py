@@ -95,7 +95,9 @@ def run_config(run: RunInfo) -> dict:
 
     made = recorded_config({k[len("config."):]: v for k, v in run.params.items() if k.startswith("config.")})
     config = {k: str(v) for k, v in made.items() if k not in EXECUTION_FIELDS}
-    evaluation = run.tags.get("model", "?") if run.tags.get("fer_exp.role") == "evaluation" else "its own"
+    evaluation = "its own"
+    if run.tags.get("fer_exp.role") == "evaluation":  # which models, with which TTA (an ensemble logs no config.*)
+        evaluation = f"{run.tags.get('model', '?')} of {run.params.get('models', '?')}"
     return {**config, "test evaluation": evaluation}
 
 
@@ -116,7 +118,8 @@ def mixed_configs(runs: list) -> list[str]:
     notes = []
     for group in dict.fromkeys(r.group for r in runs):
         configs = [run_config(r) for r in runs if r.group == group]
-        differ = {k: sorted({c[k] for c in configs}) for k in configs[0] if k != "seed" and len({c[k] for c in configs}) > 1}
+        keys = dict.fromkeys(k for c in configs for k in c)  # (a field one run's version had and another's not)
+        differ = {k: sorted({str(c.get(k)) for c in configs}) for k in keys if k != "seed" and len({c.get(k) for c in configs}) > 1}
         if differ:
             shown = "; ".join(f"{k} ({', '.join(v[:4])}{', ...' if len(v) > 4 else ''})" for k, v in list(differ.items())[:4])
             notes.append(f"group {group} averages runs whose configs differ beyond the seed, in {shown}"
@@ -500,19 +503,24 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
 
 @contextlib.contextmanager
 def signals_held():
-    """SIGINT and SIGTERM held back (delivered on leaving) where the platform can; else nothing."""
+    """SIGINT and SIGTERM held back, then delivered on leaving (their handlers swapped for ones that note
+    them: a signal mask would not do, the kernel hands the signal to another thread, MLflow's, and Python
+    still interrupts the main one). Outside the main thread, nothing."""
     import signal
+    import threading
 
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # Windows, or not the main thread's business
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    came: list[int] = []
+    previous = {number: signal.signal(number, lambda n, _frame: came.append(n)) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(came):
+            signal.raise_signal(number)
 
 
 @dataclass

@@ -295,13 +295,17 @@ class RunSummary:
     result: FitResult
 
 
+_skips_said: set[tuple] = set()
+
+
 def load_run_data(cfg: Config) -> FerData:
     """The data a config trains on (decoded once, then read from the cache); bad samples skipped by
     ``on_bad: skip`` are said on stderr (all of them are in the run's data_summary.json)."""
     source, on_bad, seed, val_fraction = cfg.data_key()
     data = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction)
     skipped = data.report.skipped
-    if skipped:
+    if skipped and cfg.data_key() not in _skips_said:  # once per data in a process (a study loads it per seed)
+        _skips_said.add(cfg.data_key())
         print(f"skipped {len(skipped)} bad sample(s) (--on-bad skip): "
               + "; ".join(f"{where}: {why}" for where, why in skipped[:3])
               + (f"; ... and {len(skipped) - 3} more (the run's data_summary.json lists them)" if len(skipped) > 3 else ""),

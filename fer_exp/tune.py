@@ -722,8 +722,14 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     if interrupted:
         if parent:
             parent.summarise("KILLED")
-        print(f"interrupted: resume with the same command (study {sc.study_name}, storage {mask_url(storage_url)})",
-              file=sys.stderr)
+        done = count_states(study, FINISHED)
+        # --n-trials adds to what the study holds when the command starts: the same command would add them again
+        exact = "" if sc.total_trials else (f", with --total-trials {target} for the {target - done} trial(s) of this "
+                                            f"one still to run (as it is, it adds {sc.n_trials} more)" if done < target else
+                                            f", with --total-trials {target}: its trials are done"
+                                            + (", so it only retrains the best" if sc.retrain_best else ""))
+        print(f"interrupted: resume with the same command{exact} (study {sc.study_name}, storage {mask_url(storage_url)}; "
+              f"{done} of {target} trials finished)", file=sys.stderr)
         raise KeyboardInterrupt
     finished = count_states(study, FINISHED)
     if finished < target and not (deadline and time.time() >= deadline):

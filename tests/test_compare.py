@@ -143,11 +143,14 @@ def test_a_search_compares_each_recipe_and_seed_once_and_says_what_it_left_out(t
     newer = made("again", 2000, {**recipe, "config.device": "cuda"}, accuracy=0.4)  # where it ran: the same recipe
     longer = made("longer", 3000, {**recipe, "config.epochs": 60, "config.seed": 2}, accuracy=0.6)
     made("no model", 4000, {"lr": 0.1}, tags={"note": "made elsewhere"})
-    assert [r.info.run_id for r in search_all_runs(client, [experiment], page_size=2)][1:] == [longer, newer, older]
+    # two ensemble evaluations of other members (no config.* params): not twins of each other
+    ensembles = [made(f"ensemble {i}", 5000 + i, {"models": f"runs:/{i}a/model runs:/{i}b/model", "n_models": 2},
+                      tags={"model": "cnn+resnet18", "fer_exp.role": "evaluation"}) for i in range(2)]
+    assert [r.info.run_id for r in search_all_runs(client, [experiment], page_size=2)][3:] == [longer, newer, older]
     result = CliRunner().invoke(main, ["compare", "--experiment", "twins", "--no-log", "--output", str(tracked["tmp"] / "twins")])
     assert result.exit_code == 0, result.output
     runs = pd.read_csv(tracked["tmp"] / "twins" / "runs.csv")
-    assert list(runs["run_id"]) == [newer, longer]
+    assert list(runs["run_id"]) == [newer, longer, *sorted(ensembles, key=lambda r: runs.set_index("run_id").loc[r, "name"])]
     assert f"skipped 1 older run(s) with the same group, seed and config as a newer one (trained again): first {older}" in result.output
     assert "skipped 1 run(s) without 'model': no model" in result.output
     assert "group cnn averages runs whose configs differ beyond the seed, in epochs (2, 60)" in result.output
@@ -157,6 +160,24 @@ def test_a_search_compares_each_recipe_and_seed_once_and_says_what_it_left_out(t
     client.delete_run(longer)
     deleted = CliRunner().invoke(main, ["compare", "--runs", f"{newer},{longer}", "--no-log", "--output", str(tracked["tmp"] / "gone")])
     assert deleted.exit_code == 2 and f"run longer {longer} is deleted" in deleted.output, deleted.output
+
+
+def test_a_signal_during_the_folder_swap_waits_for_its_end(tmp_path):
+    """SIGINT inside signals_held (in a process with MLflow's threads) interrupts only after the block."""
+    import signal
+    import time
+
+    script = ("import sys, time, mlflow; mlflow.MlflowClient()\n"
+              "from fer_exp.compare import signals_held\n"
+              "with signals_held():\n"
+              "    print('in', flush=True); time.sleep(1.5); print('left', flush=True)\n"
+              "time.sleep(5); print('not interrupted', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "in\n"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert out == "left\n" and "KeyboardInterrupt" in err, (out, err)
 
 
 def test_mcnemar_by_hand():

@@ -700,15 +700,20 @@ def test_cache_keeps_the_skip_report_and_is_separate_per_on_bad(tmp_path):
 
 def test_a_training_says_what_on_bad_skip_skipped(tmp_path, capsys):
     """train, tune and study load their data through load_run_data: the skipped files are said on screen,
-    not only in the run's data_summary.json, from the cache too."""
+    not only in the run's data_summary.json, from the cache too, and once in a process (a study loads its
+    data for each seed)."""
+    from fer_exp import experiment
     from fer_exp.config import load_config
-    from fer_exp.experiment import load_run_data
 
     root = make_folders(tmp_path / "faces", train=10, test=1)
     (root / "train" / "angry" / "broken.jpg").write_bytes(b"garbage")
-    for _ in range(2):
-        load_run_data(load_config(overrides={"data": str(root), "on_bad": "skip"}))
+    cfg = load_config(overrides={"data": str(root), "on_bad": "skip"})
+    for decoded in (True, False):  # decoded, then from the cache in a new process (here: the record cleared)
+        experiment._skips_said.discard(cfg.data_key())
+        assert experiment.load_run_data(cfg).from_cache is not decoded
         assert "skipped 1 bad sample(s) (--on-bad skip): train/angry/broken.jpg" in capsys.readouterr().err
+    experiment.load_run_data(cfg)
+    assert "skipped" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -504,8 +504,15 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     several = invoke("predict", "--model", tmp_path / "models", image)
     assert several.exit_code == 2 and "a folder with 2 models" in several.output, several.output
     one = tmp_path / "models" / "a" / "model.safetensors"
-    default, small = (predict_rows(invoke("predict", "--model", one, image, *extra)) for extra in ((), ("--batch-size", "1")))
-    assert len(default) == 1 and default == small
+    for i in range(2):
+        Image.new("L", (48, 48), 60 * i).save(tmp_path / f"y{i}.png")
+    from fer_exp import inference
+
+    batches, real = [], inference.predict_probabilities
+    monkeypatch.setattr(inference, "predict_probabilities", lambda *a, **kw: batches.append(kw["batch_size"]) or real(*a, **kw))
+    images = [image, tmp_path / "y0.png", tmp_path / "y1.png"]
+    default, small = (predict_rows(invoke("predict", "--model", one, *images, *extra)) for extra in ((), ("--batch-size", "2")))
+    assert len(default) == 3 and default == small and batches == [1024, 2]  # the config's eval_batch_size, then 2
     as_json = invoke("predict", "--model", one, image, "--output", tmp_path / "p.json")
     assert as_json.exit_code == 0 and "\\/" not in (tmp_path / "p.json").read_text()
     assert json.loads((tmp_path / "p.json").read_text())[0]["source"] == str(image)
@@ -518,6 +525,8 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     nowhere = invoke("predict", "--model", "runs:/0123456789abcdef/model", image)
     assert nowhere.exit_code == 2 and "no MLflow store here" in nowhere.output and "MLFLOW_TRACKING_URI" in nowhere.output
+    evaluated = invoke("evaluate", "--model", "runs:/0123456789abcdef/model", "--data", "synthetic:16,8,8")
+    assert evaluated.exit_code == 2 and "no MLflow store here" in evaluated.output, evaluated.output
     assert not (tmp_path / "mlflow.db").exists()
 
 

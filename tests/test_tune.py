@@ -385,11 +385,12 @@ def test_a_stop_as_the_last_trial_finishes_starts_no_retraining(store, monkeypat
     finally:
         train._stop_requested.clear()
     assert first.exit_code == 130 and "interrupted: resume with the same command" in first.output, first.output
+    assert "with --total-trials 1: its trials are done, so it only retrains the best" in first.output
     assert "retraining" not in first.output
     _, runs = runs_of(store)
     assert by_role(runs, "retrain") == [] and by_role(runs, "study")[0].info.status == "KILLED"
     monkeypatch.setattr(Worker, "finish", real_finish)
-    again = CliRunner().invoke(main, [*args, "--n-trials", "0"])
+    again = CliRunner().invoke(main, [*args, "--total-trials", "1"])
     assert again.exit_code == 0 and "retraining trial #0" in again.output, again.output
     [run] = by_role(runs_of(store)[1], "retrain")
     assert run.info.status == "FINISHED"
@@ -583,7 +584,8 @@ def test_sigterm_stops_the_study_cleanly_and_the_same_command_resumes_it(tmp_pat
     proc.send_signal(signal.SIGTERM)
     output = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=120) == 130, output
-    assert "interrupted: resume with the same command" in output
+    assert "interrupted: resume with the same command, with --total-trials 3 for the 3 trial(s) of this one still to run " \
+           "(as it is, it adds 3 more)" in output, output
     assert "trial 0: interrupted; queued again for the command that resumes the study (it goes on from its last epoch)" in output
     client, runs = runs_of(tmp_path)
     parent = by_role(runs, "study")[0]
