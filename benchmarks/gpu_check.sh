@@ -16,11 +16,11 @@
 #               inductor's caches warm): the goal is 60 epochs in <= 45 s
 #   profile     benchmarks/profile_step.py: where a step's time goes (wall against device-busy ms, launches,
 #               graph replays, syncs, top operators) for the CNN as configured by default (compile and amp
-#               auto) and for ResNet18 at 112 and 224 px, each against its compute bound
-#   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), amp auto, eager
+#               auto) and for ResNet18 at 112 and 224 px (eager), each against its compute bound
+#   cnn-bf16    a full CNN training (experiments/cnn.yaml, $FER_GPU_EPOCHS epochs, early stopping off), bf16, eager
 #   cnn-fp32    the same CNN training with amp off, eager: the bf16-vs-fp32 accuracy check
 #   resnet      ResNet18 at 112 and 224 px, $FER_GPU_RESNET_EPOCHS epochs each (pretrained none: no network)
-#   compile     throughput.py again with torch.compile's other modes ($FER_GPU_COMPILE) beside the eager path
+#   compile     throughput.py again with torch.compile's other modes ($FER_GPU_COMPILE), a process and a limit each
 #   tune        benchmarks/tune_packing.py: trials per hour of a study per model ($FER_GPU_TUNE_MODELS), 1 worker
 #               against $FER_GPU_TUNE_WORKERS packed on the GPU, $FER_GPU_TUNE_SECONDS each; needs Optuna (`wheels`)
 # and, only when named (about 8 minutes on an H200; the accuracy issue's measurement):
@@ -141,9 +141,12 @@ step() {  # name, seconds allowed, command... (stdout is the caller's: it may be
     shift 2
     echo "== $name (limit ${limit}s): $*" >&2
     local start=$SECONDS
-    timeout "$limit" "$@"
+    timeout -k 10 "$limit" "$@"  # -k: a process stuck in a CUDA call or an exit hook ignores TERM
     echo "== $name exit $? after $((SECONDS - start)) s" >&2
-    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null  # what is measured so far, in one file
+    pack_results
+}
+pack_results() {  # what is measured so far, in one file; packed aside, then renamed: a kill never leaves half a tarball
+    tar -czf "$OUT/results.partial" -C "$RESULTS" . 2>/dev/null && mv -f "$OUT/results.partial" "$OUT/results.tar.gz"
 }
 full() {  # json name, seconds allowed, full_training.py arguments...
     local name="$1" limit="$2"; shift 2
@@ -160,14 +163,14 @@ parallel_full() {  # step name, seconds allowed, then "json_name|full_training.p
     for spec in "$@"; do
         run="${spec%%|*}"
         read -ra args <<< "${spec#*|}"
-        timeout "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$run.json" "${args[@]}" \
+        timeout -k 10 "$limit" "$PY" benchmarks/full_training.py --data "$DATA" --json "$RESULTS/$run.json" "${args[@]}" \
             "${EXTRA_SETS[@]}" --export "$RUNS/$run.pt" > /dev/null 2> "$RESULTS/$run.log" &
         pids+=($!)
     done
     local failed=0 pid
     for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
     echo "== $name: $failed of $# runs failed or ran out of time, after $((SECONDS - start)) s" >&2
-    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null
+    pack_results
     # the finished runs (best weights, history, config; ~2.4 MB each, twice with EMA) in parts of at most
     # 15 MiB (the device tool returns files up to 16 MiB): cat runs.tar.gz.part* | tar -xz -C runs, then
     # fer-exp study ... --import runs tracks them where MLflow is
@@ -186,8 +189,8 @@ for s in "${steps[@]}"; do
                 --json > "$RESULTS/throughput.json" ;;
         profile)
             for spec in "cnn|--config experiments/cnn.yaml" \
-                        "resnet18_112|--config experiments/resnet18.yaml --set pretrained=none --set input_size=112" \
-                        "resnet18_224|--config experiments/resnet18.yaml --set pretrained=none --set input_size=224"; do
+                        "resnet18_112|--config experiments/resnet18.yaml --set pretrained=none --set input_size=112 --set compile=off" \
+                        "resnet18_224|--config experiments/resnet18.yaml --set pretrained=none --set input_size=224 --set compile=off"; do
                 read -ra args <<< "${spec#*|}"
                 step "profile-${spec%%|*}" "${FER_GPU_PROFILE_LIMIT:-90}" "$PY" benchmarks/profile_step.py --data "$DATA" \
                     "${args[@]}" "${EXTRA_SETS[@]}" "${PROFILE_EXTRA[@]}" --json "$RESULTS/profile_${spec%%|*}.json" >/dev/null
@@ -196,7 +199,7 @@ for s in "${steps[@]}"; do
             for run in cnn_graph cnn_graph_warm; do
                 full "$run" "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile="${FER_GPU_GRAPH_MODE:-auto}"
             done ;;
-        cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=auto --set compile=off ;;
+        cnn-bf16) full cnn_bf16 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=bf16 --set compile=off ;;  # (auto may pick fp32)
         cnn-fp32) full cnn_fp32 "${FER_GPU_CNN_LIMIT:-240}" "${cnn_args[@]}" --set amp=off --set compile=off ;;
         resnet)
             for size in 112 224; do
@@ -243,10 +246,14 @@ for s in "${steps[@]}"; do
                 specs+=("best_cnn_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off} ${FER_GPU_BEST_SETS:-}")
             done
             parallel_full best "${FER_GPU_BEST_LIMIT:-210}" "${specs[@]}" ;;
-        compile)
-            step compile "${FER_GPU_COMPILE_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
-                --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --skip-resnet --skip-ablations "${THROUGHPUT_EXTRA[@]}" \
-                --compile "${COMPILE_MODES[@]}" --json > "$RESULTS/compile.json" ;;
+        compile)  # a process (and a limit) per mode: a cold max-autotune that overruns loses only its own row
+            for mode in "${COMPILE_MODES[@]:-eager}"; do  # (none named: the eager path alone)
+                compile_args=()
+                [[ "$mode" != eager ]] && compile_args=(--compile "$mode")
+                step "compile-$mode" "${FER_GPU_COMPILE_LIMIT:-240}" "$PY" benchmarks/throughput.py --data "$DATA" \
+                    --batches "$BATCHES" --rounds 3 --workers "$WORKERS" --skip-resnet --skip-ablations "${THROUGHPUT_EXTRA[@]}" \
+                    "${compile_args[@]}" --json > "$RESULTS/compile_$mode.json"
+            done ;;
     esac
 done
 
@@ -259,7 +266,7 @@ def load(name):
         return json.loads((out / f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
-for name in ("throughput", "compile"):
+for name in ["throughput", *sorted(p.stem for p in out.glob("compile_*.json"))]:
     t = load(name)
     if not t:
         continue

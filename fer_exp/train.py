@@ -185,7 +185,7 @@ def set_global_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))  # (loaded onto CUDA by a resume there)
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
 
@@ -303,6 +303,9 @@ class Trainer:
                                  freeze_depth=cfg.freeze_depth, pretrained=cfg.pretrained if load_pretrained else "none",
                                  dropout=cfg.dropout)
         self.model.to(self.device, memory_format=self.memory_format)
+        # in the mode it trains in (a ResNet18's frozen stem keeps its BatchNorm in eval) before the amp and
+        # compile measurements capture it: a graph captured otherwise fails its guard and compiles again
+        self.model.train()
         # the whole dataset lives on the training device as uint8
         self.splits = {name: (split.images.to(self.device), split.labels.to(self.device))
                        for name, split in data.splits().items()}

@@ -134,7 +134,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert {p.name for p in out.iterdir()} == {"log.txt", "summary.txt", "results.tar.gz"}  # <= 8 files back
     names = {"throughput.json", "cnn_graph.json", "cnn_graph_warm.json", "cnn_bf16.json", "cnn_fp32.json", "resnet18_112.json", "resnet18_224.json",
-             "compile.json", "tune_resnet18.json", "profile_cnn.json", "profile_resnet18_112.json", "profile_resnet18_224.json"}
+             "compile_eager.json", "tune_resnet18.json", "profile_cnn.json", "profile_resnet18_112.json", "profile_resnet18_224.json"}
     log = (out / "log.txt").read_text()
     out = unpacked_results(out, tmp_path / "results")
     assert {p.name for p in out.iterdir()} == names
@@ -142,8 +142,10 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     assert [r["workers"] for r in tune["runs"]] == [1] and tune["runs"][0]["finished_trials"] >= 1, tune
     assert tune["runs"][0]["trials_per_hour"] > 0 and tune["runs"][0]["epochs_per_trial"] == 1
     assert tune["config"].endswith("experiments/tune_resnet18.yaml") and "pretrained=none" in tune["set"]
-    assert json.loads((out / "compile.json").read_text())["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
+    assert json.loads((out / "compile_eager.json").read_text())["images_per_second"]["cnn"]["fer-exp"]["train"] > 0
     assert json.loads((out / "cnn_fp32.json").read_text())["amp"] == "fp32"
+    assert json.loads((out / "cnn_bf16.json").read_text())["amp"] == "bfloat16"  # forced: auto may pick fp32
+    assert json.loads((out / "profile_resnet18_112.json").read_text())["config"]["compile"] == "off"
     assert json.loads((out / "cnn_graph.json").read_text())["config"]["compile"] == "off"
     assert json.loads((out / "cnn_fp32.json").read_text())["tta"] == {}  # speed steps skip the TTA evaluation
     assert json.loads((out / "resnet18_224.json").read_text())["config"]["input_size"] == 224

@@ -694,6 +694,8 @@ def test_resnet18_frozen_layers_do_not_change(tmp_path):
     cfg = config(model="resnet18", pretrained="none", input_size=112, freeze_depth=2, data="synthetic:16,8,8",
                  epochs=1, batch_size=16)
     trainer = Trainer(cfg, data, tmp_path, progress=False)
+    # built in the mode it trains in, before the amp and compile measurements capture it on CUDA
+    assert not trainer.model.backbone.bn1.training and trainer.model.backbone.layer2.training
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     frozen = ("backbone.conv1.", "backbone.bn1.", "backbone.layer1.")
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
