@@ -324,6 +324,12 @@ class Trainer:
         # the captured part of a training step (augmentation, forward, loss; backward through the same
         # graph): compiled (torch.compile; reduce-overhead = CUDA graphs) or plain. The model's parameters
         # are shared, so checkpoints and evaluation use the plain module.
+        if cfg.compile != "off" and (cfg.compile != "auto" or self.device.type == "cuda"):
+            # from Dynamo's state of a new process: the trainers made before in this one (a tuning worker's
+            # trials) each left compilations of this step, which past its recompile limit (8) would run eager
+            from torch import _dynamo
+
+            _dynamo.reset()
         if cfg.compile == "auto":
             self.forward_loss, self.compile_report = (self.measure_compile() if self.device.type == "cuda" else
                                                       (self.augmented_loss, "auto: off (not CUDA)"))

@@ -920,6 +920,23 @@ def fake_clock(monkeypatch):
     return lambda seconds: now.__setitem__(0, now[0] + seconds)
 
 
+def test_a_compiled_trainer_starts_from_dynamo_s_state_of_a_new_process(data, tmp_path, monkeypatch):
+    """A tuning worker builds a trainer per trial: each compiled step would add Dynamo cache entries for
+    the same code until its recompile limit made the step silently eager. A trainer that compiles resets
+    Dynamo first; one that does not leaves it alone."""
+    import torch._dynamo
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(torch, "compile", lambda function, mode=None: function)
+    for trial in range(3):
+        Trainer(config(compile="default"), data, tmp_path, progress=False)
+    assert len(resets) == 3
+    Trainer(config(compile="off"), data, tmp_path, progress=False)
+    Trainer(config(compile="auto"), data, tmp_path, progress=False)  # CPU: auto is off
+    assert len(resets) == 3
+
+
 def test_measured_amp_picks_the_faster_keeps_fp32_when_close_and_caches(tmp_path, monkeypatch):
     from fer_exp.device import measured_amp
 
