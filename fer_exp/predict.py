@@ -136,7 +136,10 @@ def draw_predictions(frame: pd.DataFrame, folder: Path) -> list[Path]:
     written = []
     for index, (source, rows) in enumerate(frame.groupby("source", sort=False)):
         with Image.open(source) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            if opened.mode.startswith("I"):  # 16-bit gray: as the model saw it (scaled to 8 bits), not clipped white
+                image = Image.fromarray(read_gray(source)[0]).convert("RGB")
+            else:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
         scale = max(1.0, 256 / max(image.size))  # small faces (48 px) are enlarged so labels stay legible
         if scale > 1:
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)

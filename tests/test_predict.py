@@ -530,6 +530,19 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_show_draws_a_16_bit_image_as_the_model_sees_it(tmp_path):
+    from fer_exp.inference import save_weights
+    from fer_exp.models import build_model
+
+    model = save_weights(build_model("cnn"), load_config(), tmp_path / "model.safetensors")
+    Image.fromarray(np.full((64, 64), 30000, np.uint16)).save(tmp_path / "deep.png")  # mode I;16
+    result = invoke("predict", "--model", model, tmp_path / "deep.png", "--show", tmp_path / "drawn")
+    assert result.exit_code == 0, result.output
+    [drawn] = (tmp_path / "drawn").glob("*.png")
+    centre = Image.open(drawn).convert("L").getpixel((128, 128))
+    assert abs(centre - round(30000 / 257)) <= 1  # not clipped to white (255)
+
+
 def predict_rows(result) -> list[str]:
     assert result.exit_code == 0, result.output
     return [line for line in result.output.splitlines() if line.strip().endswith("48x48")]
