@@ -292,6 +292,8 @@ class Trainer:
         """``load_pretrained`` False: the weights will come from elsewhere (an export), so the
         pretrained ones (``cfg.pretrained``) are not fetched."""
         self.cfg, self.data, self.callbacks, self.progress = cfg, data, list(callbacks), progress
+        # which faces and labels each split holds: kept in checkpoints, so a resume on other data is refused
+        self.data_members = {name: split.members_digest() for name, split in data.splits().items()}
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
@@ -562,7 +564,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
                 "stale": self.stale, "history": self.history, "config": self.cfg.to_dict(),
-                "rng": self.generator.get_state(), "global_rng": global_rng_state(), "evaluated_in": self.evaluated_in}
+                "rng": self.generator.get_state(), "global_rng": global_rng_state(), "evaluated_in": self.evaluated_in,
+                "data_members": self.data_members}
 
     def save(self, name: str, also: str | None = None) -> Path:
         """The state as ``<name>.pt`` (and, the same state, ``<also>.pt``: a link or copy made before either
@@ -586,6 +589,11 @@ class Trainer:
         if missing:
             raise ValueError(f"{path} was written by an older fer-exp without {', '.join(sorted(missing))}: "
                              "it cannot be resumed exactly")
+        differ = [name for name, digest in state.get("data_members", self.data_members).items()
+                  if self.data_members.get(name) != digest]
+        if differ:  # (images added, relabelled or removed, another folder, another hold-out)
+            raise ValueError(f"its {', '.join(differ)} split(s) held other faces or labels when it was interrupted than "
+                             f"{self.cfg.data} holds here; resume with the data it trained on (--data)")
         self.load_weights(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:

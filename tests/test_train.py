@@ -440,6 +440,11 @@ def test_a_resumed_run_keeps_its_best_epoch_and_early_stopping_count(small, tmp_
     resumed = trainer.fit()
     assert (resumed.best_epoch, len(resumed.history)) == (2, 4)
     assert load_checkpoint(tmp_path / "cut" / "best.pt")["epoch"] == 2  # epoch 3 did not overwrite it
+    # on other faces (images added, relabelled, another folder): refused, not trained on silently
+    other = scripted(dataclasses.replace(small, train=small.train.subset(torch.arange(len(small.train) - 1))),
+                     tmp_path / "other", script, early_stopping=2)
+    with pytest.raises(ValueError, match="its train split.s. held other faces or labels when it was interrupted"):
+        other.restore(tmp_path / "cut" / "last.pt")
 
 
 def test_test_metrics_and_probabilities(fitted, data):
