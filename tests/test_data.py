@@ -376,6 +376,31 @@ def test_folder_public_private_and_unprefixed_test_files_is_an_error(tmp_path):
     write_image(root / "test" / "happy" / "mystery.png", CLASS_VALUE[3])
     with pytest.raises(DataError, match=r"test/happy/mystery.png.*neither prefix"):
         load_data(str(root))
+    skipped = load_data(str(root), on_bad="skip")  # as the message offers: the file is skipped, said so
+    assert [where for where, _ in skipped.report.skipped] == ["test/happy/mystery.png"]
+    assert len(skipped.val) == len(skipped.test) == 7
+
+
+def test_test_faces_among_train_or_val_and_a_val_folder_beside_a_mixed_test_are_refused(tmp_path):
+    """The protocol's leaks a folder can hold: a PublicTest/PrivateTest face in train/ (trained on) or val/
+    (selected on), and a val/ folder beside Kaggle's test/ (which holds PublicTest, FER2013's val, too)."""
+    root = make_folders(tmp_path / "a", train=3, test=2)
+    write_image(root / "train" / "happy" / "PrivateTest_0009.png", CLASS_VALUE[3])
+    with pytest.raises(DataError, match=r"train/happy/PrivateTest_0009.png: a PrivateTest file in train/ .a test "
+                                        r"split's face would be trained on.; move it to test/"):
+        load_data(str(root))
+    skipped = load_data(str(root), on_bad="skip")
+    assert not any("PrivateTest" in s for s in skipped.train.sources + skipped.val.sources)
+    assert skipped.report.skipped[0][0] == "train/happy/PrivateTest_0009.png"
+    mixed = make_folders(tmp_path / "b", train=3, test=1, test_prefix="PublicTest_")
+    make_folders(mixed, train=None, test=1, test_prefix="PrivateTest_")
+    make_folders(mixed, train=1, test=None, train_dir="val")
+    with pytest.raises(DataError, match=r"val/ folder and test/ holds both .*Remove val/"):
+        load_data(str(mixed))
+    # a link back up the tree (train/self -> train/) is walked once, not forever
+    (root / "train" / "self").symlink_to(root / "train", target_is_directory=True)
+    linked = load_data(str(root), on_bad="skip")
+    assert "train/self" in [where for where, _ in linked.report.skipped]
 
 
 @pytest.mark.parametrize("prefix", ["PublicTest_", "PrivateTest_"])

@@ -11,7 +11,7 @@ import torch
 
 from fer_exp.data.dataset import DecodeReport, Split
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: test faces in train/ or val/ and unprefixed files in a mixed test/ are bad samples
 
 
 def cache_dir() -> Path:
@@ -30,12 +30,17 @@ def fingerprint(source: Path, *extra: str) -> str:
         return digest.hexdigest()[:24]
     stack = [source]
     entries = []
+    seen = {(source.stat().st_dev, source.stat().st_ino)}
     while stack:
         folder = stack.pop()
         with os.scandir(folder) as it:
             for entry in it:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(Path(entry.path))
+                    entries.append(f"{os.path.relpath(entry.path, source)}/")  # (a new folder, or a link to one)
+                    where = entry.stat(follow_symlinks=True)
+                    if (where.st_dev, where.st_ino) not in seen:  # a linked folder once; a link back up is no loop
+                        seen.add((where.st_dev, where.st_ino))
+                        stack.append(Path(entry.path))
                 else:
                     try:
                         stat = entry.stat()

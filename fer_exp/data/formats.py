@@ -210,9 +210,28 @@ def _read_folders(root: Path, on_bad: str) -> tuple[dict[str, Split], DecodeRepo
     listed: dict[str, list[tuple[Path, int]]] = {"train": list_folder_split(train_dir, root, bad)}
     if val_dir is not None:
         listed["val"] = list_folder_split(val_dir, root, bad)
+    for name in list(listed):  # a test face among the faces trained or selected on: the protocol's leak
+        kept = []
+        for path, label in listed[name]:
+            group = prefix_group(path)
+            if group is None:
+                kept.append((path, label))
+            else:
+                bad(str(path.relative_to(root)), f"a {'PublicTest' if group == 'public' else 'PrivateTest'} file in "
+                    f"{path.relative_to(root).parts[0]}/ (a test split's face would be {'trained' if name == 'train' else 'selected'} "
+                    "on); move it to test/")
+        listed[name] = kept
     if test_dir is not None:
         for path, label in list_folder_split(test_dir, root, bad):
-            group = next((g for prefix, g in TEST_PREFIXES.items() if path.name.lower().startswith(prefix.lower())), "test")
-            listed.setdefault(group, []).append((path, label))
+            listed.setdefault(prefix_group(path) or "test", []).append((path, label))
+    if "public" in listed and "private" in listed and "test" in listed:  # unprefixed: its split cannot be told
+        for path, _ in listed.pop("test"):
+            bad(str(path.relative_to(root)), "test/ holds PublicTest_* and PrivateTest_* files and this one has neither "
+                "prefix, so its split cannot be told; rename or remove it")
     groups = {name: decode_files(files, root, bad, name) for name, files in listed.items() if files}
     return groups, report
+
+
+def prefix_group(path: Path) -> str | None:
+    """``public`` or ``private`` for a file named as FER2013's PublicTest_*/PrivateTest_* faces, else None."""
+    return next((g for prefix, g in TEST_PREFIXES.items() if path.name.lower().startswith(prefix.lower())), None)

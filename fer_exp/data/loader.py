@@ -105,6 +105,10 @@ def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed
         raise DataError(f"the train split is empty: no images in the {where}. {LAYOUT_HELP}")
     unprefixed = groups.get("test")
     if "val" in groups:
+        if "public" in groups and "private" in groups:  # test/ as Kaggle ships it: PublicTest is FER2013's val
+            raise DataError("the source has a val/ folder and test/ holds both PublicTest_* and PrivateTest_* files: "
+                            "test would include PublicTest, FER2013's val (a copy of which val/ may be). Remove val/ "
+                            "(val = PublicTest, test = PrivateTest) or keep only PrivateTest_* files in test/")
         tests = [groups[g] for g in ("public", "private", "test") if g in groups]
         splits = {"train": groups["train"], "val": groups["val"], "test": Split.concat(tests) if tests else Split.empty()}
         rule = "train = train/; val = the val/ folder; test = test/"
