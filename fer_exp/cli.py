@@ -49,6 +49,9 @@ def format_summary(summary: dict) -> str:
         from fer_exp.data.dataset import missing_classes_warning
 
         lines.append(f"WARNING: {missing_classes_warning(summary['missing_train_classes'])}")
+    for pair, found in summary["duplicates_across_splits"].items():
+        lines.append(f"{pair}: {found['images']} image(s) with pixels identical to one there ({found['other_label']} "
+                     f"labelled otherwise), e.g. {found['examples'][0]}")
     lines.append(f"converted to grayscale: {summary['converted_to_gray']}; resized to 48x48: {summary['resized']}")
     if summary["ignored"]:
         lines.append(f"ignored {len(summary['ignored'])} hidden file(s), e.g. {summary['ignored'][0]}")

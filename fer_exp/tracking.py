@@ -146,7 +146,11 @@ class MLflowCallback(Callback):
             mlflow.set_tag("mlflow.note.content", run_description(cfg, data, trainable, total))
         log_data_inputs(data)
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
-        mlflow.log_dict(data.summary(), "data_summary.json")
+        summary = data.summary()
+        # faces of val/test whose pixels are also in an earlier split (FER2013 has such copies): filterable
+        mlflow.set_tags({f"duplicates_{pair.replace(' ', '_')}": f"{found['images']} ({found['other_label']} labelled otherwise)"
+                         for pair, found in summary["duplicates_across_splits"].items()})
+        mlflow.log_dict(summary, "data_summary.json")
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         mlflow.log_metrics({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=epoch)

@@ -1057,6 +1057,23 @@ def test_inspect_json_has_the_summary_keys(tmp_path):
     assert json.loads(inspect(path, "--json").output)["from_cache"] is True
 
 
+def test_faces_copied_across_splits_are_counted_and_said(tmp_path):
+    """FER2013 holds faces whose pixels are in two splits (266 PublicTest faces are in Training, 10 of them
+    labelled otherwise): inspect and a run's data summary say how many, per pair of splits."""
+    def text(label, row):
+        return " ".join(map(str, pixel_row(label, row).ravel().tolist()))
+
+    rows = [(label, "Training") for label in range(7) for _ in range(2)]  # rows 1-14, all distinct
+    rows += [(0, text(0, 1), "PublicTest"), (1, "PublicTest"), (5, text(0, 2), "PrivateTest"), (2, "PrivateTest")]
+    path = write_csv(tmp_path / "fer2013.csv", rows)
+    found = load_data(str(path)).duplicates_across_splits()
+    assert found == {"val in train": {"images": 1, "other_label": 0, "examples": ["fer2013.csv#row15 = fer2013.csv#row1"]},
+                     "test in train": {"images": 1, "other_label": 1, "examples": ["fer2013.csv#row17 = fer2013.csv#row2"]}}
+    out = inspect(path).output
+    assert "test in train: 1 image(s) with pixels identical to one there (1 labelled otherwise)" in out
+    assert json.loads(inspect(path, "--json").output)["duplicates_across_splits"] == found
+
+
 def test_inspect_seed_and_val_fraction_options(tmp_path):
     root = make_folders(tmp_path / "faces", train=STRATA, test=1)
     s0 = json.loads(inspect(root, "--json").output)
@@ -1103,6 +1120,10 @@ def test_real_fer2013_folders_have_the_exact_class_counts(real_folder_data):
     assert "hold-out" in data.split_rule and data.split_rule.endswith("test = test/")
     assert len(data.val) == 2_871  # ceil(10% of 28,709)
     assert data.report.converted_to_gray == 0 and data.report.resized == 0 and not data.report.skipped
+    # FER2013's copies: PublicTest faces whose pixels are in Training (with seed 0's hold-out here)
+    copies = data.duplicates_across_splits()  # seed 0's hold-out: 261 in train, 33 in val (seed 42: 266, 24)
+    assert 240 < copies["test in train"]["images"] < 300 and copies["test in train"]["other_label"] >= 5
+    assert copies["test in val"]["images"] > 10 and copies["val in train"]["images"] > 100
 
 
 @pytest.mark.realdata

@@ -685,11 +685,15 @@ def test_a_diverged_run_is_marked_failed_with_the_reason(small, store):
             trainer.train_epoch = lambda max_batches=None: {"train_loss": float("nan"), "train_accuracy": 0.0,
                                                             "epoch_seconds": 0.0, "train_images_per_second": 0.0}
 
+    from fer_exp.data.dataset import Split
+
     cfg = config(data=SMALL, batch_size=16, epochs=3, output_dir=str(store / "out"), system_metrics=False)
+    copied = dataclasses.replace(small, test=Split.concat([small.test, small.train.subset([0])]))  # a train face in test
     with pytest.raises(TrainingDiverged, match="train loss is nan at epoch 2"):
-        run_experiment(cfg, [Diverging()], progress=False, log_model=False, data=small)
+        run_experiment(cfg, [Diverging()], progress=False, log_model=False, data=copied)
     run = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name(cfg.experiment_name).experiment_id])[0]
     assert run.info.status == "FAILED" and "training diverged" in run.data.tags["stop_reason"]
+    assert run.data.tags["duplicates_test_in_train"] == "1 (0 labelled otherwise)"  # said with the run's data
 
 
 # ================================================================ resnet18 with frozen layers

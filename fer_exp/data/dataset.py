@@ -108,6 +108,37 @@ class FerData:
         return {"members": {name: split.members_digest() for name, split in self.splits().items()},
                 "pixels": {name: split.digest() for name, split in self.splits().items()}}
 
+    def duplicates_across_splits(self) -> dict[str, dict]:
+        """Faces of a later split (val, test) whose pixels are identical to a face of an earlier one (train,
+        val): FER2013 holds such copies, which inflate val and test a little. Per pair (``val in train``,
+        ``test in train``, ``test in val``): how many, how many of those with another label, two examples."""
+        import hashlib
+
+        def keyed(split: Split) -> dict[bytes, list[int]]:
+            rows = split.images.reshape(len(split), -1).numpy()
+            index: dict[bytes, list[int]] = {}
+            for i, row in enumerate(rows):
+                index.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)
+            return index
+
+        keys = {name: keyed(split) for name, split in self.splits().items()}
+        found = {}
+        for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
+            copies, relabelled, examples = 0, 0, []
+            for key, rows in keys[later].items():
+                if key not in keys[earlier]:
+                    continue
+                theirs = keys[earlier][key][0]
+                for row in rows:
+                    copies += 1
+                    other = int(self.splits()[later].labels[row]) != int(self.splits()[earlier].labels[theirs])
+                    relabelled += other
+                    if len(examples) < 2:
+                        examples.append(f"{self.splits()[later].sources[row]} = {self.splits()[earlier].sources[theirs]}")
+            if copies:
+                found[f"{later} in {earlier}"] = {"images": copies, "other_label": relabelled, "examples": examples}
+        return found
+
     def missing_train_classes(self) -> list[str]:
         """The classes train has no image of (a model trained on it can never predict them)."""
         return [name for name, count in zip(CLASS_NAMES, self.train.class_counts()) if count == 0]
@@ -126,6 +157,7 @@ class FerData:
             "class_counts": counts,
             "imbalance_ratio": round(imbalance, 2),  # among the classes train has
             "missing_train_classes": self.missing_train_classes(),
+            "duplicates_across_splits": self.duplicates_across_splits(),
             "converted_to_gray": self.report.converted_to_gray,
             "resized": self.report.resized,
             "skipped": [{"where": w, "why": y} for w, y in self.report.skipped],
