@@ -551,6 +551,26 @@ def test_16_bit_gray_images_are_scaled_not_clipped(tmp_path):
     assert int(everything["train/happy/deep.png"].float().mean()) == 128
 
 
+def test_float_gray_images_in_0_1_are_scaled_not_black(tmp_path):
+    from fer_exp.data.images import read_gray
+
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.full((48, 48), 0.5, dtype=np.float32)).save(path)  # mode F
+    assert Image.open(path).mode == "F" and int(read_gray(path)[0].mean()) == 128
+    Image.fromarray(np.full((48, 48), 200.0, dtype=np.float32)).save(path)  # already 0-255
+    assert int(read_gray(path)[0].mean()) == 200
+
+
+def test_the_decode_cache_is_keyed_on_pillow_s_version(tmp_path, monkeypatch):
+    import PIL
+
+    from fer_exp.data import cache
+
+    key = cache.fingerprint(tmp_path, "error")
+    monkeypatch.setattr(PIL, "__version__", "0.0.1")
+    assert cache.fingerprint(tmp_path, "error") != key  # another decoder: decoded again, not read stale
+
+
 def test_folder_needs_more_than_one_train_image_for_a_holdout(tmp_path):
     root = tmp_path / "faces"
     write_image(root / "train" / "happy" / "a.png", CLASS_VALUE[3])

@@ -22,8 +22,11 @@ def cache_dir() -> Path:
 
 
 def fingerprint(source: Path, *extra: str) -> str:
-    """A key that changes when any file under ``source`` is added, removed, resized or touched."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{source.resolve()}|{'|'.join(extra)}".encode())
+    """A key that changes when any file under ``source`` is added, removed, resized or touched, or when
+    Pillow (which decodes the images) changes version."""
+    import PIL
+
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{source.resolve()}|{'|'.join(extra)}|pillow {PIL.__version__}".encode())
     if source.is_file():
         stat = source.stat()
         digest.update(f"{stat.st_size}|{stat.st_mtime_ns}".encode())

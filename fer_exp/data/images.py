@@ -32,6 +32,10 @@ def read_gray(source: str | Path | bytes) -> tuple[np.ndarray, bool]:
                 array = np.asarray(image, dtype=np.float32)
                 scale = 257.0 if array.max(initial=0) > 255 or image.mode.startswith("I;16") else 1.0
                 return (array / scale + 0.5).clip(0, 255).astype(np.uint8), converted
+            if image.mode == "F":  # float gray: 0-1 scaled to 0-255 (converting would round it to black), else as is
+                array = np.asarray(image, dtype=np.float32)
+                array = array * 255.0 if array.max(initial=0) <= 1.0 else array
+                return (array + 0.5).clip(0, 255).astype(np.uint8), converted
             if converted:
                 image = image.convert("L")
             return np.asarray(image, dtype=np.uint8).copy(), converted
