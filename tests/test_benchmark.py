@@ -269,7 +269,8 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_time_for(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("throughput", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224", "compile"):
+    for name in ("throughput", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224", "compile-default",
+                 "compile-max-autotune"):  # a process and a limit per compile mode
         assert f"== {name} skipped" in proc.stdout
     assert "cnn_bf16: no result" in proc.stdout
 
