@@ -250,8 +250,9 @@ def _split_ids(values) -> list[str]:
 @click.option("--experiment", "experiments", multiple=True, help="Experiment name(s) to search (default: fer2013).")
 @click.option("--filter", "filter_string", default="", help="MLflow search filter, e.g. \"tags.model = 'cnn'\".")
 @click.option("--runs", "run_ids", multiple=True, help="Compare these run ids instead of searching (repeat, or comma-separated).")
-@click.option("--group-by", "--group_by", "group_by", default="model", show_default=True,
-              help="Group runs (seeds) by a tag or config field: model, arm, class_weights, tags.X, params.X.")
+@click.option("--group-by", "--group_by", "group_by", default="",
+              help="Group runs (seeds) by a tag or config field: model, arm, class_weights, tags.X, params.X, or run "
+                   "(each run a row of its own). Default: model; with --runs, run.")
 @click.option("--output", default="", help="Folder for tables, figures and report.html (default: reports/compare-<time>).")
 @click.option("--log/--no-log", default=True, show_default=True, help="Log the comparison as an MLflow run of its own.")
 def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
@@ -266,7 +267,9 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
     _interrupt_on_sigterm()
     try:
         check_tracking_store(tracking_uri(), write=log)  # --no-log only reads the store
-        result = run_compare(experiments, filter_string, _split_ids(run_ids), group_by or "model", output or None, log)
+        run_ids = _split_ids(run_ids)
+        result = run_compare(experiments, filter_string, run_ids, group_by or ("run" if run_ids else "model"),
+                             output or None, log)
     except (CompareError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:

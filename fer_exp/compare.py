@@ -63,8 +63,11 @@ class RunInfo:
 
 
 def group_value(run, key: str) -> str:
-    """``tags.X``, ``params.X``, or a bare X: the tag X, else the param config.X, else the param X."""
+    """``tags.X``, ``params.X``, or a bare X: the tag X, else the param config.X, else the param X; ``run``:
+    the run itself (its name and the start of its id: runs named alike stay apart)."""
     tags, params = run.data.tags, run.data.params
+    if key == "run":
+        return f"{run.info.run_name or '?'} ({run.info.run_id[:8]})"
     if key.startswith("tags."):
         return tags.get(key[5:], "?")
     if key.startswith("params."):
@@ -128,6 +131,27 @@ def mixed_configs(runs: list) -> list[str]:
     return notes
 
 
+def repeats_its_source(run, by_id: dict) -> bool:
+    """Whether a run is ``fer-exp evaluate`` of one model, without TTA, on the data its training run (one of
+    ``by_id``) was tested on: the same predictions as that run's own test."""
+    tags = run.data.tags
+    if tags.get("fer_exp.role") != "evaluation" or tags.get("tta", "none") != "none" or run.data.params.get("n_models") != "1":
+        return False
+    source = by_id.get(tags.get("source_run_0"))
+    return source is not None and source.data.tags.get("data_source") == tags.get("data_source")
+
+
+def one_class_runs(runs: list) -> list[str]:
+    """A note for each run that predicts a single class on test (it has not learnt: chance level)."""
+    notes = []
+    for run in runs:
+        predicted = [c for c in CLASS_NAMES if run.metrics.get(f"test_acc_{c}", 0) > 0]
+        if len(predicted) == 1 and run.metrics.get(f"test_acc_{predicted[0]}") == 1.0:
+            notes.append(f"run {run.label} ({run.run_id}) predicts {predicted[0]} for every test face: it has not learnt "
+                         "(chance level); train it longer or check its recipe")
+    return notes
+
+
 def select_runs(client, experiments: list[str], filter_string: str = "", run_ids: list[str] = ()) -> tuple[list, list[str]]:
     """(runs to compare, notes on what was skipped). Explicit ``run_ids`` must all be comparable;
     a search skips tuning runs and comparisons, and runs that did not finish."""
@@ -175,6 +199,12 @@ def select_runs(client, experiments: list[str], filter_string: str = "", run_ids
             notes.append(f"skipped {len(untested)} run(s) with no test evaluation: "
                          + ", ".join(f"{r.info.run_name or r.info.run_id}" for r in untested[:5]))
             runs = [r for r in runs if r not in untested]
+        by_id = {r.info.run_id: r for r in runs}
+        repeats = [r for r in runs if repeats_its_source(r, by_id)]
+        if repeats:  # the same test, the same numbers, as a second "model"
+            notes.append(f"skipped {len(repeats)} evaluation(s) of one model without TTA on its own data: the test of "
+                         "the run it evaluated, which is compared: " + ", ".join(r.info.run_name or r.info.run_id for r in repeats[:5]))
+            runs = [r for r in runs if r not in repeats]
     if not runs:
         where = f"experiment(s) {', '.join(experiments)}" + (f" with filter {filter_string!r}" if filter_string else "")
         raise CompareError(f"no finished training runs to compare in {where}. Train some "
@@ -327,7 +357,7 @@ def mixed_test_sets(runs: list[RunInfo]) -> list[str]:
 
 
 def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
-    notes = [*notes, *mixed_test_sets(runs)]
+    notes = [*notes, *mixed_test_sets(runs), *one_class_runs(runs)]
     tests = []
     for a, b in pairs_to_test(runs):
         try:

@@ -295,7 +295,14 @@ class RunSummary:
     result: FitResult
 
 
-_skips_said: set[tuple] = set()
+_said: set = set()
+
+
+def say_once(key, text: str) -> None:
+    """``text`` on stderr, once in a process for ``key`` (a study loads its data and builds a run per seed)."""
+    if key not in _said:
+        _said.add(key)
+        print(text, file=sys.stderr)
 
 
 def load_run_data(cfg: Config) -> FerData:
@@ -304,12 +311,10 @@ def load_run_data(cfg: Config) -> FerData:
     source, on_bad, seed, val_fraction = cfg.data_key()
     data = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction)
     skipped = data.report.skipped
-    if skipped and cfg.data_key() not in _skips_said:  # once per data in a process (a study loads it per seed)
-        _skips_said.add(cfg.data_key())
-        print(f"skipped {len(skipped)} bad sample(s) (--on-bad skip): "
-              + "; ".join(f"{where}: {why}" for where, why in skipped[:3])
-              + (f"; ... and {len(skipped) - 3} more (the run's data_summary.json lists them)" if len(skipped) > 3 else ""),
-              file=sys.stderr)
+    if skipped:
+        say_once(("skipped", cfg.data_key()), f"skipped {len(skipped)} bad sample(s) (--on-bad skip): "
+                 + "; ".join(f"{where}: {why}" for where, why in skipped[:3])
+                 + (f"; ... and {len(skipped) - 3} more (the run's data_summary.json lists them)" if len(skipped) > 3 else ""))
     return data
 
 
@@ -412,6 +417,9 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
 
             print(f"warning: {missing_classes_warning(data.missing_train_classes())}", file=sys.stderr)
     check_output_dir(cfg.output_dir)
+    if cfg.model == "resnet18" and cfg.pretrained == "none" and cfg.freeze_depth > 0:
+        say_once(("frozen at random", cfg.freeze_depth), f"note: freeze_depth {cfg.freeze_depth} with pretrained none "
+                 "freezes randomly initialised layers for the whole run; --freeze-depth 0 trains them")
     trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=progress,
                       callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints), *callbacks])
     uri = tracking_uri()

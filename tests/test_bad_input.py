@@ -78,6 +78,19 @@ def test_resnet18_without_a_config_says_it_is_not_the_readme_s_pretrained_recipe
     assert result.exit_code == 2 and ("--config experiments/resnet18.yaml" in result.output) == noted, result.output
 
 
+def test_a_resnet18_frozen_at_random_is_said(store):
+    """--pretrained none with resnet18.yaml (freeze_depth 1): the README's offline advice trains with a
+    randomly initialised stem frozen; the run says so (once), and trains."""
+    from fer_exp import experiment
+
+    experiment._said.discard(("frozen at random", 1))
+    result = CliRunner().invoke(main, ["train", "--config", str(Path(__file__).resolve().parents[1] / "experiments" / "resnet18.yaml"),
+                                       "--pretrained", "none", "--data", "synthetic:16,8,8", "--epochs", "1",
+                                       "--batch-size", "8", "--eval-batch-size", "8", "--system-metrics", "false"])
+    assert result.exit_code == 0, result.output
+    assert "note: freeze_depth 1 with pretrained none freezes randomly initialised layers" in result.output
+
+
 def _runs(store: Path):
     import mlflow
 

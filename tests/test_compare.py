@@ -156,7 +156,7 @@ def test_a_search_compares_each_recipe_and_seed_once_and_says_what_it_left_out(t
     assert "group cnn averages runs whose configs differ beyond the seed, in epochs (2, 60)" in result.output
     assert "| cnn | 2 | 50.00 ± 14.14" in result.output  # 0.4 and 0.6, not 0.2
     named = CliRunner().invoke(main, ["compare", "--runs", f"{older},{older}", "--no-log", "--output", str(tracked["tmp"] / "once")])
-    assert named.exit_code == 0 and "| cnn | 1 | 20.00 |" in named.output, named.output
+    assert named.exit_code == 0 and f"| first ({older[:8]}) | 1 | 20.00 |" in named.output, named.output
     client.delete_run(longer)
     deleted = CliRunner().invoke(main, ["compare", "--runs", f"{newer},{longer}", "--no-log", "--output", str(tracked["tmp"] / "gone")])
     assert deleted.exit_code == 2 and f"run longer {longer} is deleted" in deleted.output, deleted.output
@@ -178,6 +178,16 @@ def test_a_signal_during_the_folder_swap_waits_for_its_end(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert out == "left\n" and "KeyboardInterrupt" in err, (out, err)
+
+
+def test_a_run_that_predicts_one_class_is_said_to_be_at_chance():
+    from fer_exp.compare import RunInfo, one_class_runs
+
+    stuck = {f"test_acc_{c}": float(c == "disgust") for c in CLASS_NAMES}
+    learnt = {f"test_acc_{c}": 0.5 for c in CLASS_NAMES}
+    runs = [RunInfo("a" * 32, "cnn 48px seed1", "cnn", "1", stuck, {}, {}), RunInfo("b" * 32, "cnn 48px seed2", "cnn", "1", learnt, {}, {})]
+    [note] = one_class_runs(runs)
+    assert note.startswith(f"run cnn 48px seed1 ({'a' * 32}) predicts disgust for every test face")
 
 
 def test_mcnemar_by_hand():
@@ -228,7 +238,11 @@ def test_two_runs_are_tested_against_each_other(tracked):
 def test_runs_on_different_test_sets_are_not_paired(tracked):
     """Synthetic data is drawn per seed: two seeds' runs saw different test images."""
     a, b = tracked["runs"][("cnn", 1)], tracked["runs"][("cnn", 2)]
-    result = invoke(tracked, "--runs", a, "--runs", b, "--output", str(tracked["tmp"] / "diff"), "--no-log")
+    apart = invoke(tracked, "--runs", a, "--runs", b, "--output", str(tracked["tmp"] / "apart"), "--no-log")
+    assert apart.exit_code == 0 and "| Run | Runs |" in apart.output  # runs named: each a row of its own
+    assert f"({a[:8]}) | 1 |" in apart.output and f"({b[:8]}) | 1 |" in apart.output, apart.output
+    result = invoke(tracked, "--runs", a, "--runs", b, "--group-by", "model", "--output", str(tracked["tmp"] / "diff"),
+                    "--no-log")
     assert result.exit_code == 0, result.output
     assert "| cnn | 2 |" in result.output  # both in one group, and said to mix test sets
     assert "were tested on different test sets: no paired test" in result.output

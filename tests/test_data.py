@@ -754,7 +754,7 @@ def test_a_training_says_what_on_bad_skip_skipped(tmp_path, capsys):
     (root / "train" / "angry" / "broken.jpg").write_bytes(b"garbage")
     cfg = load_config(overrides={"data": str(root), "on_bad": "skip"})
     for decoded in (True, False):  # decoded, then from the cache in a new process (here: the record cleared)
-        experiment._skips_said.discard(cfg.data_key())
+        experiment._said.discard(("skipped", cfg.data_key()))
         assert experiment.load_run_data(cfg).from_cache is not decoded
         assert "skipped 1 bad sample(s) (--on-bad skip): train/angry/broken.jpg" in capsys.readouterr().err
     experiment.load_run_data(cfg)

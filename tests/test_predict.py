@@ -359,6 +359,9 @@ def test_evaluate_an_ensemble_with_tta_logs_a_comparable_run(trained):
     compared = invoke("compare", "--experiment", "use", "--output", trained["tmp"] / "cmp", "--no-log")
     assert compared.exit_code == 0, compared.output
     assert "cnn+cnn+tta:flip" in compared.output
+    # the plain re-evaluation is its training run's test again: not a second "model" beside it
+    assert "skipped 1 evaluation(s) of one model without TTA on its own data" in compared.output
+    assert "| cnn:evaluated |" not in compared.output
 
 
 @pytest.mark.slow
