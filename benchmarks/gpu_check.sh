@@ -146,7 +146,8 @@ step() {  # name, seconds allowed, command... (stdout is the caller's: it may be
     pack_results
 }
 pack_results() {  # what is measured so far, in one file; packed aside, then renamed: a kill never leaves half a tarball
-    tar -czf "$OUT/results.partial" -C "$RESULTS" . 2>/dev/null && mv -f "$OUT/results.partial" "$OUT/results.tar.gz"
+    tar -czf "$OUT/results.partial" -C "$RESULTS" . 2>/dev/null && mv -f "$OUT/results.partial" "$OUT/results.tar.gz" \
+        || rm -f "$OUT/results.partial"  # (the last whole tarball stays; nothing else is left in $OUT)
 }
 full() {  # json name, seconds allowed, full_training.py arguments...
     local name="$1" limit="$2"; shift 2

@@ -132,13 +132,16 @@ def mixed_configs(runs: list) -> list[str]:
 
 
 def repeats_its_source(run, by_id: dict) -> bool:
-    """Whether a run is ``fer-exp evaluate`` of one model, without TTA, on the data its training run (one of
-    ``by_id``) was tested on: the same predictions as that run's own test."""
+    """Whether a run is ``fer-exp evaluate`` of one model that repeats its training run's (one of ``by_id``)
+    own test: the same data, the TTA that run tested with, the same test metrics (so not another epoch's
+    checkpoint, nor another TTA)."""
     tags = run.data.tags
-    if tags.get("fer_exp.role") != "evaluation" or tags.get("tta", "none") != "none" or run.data.params.get("n_models") != "1":
+    if tags.get("fer_exp.role") != "evaluation" or run.data.params.get("n_models") != "1":
         return False
     source = by_id.get(tags.get("source_run_0"))
-    return source is not None and source.data.tags.get("data_source") == tags.get("data_source")
+    return (source is not None and source.data.tags.get("data_source") == tags.get("data_source")
+            and tags.get("tta", "none") == source.data.tags.get("test_tta", "none")
+            and all(run.data.metrics.get(k) == source.data.metrics.get(k) for k in (*OVERALL, *PER_CLASS)))
 
 
 def one_class_runs(runs: list) -> list[str]:
@@ -202,8 +205,8 @@ def select_runs(client, experiments: list[str], filter_string: str = "", run_ids
         by_id = {r.info.run_id: r for r in runs}
         repeats = [r for r in runs if repeats_its_source(r, by_id)]
         if repeats:  # the same test, the same numbers, as a second "model"
-            notes.append(f"skipped {len(repeats)} evaluation(s) of one model without TTA on its own data: the test of "
-                         "the run it evaluated, which is compared: " + ", ".join(r.info.run_name or r.info.run_id for r in repeats[:5]))
+            notes.append(f"skipped {len(repeats)} evaluation(s) that repeat the test of the run they evaluated (one "
+                         "model, its own data and TTA, the same metrics), which is compared: " + ", ".join(r.info.run_name or r.info.run_id for r in repeats[:5]))
             runs = [r for r in runs if r not in repeats]
     if not runs:
         where = f"experiment(s) {', '.join(experiments)}" + (f" with filter {filter_string!r}" if filter_string else "")

@@ -136,7 +136,7 @@ def draw_predictions(frame: pd.DataFrame, folder: Path) -> list[Path]:
     written = []
     for index, (source, rows) in enumerate(frame.groupby("source", sort=False)):
         with Image.open(source) as opened:
-            if opened.mode.startswith("I"):  # 16-bit gray: as the model saw it (scaled to 8 bits), not clipped white
+            if opened.mode.startswith("I") or opened.mode == "F":  # 16-bit or float gray: as the model sees it, 8 bits
                 image = Image.fromarray(read_gray(source)[0]).convert("RGB")
             else:
                 image = ImageOps.exif_transpose(opened).convert("RGB")

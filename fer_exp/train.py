@@ -593,7 +593,7 @@ class Trainer:
                   if self.data_members.get(name) != digest]
         if differ:  # (images added, relabelled or removed, another folder, another hold-out)
             raise ValueError(f"its {', '.join(differ)} split(s) held other faces or labels when it was interrupted than "
-                             f"{self.cfg.data} holds here; resume with the data it trained on (--data)")
+                             f"{self.data.source} holds here; resume with the data it trained on (--data)")
         self.load_weights(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:

@@ -180,6 +180,28 @@ def test_a_signal_during_the_folder_swap_waits_for_its_end(tmp_path):
     assert out == "left\n" and "KeyboardInterrupt" in err, (out, err)
 
 
+def test_an_evaluation_repeats_its_run_only_with_its_data_tta_and_metrics():
+    from types import SimpleNamespace
+
+    from fer_exp.compare import OVERALL, repeats_its_source
+
+    def run(tags, metrics, params=None):
+        return SimpleNamespace(data=SimpleNamespace(tags=tags, metrics=metrics, params=params or {}))
+
+    metrics = {k: 0.5 for k in (*OVERALL, *PER_CLASS)}
+    source = run({"data_source": "d", "test_tta": "flip"}, metrics)
+    by_id = {"s": source}
+
+    def evaluation(tta, changed=None, **tags):
+        return run({"fer_exp.role": "evaluation", "source_run_0": "s", "data_source": "d", "tta": tta, **tags},
+                   {**metrics, **(changed or {})}, {"n_models": "1"})
+    assert repeats_its_source(evaluation("flip"), by_id)  # its own TTA: the same test
+    assert not repeats_its_source(evaluation("none"), by_id)  # another TTA than its run tested with
+    assert not repeats_its_source(evaluation("flip", {"test_accuracy": 0.4}), by_id)  # another epoch (last.pt)
+    assert not repeats_its_source(evaluation("flip", data_source="other"), by_id)
+    assert not repeats_its_source(evaluation("flip", source_run_0="elsewhere"), by_id)
+
+
 def test_a_run_that_predicts_one_class_is_said_to_be_at_chance():
     from fer_exp.compare import RunInfo, one_class_runs
 

@@ -386,8 +386,8 @@ def test_test_faces_among_train_or_val_and_a_val_folder_beside_a_mixed_test_are_
     (selected on), and a val/ folder beside Kaggle's test/ (which holds PublicTest, FER2013's val, too)."""
     root = make_folders(tmp_path / "a", train=3, test=2)
     write_image(root / "train" / "happy" / "PrivateTest_0009.png", CLASS_VALUE[3])
-    with pytest.raises(DataError, match=r"train/happy/PrivateTest_0009.png: a PrivateTest file in train/ .a test "
-                                        r"split's face would be trained on.; move it to test/"):
+    with pytest.raises(DataError, match=r"train/happy/PrivateTest_0009.png: a PrivateTest file in train/ .a face of "
+                                        r"FER2013's test split would be trained on.; move it to test/"):
         load_data(str(root))
     skipped = load_data(str(root), on_bad="skip")
     assert not any("PrivateTest" in s for s in skipped.train.sources + skipped.val.sources)
@@ -397,6 +397,15 @@ def test_test_faces_among_train_or_val_and_a_val_folder_beside_a_mixed_test_are_
     make_folders(mixed, train=1, test=None, train_dir="val")
     with pytest.raises(DataError, match=r"val/ folder and test/ holds both .*Remove val/"):
         load_data(str(mixed))
+    # FER2013's own split as folders, as that message offers: val/ PublicTest, test/ PrivateTest
+    own = make_folders(tmp_path / "c", train=3, test=1, test_prefix="PrivateTest_")
+    make_folders(own, train=None, test=1, test_prefix="PublicTest_", test_dir="val")
+    data = load_data(str(own))
+    assert data.split_rule == "train = train/; val = the val/ folder; test = test/" and len(data.val) == len(data.test) == 7
+    write_image(own / "val" / "sad" / "PrivateTest_0042.png", CLASS_VALUE[4])  # but never a test face in val/
+    with pytest.raises(DataError, match=r"val/sad/PrivateTest_0042.png: a PrivateTest file in val/ .a face of "
+                                        r"FER2013's test split would be selected on.; move it to test/"):
+        load_data(str(own))
     # a link back up the tree (train/self -> train/) is walked once, not forever
     (root / "train" / "self").symlink_to(root / "train", target_is_directory=True)
     linked = load_data(str(root), on_bad="skip")
@@ -559,6 +568,14 @@ def test_float_gray_images_in_0_1_are_scaled_not_black(tmp_path):
     assert Image.open(path).mode == "F" and int(read_gray(path)[0].mean()) == 128
     Image.fromarray(np.full((48, 48), 200.0, dtype=np.float32)).save(path)  # already 0-255
     assert int(read_gray(path)[0].mean()) == 200
+    import pandas as pd
+
+    from fer_exp.predict import draw_predictions  # and --show draws it as the model sees it, not black
+
+    Image.fromarray(np.full((48, 48), 0.5, dtype=np.float32)).save(path)
+    frame = pd.DataFrame([{"source": str(path), "x": 0, "y": 0, "width": 48, "height": 48, "emotion": "sad", "confidence": 0.5}])
+    [drawn] = draw_predictions(frame, tmp_path / "drawn")
+    assert Image.open(drawn).convert("L").getpixel((128, 128)) == 128
 
 
 def test_the_decode_cache_is_keyed_on_pillow_s_version(tmp_path, monkeypatch):

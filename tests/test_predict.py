@@ -360,7 +360,7 @@ def test_evaluate_an_ensemble_with_tta_logs_a_comparable_run(trained):
     assert compared.exit_code == 0, compared.output
     assert "cnn+cnn+tta:flip" in compared.output
     # the plain re-evaluation is its training run's test again: not a second "model" beside it
-    assert "skipped 1 evaluation(s) of one model without TTA on its own data" in compared.output
+    assert "skipped 1 evaluation(s) that repeat the test of the run they evaluated" in compared.output
     assert "| cnn:evaluated |" not in compared.output
 
 

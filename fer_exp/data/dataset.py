@@ -115,7 +115,7 @@ class FerData:
         import hashlib
 
         def keyed(split: Split) -> dict[bytes, list[int]]:
-            rows = split.images.reshape(len(split), -1).numpy()
+            rows = split.images.flatten(1).numpy()
             index: dict[bytes, list[int]] = {}
             for i, row in enumerate(rows):
                 index.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)

@@ -214,12 +214,13 @@ def _read_folders(root: Path, on_bad: str) -> tuple[dict[str, Split], DecodeRepo
         kept = []
         for path, label in listed[name]:
             group = prefix_group(path)
-            if group is None:
+            if group is None or (name == "val" and group == "public"):  # PublicTest is FER2013's own val
                 kept.append((path, label))
             else:
                 bad(str(path.relative_to(root)), f"a {'PublicTest' if group == 'public' else 'PrivateTest'} file in "
-                    f"{path.relative_to(root).parts[0]}/ (a test split's face would be {'trained' if name == 'train' else 'selected'} "
-                    "on); move it to test/")
+                    f"{path.relative_to(root).parts[0]}/ (a face of FER2013's {'val' if group == 'public' else 'test'} split "
+                    f"would be {'trained' if name == 'train' else 'selected'} on); move it to "
+                    f"{'val/ or test/' if group == 'public' else 'test/'}")
         listed[name] = kept
     if test_dir is not None:
         for path, label in list_folder_split(test_dir, root, bad):
