@@ -527,8 +527,8 @@ def test_a_real_mlflow_server_serves_the_runs_metrics_and_the_comparison_page(tr
         assert "confusion_matrix.png" in {f["path"] for f in listed["files"]}
         png = get(f"/get-artifact?path=confusion_matrix.png&run_uuid={run_id}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        comparison = next(r for r in found if any(t["key"] == "fer_exp.role" and t["value"] == "comparison"
-                                                  for t in r["data"].get("tags", [])))
+        comparison = next(r for r in found if {("fer_exp.role", "comparison"), ("group_by", "model")}
+                          <= {(t["key"], t["value"]) for t in r["data"].get("tags", [])})  # (others compare --runs)
         page = get(f"/get-artifact?path=report.html&run_uuid={comparison['info']['run_id']}").decode()
         assert "fer-exp comparison by model" in page and page.count("data:image/png;base64,") == 3
         assert b"<html" in get("/").lower()  # the UI itself
