@@ -496,7 +496,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                 mlflow.end_run(status="FAILED")
             kept = trainer.checkpoint_dir / "last.pt"
             raise TrackingFailed(
-                f"run {run.info.run_id} could not be tracked after {trainer.epoch - 1} complete epoch(s): {reason}"
+                f"run {run.info.run_id} could not be tracked after {max(trainer.epoch - 1, 0)} complete epoch(s): {reason}"
                 + (f"; its checkpoints are in {trainer.checkpoint_dir}: once the store can be written again (free "
                    f"space there), resume it with: fer-exp train --resume {run.info.run_id}" if kept.is_file() else "")
             ) from exc

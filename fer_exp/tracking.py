@@ -89,8 +89,25 @@ def log_data_inputs(data) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(), source=source,
                                              name=f"fer2013-{name}", digest=split.digest())
-        mlflow.log_input(dataset, context=contexts[name],
-                         tags={"split_rule": data.split_rule[:250], "size": str(len(split))})
+        log_input_retrying(dataset, context=contexts[name], tags={"split_rule": data.split_rule[:250], "size": str(len(split))})
+
+
+def log_input_retrying(dataset, attempts: int = 5, **options) -> None:
+    """``mlflow.log_input``, again where another process registered the same dataset at the same moment:
+    MLflow's SQL store looks the dataset up, then inserts it, so two first runs of one experiment (two
+    tuning workers) race to its unique key and one failed with "UNIQUE constraint failed: datasets..."."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, **options)
+            return
+        except Exception as exc:  # sqlalchemy's IntegrityError, raw or wrapped by MLflow
+            text = str(exc)
+            raced = "datasets" in text and ("UNIQUE constraint failed" in text or "duplicate key" in text)
+            if not raced or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))  # the other insert has committed by then: found, linked
 
 
 def run_description(cfg, data, trainable: int, total: int) -> str:

@@ -394,6 +394,37 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_cleanly_and_keeps_the
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_a_dataset_registered_by_another_process_at_the_same_moment_is_linked_not_fatal(store, monkeypatch):
+    """Two tuning workers' first runs on a new experiment log the same dataset at once: MLflow's store
+    looks it up, then inserts, and the loser's insert hit the unique key (a trial FAILED in CI). The
+    input is logged again, found and linked; anything else still fails."""
+    import mlflow
+    import sqlalchemy.exc
+
+    real_log_input, calls = mlflow.log_input, []
+
+    def raced_once(dataset, **kwargs):
+        calls.append(dataset.name)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO datasets ...", {}, Exception(
+                "UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"))
+        return real_log_input(dataset, **kwargs)
+    monkeypatch.setattr(mlflow, "log_input", raced_once)
+    result = CliRunner().invoke(main, ["train", "--data", "synthetic:32,8,8", "--epochs", "1", "--batch-size", "16",
+                                       "--system-metrics", "false"])
+    assert result.exit_code == 0, result.output
+    [run] = _runs(store)
+    assert calls[:2] == ["fer2013-train", "fer2013-train"]
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"fer2013-train", "fer2013-val", "fer2013-test"}
+    from fer_exp.tracking import log_input_retrying
+
+    def full(dataset, **kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("database or disk is full"))
+    monkeypatch.setattr(mlflow, "log_input", full)
+    with pytest.raises(sqlalchemy.exc.OperationalError):  # not a race: not retried
+        log_input_retrying(object(), context="training")
+
+
 def test_a_store_that_fills_up_mid_run_ends_the_run_with_a_resume_hint(store, monkeypatch):
     """The tracking store's disk fills after epoch 1 (sqlite: "database or disk is full"): the command
     ends with one clear message naming the kept checkpoints and the resume command, not a traceback;
