@@ -724,10 +724,13 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
             parent.summarise("KILLED")
         done = count_states(study, FINISHED)
         # --n-trials adds to what the study holds when the command starts: the same command would add them again
-        exact = "" if sc.total_trials else (f", with --total-trials {target} for the {target - done} trial(s) of this "
-                                            f"one still to run (as it is, it adds {sc.n_trials} more)" if done < target else
-                                            f", with --total-trials {target}: its trials are done"
-                                            + (", so it only retrains the best" if sc.retrain_best else ""))
+        if sc.total_trials:
+            exact = ""
+        elif done < target:
+            exact = f", with --total-trials {target} for the {target - done} trial(s) of this one still to run " \
+                    f"(as it is, it adds {sc.n_trials} more)"
+        else:
+            exact = f", with --total-trials {target}: its trials are done" + (", so it only retrains the best" if sc.retrain_best else "")
         print(f"interrupted: resume with the same command{exact} (study {sc.study_name}, storage {mask_url(storage_url)}; "
               f"{done} of {target} trials finished)", file=sys.stderr)
         raise KeyboardInterrupt

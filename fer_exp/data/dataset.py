@@ -111,7 +111,13 @@ class FerData:
     def duplicates_across_splits(self) -> dict[str, dict]:
         """Faces of a later split (val, test) whose pixels are identical to a face of an earlier one (train,
         val): FER2013 holds such copies, which inflate val and test a little. Per pair (``val in train``,
-        ``test in train``, ``test in val``): how many, how many of those with another label, two examples."""
+        ``test in train``, ``test in val``): how many, how many of those with another label, two examples.
+        Found once per data (every run's summary asks, and a tuning worker's trials share one FerData)."""
+        if "_duplicates" not in self.__dict__:
+            self.__dict__["_duplicates"] = self._find_duplicates()
+        return self.__dict__["_duplicates"]
+
+    def _find_duplicates(self) -> dict[str, dict]:
         import hashlib
 
         def keyed(split: Split) -> dict[bytes, list[int]]:
@@ -121,7 +127,8 @@ class FerData:
                 index.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)
             return index
 
-        keys = {name: keyed(split) for name, split in self.splits().items()}
+        splits = self.splits()
+        keys = {name: keyed(split) for name, split in splits.items()}
         found = {}
         for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
             copies, relabelled, examples = 0, 0, []
@@ -131,10 +138,9 @@ class FerData:
                 theirs = keys[earlier][key][0]
                 for row in rows:
                     copies += 1
-                    other = int(self.splits()[later].labels[row]) != int(self.splits()[earlier].labels[theirs])
-                    relabelled += other
+                    relabelled += int(splits[later].labels[row]) != int(splits[earlier].labels[theirs])
                     if len(examples) < 2:
-                        examples.append(f"{self.splits()[later].sources[row]} = {self.splits()[earlier].sources[theirs]}")
+                        examples.append(f"{splits[later].sources[row]} = {splits[earlier].sources[theirs]}")
             if copies:
                 found[f"{later} in {earlier}"] = {"images": copies, "other_label": relabelled, "examples": examples}
         return found
