@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from fer_exp.classes import CLASS_NAMES
-from fer_exp.config import EVALUATION_SPLITS, TTA_OPTIONS
+from fer_exp.config import CHOICES, EVALUATION_SPLITS, TTA_OPTIONS
 from fer_exp.errors import counted
 
 
@@ -52,6 +52,11 @@ def format_summary(summary: dict) -> str:
     for pair, found in summary["duplicates_across_splits"].items():
         lines.append(f"{pair}: {found['images']} image(s) with pixels identical to one there ({found['other_label']} "
                      f"labelled otherwise), e.g. {found['examples'][0]}")
+    if summary["duplicates_across_splits"]:
+        lines.append("  (--duplicates drop removes such copies from train and val; test stays whole)")
+    if summary["duplicates_dropped"]:
+        lines.append("dropped as copies of a later split's faces (--duplicates drop): "
+                     + ", ".join(f"{n} from {split}" for split, n in summary["duplicates_dropped"].items()))
     lines.append(f"converted to grayscale: {summary['converted_to_gray']}; resized to 48x48: {summary['resized']}")
     if summary["ignored"]:
         lines.append(f"ignored {len(summary['ignored'])} hidden file(s), e.g. {summary['ignored'][0]}")
@@ -67,18 +72,22 @@ def format_summary(summary: dict) -> str:
 @data.command("inspect")
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+@click.option("--on-bad", type=click.Choice(CHOICES["on_bad"]), default="error", show_default=True,
               help="Stop at the first bad sample, or skip bad samples and report them.")
+@click.option("--duplicates", type=click.Choice(CHOICES["duplicates"]), default="report", show_default=True,
+              help="Faces copied across splits: count them, or drop them from train and val as training's --duplicates drop does.")
 @click.option("--seed", type=int, default=42, show_default=True,
               help="Seed of the val hold-out, where one is made (training's default, so both show the same split).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Size of the val hold-out.")
 @click.option("--no-cache", is_flag=True, help="Decode again instead of reading the cache.")
-def data_inspect(source: str, as_json: bool, on_bad: str, seed: int, val_fraction: float, no_cache: bool) -> None:
+def data_inspect(source: str, as_json: bool, on_bad: str, duplicates: str, seed: int, val_fraction: float,
+                 no_cache: bool) -> None:
     """Show the format, split rule and per-class counts of SOURCE (a path or 'synthetic')."""
     from fer_exp.data import DataError, load_data
 
     try:
-        loaded = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction, use_cache=not no_cache)
+        loaded = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction, use_cache=not no_cache,
+                           duplicates=duplicates)
     except DataError as exc:
         raise UserError(str(exc)) from None
     summary = loaded.summary()

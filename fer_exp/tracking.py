@@ -167,6 +167,8 @@ class MLflowCallback(Callback):
         # faces of val/test whose pixels are also in an earlier split (FER2013 has such copies): filterable
         mlflow.set_tags({f"duplicates_{pair.replace(' ', '_')}": f"{found['images']} ({found['other_label']} labelled otherwise)"
                          for pair, found in summary["duplicates_across_splits"].items()})
+        if data.duplicates_dropped:  # duplicates: drop
+            mlflow.set_tags({f"duplicates_dropped_from_{split}": n for split, n in data.duplicates_dropped.items()})
         mlflow.log_dict(summary, "data_summary.json")
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:

@@ -266,8 +266,8 @@ def test_out_of_range_values(overrides, piece):
 
 
 def test_the_data_seed_is_the_runs_seed_unless_set():
-    assert load_config(overrides={"seed": 3}).data_key() == ("data/fer2013", "error", 3, 0.1)
-    assert load_config(overrides={"seed": 3, "data_seed": 0}).data_key() == ("data/fer2013", "error", 0, 0.1)
+    assert load_config(overrides={"seed": 3}).data_key() == ("data/fer2013", "error", 3, 0.1, "report")
+    assert load_config(overrides={"seed": 3, "data_seed": 0}).data_key() == ("data/fer2013", "error", 0, 0.1, "report")
     from fer_exp.experiment import load_run_data
 
     def val_faces(**overrides):

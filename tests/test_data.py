@@ -939,6 +939,7 @@ def test_empty_folder_and_non_csv_file(tmp_path):
     ({"val_fraction": 0.0}, "val_fraction must be between 0 and 1"),
     ({"val_fraction": 1.5}, "val_fraction must be between 0 and 1"),
     ({"seed": -1}, "seed must be"),
+    ({"duplicates": "remove"}, "--duplicates must be one of report, drop"),
 ])
 def test_bad_options(tmp_path, kwargs, fragment):
     root = make_folders(tmp_path / "faces", train=10, test=1)
@@ -1111,6 +1112,49 @@ def test_faces_copied_across_splits_are_counted_and_said(tmp_path):
     assert json.loads(inspect(path, "--json").output)["duplicates_across_splits"] == found
 
 
+def test_duplicates_drop_removes_the_copies_from_train_and_val_and_keeps_test_whole(tmp_path):
+    """--duplicates drop: a train face identical to a val or test face is not trained on, a val face
+    identical to a test face does not select the epoch; test is FER2013's own, every face kept."""
+    def text(label, row):
+        return " ".join(map(str, pixel_row(label, row).ravel().tolist()))
+
+    rows = [(label, "Training") for label in range(7) for _ in range(2)]  # rows 1-14, all distinct
+    rows += [(0, text(0, 1), "Training")]  # row 15: row 1 again (a copy within train stays apart from val)
+    rows += [(0, text(0, 1), "PublicTest"), (1, "PublicTest"), (3, "PublicTest")]  # 16 copies rows 1 and 15
+    rows += [(5, text(0, 2), "PrivateTest"), (2, text(3, 18), "PrivateTest"), (4, "PrivateTest")]  # 19: row 2, 20: row 18
+    path = write_csv(tmp_path / "fer2013.csv", rows)
+    kept = load_data(str(path))
+    data = load_data(str(path), duplicates="drop")
+    assert data.test.sources == kept.test.sources and torch.equal(data.test.images, kept.test.images)
+    assert [s.split("#row")[1] for s in data.train.sources] == [str(r) for r in range(3, 15)]  # 1, 2 and 15 gone
+    assert [s.split("#row")[1] for s in data.val.sources] == ["16", "17"]  # 18 is test's row 20
+    assert data.duplicates_across_splits() == {}  # none left
+    assert data.duplicates_dropped == {"train": 3, "val": 1}
+    assert data.split_rule == ("train = Training; val = PublicTest; test = PrivateTest; dropped 3 train face(s) identical "
+                               "to a val or test face and 1 val face(s) identical to a test face (duplicates: drop)")
+    assert data.summary()["duplicates_dropped"] == {"train": 3, "val": 1} and kept.summary()["duplicates_dropped"] == {}
+    out = inspect(path, "--duplicates", "drop").output
+    assert "dropped as copies of a later split's faces (--duplicates drop): 3 from train, 1 from val" in out
+    assert "train       " in out and "in train:" not in out
+    assert "(--duplicates drop removes such copies from train and val; test stays whole)" in inspect(path).output
+
+
+def test_duplicates_drop_on_a_hold_out_keeps_no_copy_of_a_val_or_test_face_in_train(tmp_path):
+    """Where val is a seeded hold-out of train, copies of one face may land on both sides of it: drop keeps
+    every copy out of train. make_folders' images are uniform per class, so each class is one face."""
+    root = make_folders(tmp_path / "faces", train=[10, 10, 10, 10, 10, 10, 0], test=[0, 0, 0, 0, 0, 2, 0])
+    write_image(root / "train" / "neutral" / "Training_other.png", 250)  # a neutral face the test lacks
+    write_image(root / "train" / "neutral" / "Training_other2.png", 251)
+    data = load_data(str(root), duplicates="drop", val_fraction=0.3)
+    assert set(labels_from_pixels(data.test.images)) == {5} and len(data.test) == 2
+    train_faces = {bytes(image.flatten().tolist()) for image in data.train.images}
+    assert not train_faces & {bytes(image.flatten().tolist()) for image in torch.cat([data.val.images, data.test.images])}
+    assert 5 not in data.train.labels.tolist() and 5 not in data.val.labels.tolist()
+    assert sum(data.duplicates_dropped.values()) == 62 - len(data.train) - len(data.val)  # 62 train images
+    with pytest.raises(DataError, match="every train face is a copy of a later split's face.*use duplicates: report"):
+        load_data(str(make_folders(tmp_path / "same", train=4, test=1)), duplicates="drop", val_fraction=0.5)
+
+
 def test_inspect_seed_and_val_fraction_options(tmp_path):
     root = make_folders(tmp_path / "faces", train=STRATA, test=1)
     s0 = json.loads(inspect(root, "--json").output)
@@ -1161,6 +1205,9 @@ def test_real_fer2013_folders_have_the_exact_class_counts(real_folder_data):
     copies = data.duplicates_across_splits()  # seed 0's hold-out: 261 in train, 33 in val (seed 42: 266, 24)
     assert 240 < copies["test in train"]["images"] < 300 and copies["test in train"]["other_label"] >= 5
     assert copies["test in val"]["images"] > 10 and copies["val in train"]["images"] > 100
+    dropped = real_folder_data.without_duplicates()  # duplicates: drop
+    assert dropped.duplicates_across_splits() == {} and len(dropped.test) == 3_589
+    assert 500 < dropped.duplicates_dropped["train"] < 700 and 10 < dropped.duplicates_dropped["val"] < 40
 
 
 @pytest.mark.realdata

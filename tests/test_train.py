@@ -696,6 +696,34 @@ def test_a_diverged_run_is_marked_failed_with_the_reason(small, store):
     assert run.data.tags["duplicates_test_in_train"] == "1 (0 labelled otherwise)"  # said with the run's data
 
 
+def test_a_run_with_duplicates_drop_trains_without_the_copies_and_says_so(small, store):
+    """--duplicates drop: train faces identical to test faces are not trained on; the run's split rule,
+    tags, sizes and data_summary.json say how many were dropped."""
+    import mlflow
+
+    from fer_exp.experiment import run_experiment
+
+    lines = ["emotion,pixels,Usage"]
+    for split, usage in ((small.train, "Training"), (small.val, "PublicTest"), (small.test, "PrivateTest")):
+        for image, label in zip(split.images, split.labels.tolist()):
+            lines.append(f"{label},{' '.join(map(str, image.flatten().tolist()))},{usage}")
+    copies = [f"{int(small.train.labels[i])},{' '.join(map(str, small.train.images[i].flatten().tolist()))},PrivateTest"
+              for i in (0, 5, 9)]
+    (store / "fer2013.csv").write_text("\n".join(lines + copies) + "\n")
+    cfg = config(data=str(store / "fer2013.csv"), batch_size=16, epochs=1, duplicates="drop", system_metrics=False,
+                 output_dir=str(store / "out"))
+    summary = run_experiment(cfg, progress=False, log_model=False)
+    run = mlflow.get_run(summary.run_id)
+    assert run.data.tags["duplicates_dropped_from_train"] == "3" and run.data.tags["duplicates_dropped_from_val"] == "0"
+    assert run.data.tags["train_size"] == str(len(small.train) - 3) and run.data.tags["test_size"] == str(len(small.test) + 3)
+    assert run.data.tags["split_rule"].endswith("dropped 3 train face(s) identical to a val or test face and 0 val "
+                                                "face(s) identical to a test face (duplicates: drop)")
+    assert not any(key.startswith("duplicates_test_in") for key in run.data.tags)  # none left to leak
+    logged = mlflow.artifacts.load_dict(f"runs:/{summary.run_id}/data_summary.json")
+    assert logged["duplicates_dropped"] == {"train": 3, "val": 0} and logged["duplicates_across_splits"] == {}
+    assert run.data.params["config.duplicates"] == "drop"
+
+
 # ================================================================ resnet18 with frozen layers
 
 def test_resnet18_frozen_layers_do_not_change(tmp_path):

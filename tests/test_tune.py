@@ -114,6 +114,7 @@ def test_command_line_fixes_a_field_for_all_trials_and_takes_it_out_of_the_space
         ("  select_metric: {type: categorical, choices: [val_accuracy, val_loss]}",
          ["select_metric is fixed for a whole study (the study's objective"]),
         ("  tta: {type: categorical, choices: [none, flip]}", ["tta is fixed for a whole study"]),
+        ("  duplicates: {type: categorical, choices: [report, drop]}", ["duplicates is fixed for a whole study"]),
         ("  eval_batch_size: {type: int, low: 64, high: 512}", ["where and how runs run"]),
         ("  scheduler: {type: categorical, choices: [cosine, linear]}", ["scheduler must be one of"]),
         ("  lr: [0.1, 0.2]", ["search_space.lr must be a mapping"]),

@@ -99,6 +99,7 @@ class FerData:
     report: DecodeReport = field(default_factory=DecodeReport)
     from_cache: bool = False
     load_seconds: float = 0.0
+    duplicates_dropped: dict[str, int] = field(default_factory=dict)  # per split, by duplicates: drop
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -118,17 +119,8 @@ class FerData:
         return self.__dict__["_duplicates"]
 
     def _find_duplicates(self) -> dict[str, dict]:
-        import hashlib
-
-        def keyed(split: Split) -> dict[bytes, list[int]]:
-            rows = split.images.flatten(1).numpy()
-            index: dict[bytes, list[int]] = {}
-            for i, row in enumerate(rows):
-                index.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)
-            return index
-
         splits = self.splits()
-        keys = {name: keyed(split) for name, split in splits.items()}
+        keys = {name: pixel_keys(split) for name, split in splits.items()}
         found = {}
         for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
             copies, relabelled, examples = 0, 0, []
@@ -144,6 +136,30 @@ class FerData:
             if copies:
                 found[f"{later} in {earlier}"] = {"images": copies, "other_label": relabelled, "examples": examples}
         return found
+
+    def without_duplicates(self) -> "FerData":
+        """The data with the cross-split copies dropped where they leak: every train face whose pixels
+        equal a val or test face, and every val face equal to a test face. Test stays whole (the
+        benchmark's own faces), so none of its faces is trained on or selects the epoch; where val is a
+        hold-out of train, the copies of a val face left in train are dropped too."""
+        import dataclasses
+
+        test_keys = pixel_keys(self.test)
+        later_keys = test_keys.keys() | pixel_keys(self.val).keys()
+
+        def kept(split: Split, drop) -> torch.Tensor:
+            return torch.tensor([i for key, rows in pixel_keys(split).items() if key not in drop for i in rows],
+                                dtype=torch.int64).sort().values
+
+        train, val = self.train.subset(kept(self.train, later_keys)), self.val.subset(kept(self.val, test_keys))
+        dropped = {"train": len(self.train) - len(train), "val": len(self.val) - len(val)}
+        for name, split in (("train", train), ("val", val)):
+            if len(split) == 0:
+                raise DataError(f"every {name} face is a copy of a later split's face, so dropping the copies "
+                                f"(duplicates: drop) leaves no {name} split; use duplicates: report")
+        rule = (f"{self.split_rule}; dropped {dropped['train']} train face(s) identical to a val or test face and "
+                f"{dropped['val']} val face(s) identical to a test face (duplicates: drop)")
+        return dataclasses.replace(self, train=train, val=val, split_rule=rule, duplicates_dropped=dropped)
 
     def missing_train_classes(self) -> list[str]:
         """The classes train has no image of (a model trained on it can never predict them)."""
@@ -164,6 +180,7 @@ class FerData:
             "imbalance_ratio": round(imbalance, 2),  # among the classes train has
             "missing_train_classes": self.missing_train_classes(),
             "duplicates_across_splits": self.duplicates_across_splits(),
+            "duplicates_dropped": self.duplicates_dropped,
             "converted_to_gray": self.report.converted_to_gray,
             "resized": self.report.resized,
             "skipped": [{"where": w, "why": y} for w, y in self.report.skipped],
@@ -171,6 +188,16 @@ class FerData:
             "from_cache": self.from_cache,
             "load_seconds": round(self.load_seconds, 3),
         }
+
+
+def pixel_keys(split: Split) -> dict[bytes, list[int]]:
+    """The rows of ``split`` by a hash of their pixels: identical faces share a key."""
+    import hashlib
+
+    index: dict[bytes, list[int]] = {}
+    for i, row in enumerate(split.images.flatten(1).numpy()):
+        index.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)
+    return index
 
 
 def missing_classes_warning(missing: list[str]) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fer_exp.classes import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, class_index
+from fer_exp.config import CHOICES
 from fer_exp.data.dataset import DataError, DecodeReport, Split
 from fer_exp.data.images import ImageDecodeError, read_gray, to_model_size
 from fer_exp.errors import first_line
@@ -25,7 +26,7 @@ CSV_USAGE_GROUPS = {"Training": "train", "PublicTest": "public", "PrivateTest": 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEST_PREFIXES = {"PublicTest_": "public", "PrivateTest_": "private"}
 VAL_FOLDER_NAMES = ("val", "validation")
-ON_BAD_CHOICES = ("error", "skip")
+ON_BAD_CHOICES = CHOICES["on_bad"]
 
 
 class BadSamples:

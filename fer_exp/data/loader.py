@@ -13,6 +13,7 @@ import torch
 
 from fer_exp.classes import CLASS_NAMES
 from fer_exp.data import cache
+from fer_exp.config import CHOICES
 from fer_exp.data.dataset import SPLIT_NAMES, DataError, FerData, Split
 from fer_exp.data.formats import ON_BAD_CHOICES, find_split_dir, read_csv, read_folders
 from fer_exp.data.synthetic import parse_synthetic_spec, synthetic_split
@@ -135,20 +136,27 @@ def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed
 
 
 def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction: float = 0.1,
-              use_cache: bool = True) -> FerData:
+              use_cache: bool = True, duplicates: str = "report") -> FerData:
     """Load a FER2013 source (a CSV, the Kaggle folders, or ``synthetic[:TRAIN,VAL,TEST]``).
 
     Decoding happens once per source; later loads read the cache unless the source changed.
+    ``duplicates="drop"``: without the faces copied across splits (:meth:`FerData.without_duplicates`).
     """
     if on_bad not in ON_BAD_CHOICES:
         raise DataError(f"--on-bad must be one of {', '.join(ON_BAD_CHOICES)}, got {on_bad!r}")
+    if duplicates not in CHOICES["duplicates"]:
+        raise DataError(f"--duplicates must be one of {', '.join(CHOICES['duplicates'])}, got {duplicates!r}")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if not 0 <= seed < 2**32:  # numpy/scikit-learn seeds; a negative one would end in a traceback
         raise DataError(f"seed must be an integer from 0 to 2**32 - 1, got {seed}")
     start = time.perf_counter()
     try:
-        return _load(source, on_bad, seed, val_fraction, use_cache, start)
+        data = _load(source, on_bad, seed, val_fraction, use_cache, start)
+        if duplicates == "drop":
+            data = data.without_duplicates()
+            data.load_seconds = time.perf_counter() - start
+        return data
     except PermissionError as exc:  # a folder that cannot be listed, while detecting or fingerprinting it
         raise DataError(f"{exc.filename}: cannot be read (permission denied); fix its permissions") from None
 
