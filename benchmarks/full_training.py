@@ -31,7 +31,7 @@ from fer_exp.config import TTA_CHOICES, ConfigError, load_config
 from fer_exp.data import DataError
 from fer_exp.experiment import load_run_data
 from fer_exp.inference import predict_probabilities
-from fer_exp.metrics import classification_metrics
+from fer_exp.metrics import UNCOPIED_SUFFIX, classification_metrics
 from fer_exp.train import Callback, Trainer, write_atomically
 
 
@@ -109,6 +109,9 @@ def run(config: str | None, data_source: str | None, sets: list[str], tta: bool 
         "median_train_images_per_second": round(statistics.median(h["train_images_per_second"] for h in result.history), 1),
         "test_accuracy": result.test_metrics["test_accuracy"],
         "test_macro_f1": result.test_metrics["test_macro_f1"],
+        # the scores on the test faces with no copy in train or val (FER2013's copies), and what drop left out
+        **{k: v for k, v in result.test_metrics.items() if k.endswith(UNCOPIED_SUFFIX)},
+        "duplicates_dropped": data.duplicates_dropped,
         "test_acc_per_class": {c: round(result.test_metrics[f"test_acc_{c}"], 4) for c in CLASS_NAMES},
         "stopped_early": result.stopped_early,
         "tta": tta_metrics(trainer, data) if tta else {},

@@ -95,6 +95,16 @@ def data_inspect(source: str, as_json: bool, on_bad: str, duplicates: str, seed:
 
 
 
+def uncopied_line(metrics: dict, split: str) -> str:
+    """The scores on the faces of ``split`` that have no copy in an earlier split, where some have."""
+    if f"{split}_accuracy_uncopied" not in metrics:
+        return ""
+    earlier = "train or val" if split == "test" else "train"
+    return (f"on the {split} faces with no copy in {earlier} (FER2013 has copies; --duplicates drop trains "
+            f"without them): accuracy {metrics[f'{split}_accuracy_uncopied']:.4f}  macro-F1 "
+            f"{metrics[f'{split}_macro_f1_uncopied']:.4f}\n")
+
+
 def stop_on_signals() -> None:
     from fer_exp.train import stop_on_signals as install
 
@@ -207,6 +217,7 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
            + ", ".join(f"{k} {v:.4f}" for k, v in r.tta_val.items()) + ")\n" if r.tta_val else "")
         + f"test{f' ({r.tta} TTA)' if r.tta != 'none' else ''}: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
         f"per class accuracy: " + "  ".join(f"{c} {t[f'test_acc_{c}']:.3f}" for c in CLASS_NAMES) + "\n"
+        + uncopied_line(t, "test") +
         f"tracking: {mask_url(summary.tracking_uri)} (experiment id {summary.experiment_id})\n"
         + ui_hint(summary.run_id, summary.experiment_id, summary.tracking_uri)
     )
@@ -475,7 +486,8 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device, 
     m = result.metrics
     click.echo(f"{result.name} on {split}: accuracy {m[f'{split}_accuracy']:.4f}  macro-F1 {m[f'{split}_macro_f1']:.4f}  "
                f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\nper class accuracy: "
-               + "  ".join(f"{c} {m[f'{split}_acc_{c}']:.3f}" for c in CLASS_NAMES))
+               + "  ".join(f"{c} {m[f'{split}_acc_{c}']:.3f}" for c in CLASS_NAMES)
+               + ("\n" + uncopied_line(m, split).rstrip() if uncopied_line(m, split) else ""))
     if result.run_id:
         click.echo(f"evaluation run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
 

@@ -27,6 +27,8 @@ from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.errors import first_line
 
 OVERALL = {"test_accuracy": "Accuracy", "test_macro_f1": "Macro F1", "test_weighted_f1": "Weighted F1"}
+# the scores on the test faces with no copy in train or val (FER2013's copies), where every run has them
+UNCOPIED = {"test_accuracy_uncopied": "Accuracy, uncopied", "test_macro_f1_uncopied": "Macro F1, uncopied"}
 PER_CLASS = {f"test_acc_{c}": c.capitalize() for c in CLASS_NAMES}
 SKIPPED_ROLES = ("trial", "study", "launch", "comparison")  # tuning runs and comparisons have no test of their own
 
@@ -327,6 +329,7 @@ class Comparison:
     per_class: pd.DataFrame
     tests: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    overall_metrics: dict = field(default_factory=lambda: dict(OVERALL))  # the overall table's columns
 
     @property
     def groups(self) -> list[str]:
@@ -369,8 +372,9 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
             notes = [*notes, str(exc)]
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
         test["p_holm"] = adjusted
-    return Comparison(runs, group_by, group_table(runs, OVERALL), group_table(runs, PER_CLASS), pd.DataFrame(tests),
-                      list(notes))
+    overall = OVERALL | (UNCOPIED if all(k in r.metrics for r in runs for k in UNCOPIED) else {})
+    return Comparison(runs, group_by, group_table(runs, overall), group_table(runs, PER_CLASS), pd.DataFrame(tests),
+                      list(notes), overall)
 
 
 def cell(row, title: str) -> str:
@@ -393,10 +397,13 @@ def markdown_tables(comparison: Comparison) -> str:
         return lines
 
     several = any(comparison.overall["runs"] > 1)
-    out = ["## Overall (test split, %)", ""] + table(comparison.overall, OVERALL.values())
+    out = ["## Overall (test split, %)", ""] + table(comparison.overall, comparison.overall_metrics.values())
     out += ["", "## Per-class accuracy (test split, %)", ""] + table(comparison.per_class, PER_CLASS.values())
     if several:
         out += ["", "Several runs: mean ± standard deviation [95% confidence interval of the mean, t distribution]."]
+    if UNCOPIED.keys() <= comparison.overall_metrics.keys():
+        out += ["", "Uncopied: on the test faces with no copy in the source's train or val (FER2013's copies, which a "
+                "run trains on unless --duplicates drop)."]
     if not comparison.tests.empty:
         several_tests = len(comparison.tests) > 1
         out += ["", "## Paired tests on the test predictions (McNemar, exact)", "",
@@ -528,7 +535,7 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
             "body{font-family:sans-serif;margin:2em;max-width:1300px} table.t{border-collapse:collapse;margin:1em 0}"
             ".t td,.t th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap} .t th{background:#f0f0f0}</style>"
             f"</head><body><h1>fer-exp comparison by {html.escape(comparison.group_by)}</h1><ul>{runs}</ul>"
-            f"<h2>Overall (test split, %)</h2>{table_html(comparison.overall, OVERALL.values())}"
+            f"<h2>Overall (test split, %)</h2>{table_html(comparison.overall, comparison.overall_metrics.values())}"
             f"<h2>Per-class accuracy (test split, %)</h2>{table_html(comparison.per_class, PER_CLASS.values())}"
             f"<p>Several runs: mean ± std [95% CI of the mean].</p>{tests}{notes}{figures}"
             f"<details><summary>Markdown</summary><pre>{html.escape(markdown)}</pre></details></body></html>")
@@ -621,7 +628,8 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         comparison.overall.to_csv(staging / "overall.csv", index=False)
         comparison.per_class.to_csv(staging / "per_class.csv", index=False)
         pd.DataFrame([{"run_id": r.run_id, "name": r.name, "group": r.group, "seed": r.seed,
-                       **{k: r.metrics[k] for k in (*OVERALL, *PER_CLASS)}} for r in runs]).to_csv(staging / "runs.csv", index=False)
+                       **{k: r.metrics[k] for k in (*comparison.overall_metrics, *PER_CLASS)}} for r in runs]).to_csv(
+            staging / "runs.csv", index=False)
         if not comparison.tests.empty:
             comparison.tests.to_csv(staging / "paired_tests.csv", index=False)
         images = {}
@@ -659,7 +667,7 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
                                        "Open report.html for the tables, tests and figures."}) as run, \
                 killed_on_interrupt():
             for _, row in comparison.overall.iterrows():
-                for key, title in OVERALL.items():
+                for key, title in comparison.overall_metrics.items():
                     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(row["group"]))
                     mlflow.log_metric(f"{safe}.{key}", row[title])
             for name in written:  # this comparison's files, not whatever else the folder holds

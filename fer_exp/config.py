@@ -52,7 +52,7 @@ class Config:
     val_fraction: float = _f(0.1, "Size of the stratified val hold-out of train, where the source has no val split.")
     data_seed: int = _f(-1, "Seed of the val hold-out of train (and of synthetic faces); -1: the run's seed. Runs with one data_seed share one val split, so a seed ensemble of them can be evaluated and chosen on val.")
     on_bad: str = _f("error", "Bad samples in the source: 'error' stops, 'skip' skips and reports them.")
-    duplicates: str = _f("report", "Faces whose pixels are in two splits (FER2013 has ~290 test faces that are copies of training faces): 'report' counts them (tags duplicates_*), 'drop' removes from train every face identical to a val or test face, and from val every face identical to a test face, so no test face is trained on or selects the epoch (test stays whole).")
+    duplicates: str = _f("report", "Faces whose pixels are in two splits (in the Kaggle folders 280 of the 3,589 test faces have a copy in Training): 'report' counts them (tags duplicates_*), 'drop' removes from train every face identical to a val or test face, and from val every face identical to a test face, so no test face is trained on or selects the epoch (test stays whole).")
     # model
     input_size: int = _f(0, "Input size in pixels, faces resized on the batch: cnn 48, 64 or 96; resnet18 112 or 224; 0: the model's default (cnn 48, resnet18 112).")
     freeze_depth: int = _f(0, "resnet18: freeze the first k of stem, layer1, layer2, layer3, layer4 (0-5).")

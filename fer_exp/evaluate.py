@@ -13,7 +13,7 @@ from fer_exp.config import EVALUATION_SPLITS
 from fer_exp.data import load_data
 from fer_exp.errors import first_line
 from fer_exp.inference import LoadedModel, ensemble_probabilities
-from fer_exp.metrics import classification_metrics
+from fer_exp.metrics import classification_metrics, uncopied_metrics
 
 
 class EvaluateError(ValueError):
@@ -72,6 +72,7 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     labels = chosen.labels.numpy()
     metrics = classification_metrics(labels, probabilities.argmax(1), prefix=f"{split}_")
     metrics[f"{split}_loss"] = loss
+    metrics |= uncopied_metrics(labels, probabilities.argmax(1), data.copied(split), prefix=f"{split}_")
     name = evaluation_name(models, used)
     result = EvaluationResult(metrics, probabilities, len(chosen) * len(models) / seconds if seconds else 0.0, name)
     if progress:
@@ -127,6 +128,6 @@ def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, re
             mlflow.log_params({f"{prefix}{k}": v for k, v in m.config.to_dict().items()})
         log_data_inputs(data)
         log_evaluation(chosen.labels.numpy(), result.probabilities, chosen.sources, result.metrics,
-                       title=f"{result.name} {split}", split=split)
+                       title=f"{result.name} {split}", split=split, copied=data.copied(split))
         mlflow.log_metric(f"{split}_images_per_second", result.images_per_second)
     return run.info.run_id, experiment_id

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from fer_exp.classes import CLASS_NAMES
-from fer_exp.metrics import confusion_figure, per_class_table, report_text
+from fer_exp.metrics import UNCOPIED_SUFFIX, confusion_figure, per_class_table, report_text
 from fer_exp.models import count_parameters
 from fer_exp.train import Callback, FitResult, Trainer
 
@@ -49,6 +49,8 @@ def describe_run(cfg) -> str:
     parts += [f"lr={cfg.lr:g}", f"wd={cfg.weight_decay:g}"]
     if cfg.class_weights == "none":
         parts.append("unweighted")
+    if cfg.duplicates == "drop":
+        parts.append("no-copies")
     return " ".join([*parts, f"seed{cfg.seed}"])
 
 
@@ -197,17 +199,21 @@ class MLflowCallback(Callback):
     def log_test_evaluation(trainer: Trainer, result: FitResult) -> None:
         test = trainer.data.test
         log_evaluation(test.labels.numpy(), result.test_probabilities, test.sources, result.test_metrics,
-                       title=f"{trainer.cfg.model} test" + (f", TTA {result.tta}" if result.tta != "none" else ""))
+                       title=f"{trainer.cfg.model} test" + (f", TTA {result.tta}" if result.tta != "none" else ""),
+                       copied=trainer.data.copied("test"))
 
 
 def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[str], metrics: dict[str, float],
-                   title: str, split: str = "test") -> None:
+                   title: str, split: str = "test", copied: np.ndarray | None = None) -> None:
     """An evaluation on one split, into the active run: its metrics, the confusion-matrix figure, the
-    per-class table, the classification report and every prediction (``<split>_predictions.csv``)."""
+    per-class table, the classification report and every prediction (``<split>_predictions.csv``).
+    ``seen``: per face, whether an earlier split holds its pixels (a column of the predictions; the
+    scores on the other faces are in ``metrics``, :func:`fer_exp.metrics.uncopied_metrics`)."""
     import matplotlib.pyplot as plt
 
     predictions = probabilities.argmax(1)
-    mlflow.log_metrics({k: metrics[k] for k in TEST_METRICS} if split == "test" else metrics)
+    uncopied = {k: v for k, v in metrics.items() if k.endswith(UNCOPIED_SUFFIX)}
+    mlflow.log_metrics({k: metrics[k] for k in TEST_METRICS} | uncopied if split == "test" else metrics)
     figure = confusion_figure(labels, predictions, title=title)
     mlflow.log_figure(figure, "confusion_matrix.png")
     plt.close(figure)
@@ -216,6 +222,8 @@ def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[
     frame = pd.DataFrame({"source": sources, "label": labels, "prediction": predictions,
                           "label_name": [CLASS_NAMES[i] for i in labels],
                           "prediction_name": [CLASS_NAMES[i] for i in predictions]})
+    if copied is not None:
+        frame["copied"] = copied
     for i, name in enumerate(CLASS_NAMES):
         frame[f"prob_{name}"] = probabilities[:, i]
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ from fer_exp.device import (  # noqa: F401 (cpu_has_native_bf16, resolve_amp: re
 )
 from fer_exp.errors import first_line
 from fer_exp.inference import predict_probabilities
-from fer_exp.metrics import classification_metrics
+from fer_exp.metrics import classification_metrics, uncopied_metrics
 from fer_exp.models import build_model
 
 EXPORT_FORMAT = "fer-exp finished run 1"  # Trainer.export's files; what fer-exp study --import reads
@@ -553,6 +553,8 @@ class Trainer:
         (test metrics, test probabilities, the TTA, each candidate's val value)."""
         tta, tta_val = self.choose_tta()
         metrics, probabilities = self.evaluate("test", tta)
+        metrics |= uncopied_metrics(self.data.test.labels.numpy(), probabilities.argmax(1), self.data.copied("test"),
+                                  "test_")
         return metrics, probabilities, tta, tta_val
 
     # -- checkpoints --------------------------------------------------------------------------------

@@ -838,5 +838,7 @@ def retrain_best(plan: StudyPlan, best: dict, data, parent: ParentRun | None):
         result, run_id = summary.result, summary.run_id
     t = result.test_metrics
     print(f"retrained{' run ' + run_id if run_id else ''}: best epoch {result.best_epoch}, test accuracy "
-          f"{t['test_accuracy']:.4f}, macro-F1 {t['test_macro_f1']:.4f}")
+          f"{t['test_accuracy']:.4f}, macro-F1 {t['test_macro_f1']:.4f}"
+          + (f" (on the test faces with no copy in train or val: {t['test_accuracy_uncopied']:.4f}, "
+             f"{t['test_macro_f1_uncopied']:.4f})" if "test_accuracy_uncopied" in t else ""))
     return run_id, t

@@ -140,7 +140,8 @@ class ParentRun:
         if retrain_run_id:
             client.set_tag(run_id, "result_run_id", retrain_run_id)
             client.log_batch(run_id, metrics=[metric(f"result_{k}", v) for k, v in retrain_test.items()
-                                              if k in ("test_accuracy", "test_macro_f1")])
+                                              if k in ("test_accuracy", "test_macro_f1", "test_accuracy_uncopied",
+                                                       "test_macro_f1_uncopied")])
         client.set_terminated(run_id, status)
         return summary
 

@@ -212,6 +212,29 @@ def test_a_run_that_predicts_one_class_is_said_to_be_at_chance():
     assert note.startswith(f"run cnn 48px seed1 ({'a' * 32}) predicts disgust for every test face")
 
 
+def test_the_uncopied_scores_are_columns_where_every_run_has_them():
+    """Runs on FER2013 score the test faces with no copy in train or val apart: the overall table shows
+    them beside the benchmark's numbers when every compared run has them, and says what they are."""
+    from fer_exp.compare import OVERALL, UNCOPIED, RunInfo, compare_runs, markdown_tables
+
+    def run(i, group, accuracy, uncopied=None):
+        metrics = {**dict.fromkeys((*OVERALL, *PER_CLASS), 0.5), "test_accuracy": accuracy}
+        if uncopied is not None:
+            metrics |= {"test_accuracy_uncopied": uncopied, "test_macro_f1_uncopied": uncopied - 0.1}
+        return RunInfo(f"{i}" * 32, f"run {i}", group, "1", metrics, {"config.seed": str(i)}, {})
+
+    both = compare_runs([run(1, "report", 0.68, 0.66), run(2, "report", 0.70, 0.67), run(3, "drop", 0.67, 0.665)], "duplicates")
+    assert list(both.overall_metrics) == [*OVERALL, *UNCOPIED]
+    row = both.overall.set_index("group").loc["report"]
+    assert row["Accuracy, uncopied"] == pytest.approx(0.665) and row["Macro F1, uncopied"] == pytest.approx(0.565)
+    table = markdown_tables(both)
+    assert "| Duplicates | Runs | Accuracy | Macro F1 | Weighted F1 | Accuracy, uncopied | Macro F1, uncopied |" in table
+    assert "| drop | 1 | 67.00 | 50.00 | 50.00 | 66.50 | 56.50 |" in table
+    assert "Uncopied: on the test faces with no copy in the source's train or val" in table
+    older = compare_runs([run(1, "report", 0.68, 0.66), run(3, "drop", 0.67)], "duplicates")  # one run lacks them
+    assert list(older.overall_metrics) == list(OVERALL) and "Uncopied" not in markdown_tables(older)
+
+
 def test_mcnemar_by_hand():
     a = np.array([1] * 7 + [0] * 2 + [1] * 10 + [0] * 5, bool)  # 7 only A right, 2 only B right
     b = np.array([0] * 7 + [1] * 2 + [1] * 10 + [0] * 5, bool)

@@ -1129,6 +1129,9 @@ def test_duplicates_drop_removes_the_copies_from_train_and_val_and_keeps_test_wh
     assert [s.split("#row")[1] for s in data.train.sources] == [str(r) for r in range(3, 15)]  # 1, 2 and 15 gone
     assert [s.split("#row")[1] for s in data.val.sources] == ["16", "17"]  # 18 is test's row 20
     assert data.duplicates_across_splits() == {}  # none left
+    assert kept.copied("test").tolist() == data.copied("test").tolist() == [True, True, False]  # as in the source
+    assert kept.copied("val").tolist() == [True, False, False]  # row 16 is row 1 (and 15) of train
+    assert data.copied("val").tolist() == [True, False]  # row 18 dropped (test's row 20)
     assert data.duplicates_dropped == {"train": 3, "val": 1}
     assert data.split_rule == ("train = Training; val = PublicTest; test = PrivateTest; dropped 3 train face(s) identical "
                                "to a val or test face and 1 val face(s) identical to a test face (duplicates: drop)")

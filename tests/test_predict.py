@@ -420,6 +420,30 @@ def test_an_ensemble_is_evaluated_on_val_only_where_its_members_share_one_val_sp
         evaluate(dropped, "synthetic:96,24,40", split="val", tta="none", log=False, progress=False)
 
 
+@pytest.mark.slow
+def test_an_evaluation_scores_the_test_faces_copied_from_train_apart(trained, tmp_path):
+    """On data whose test holds copies of train faces, `fer-exp evaluate` logs the scores on the other
+    faces (test_accuracy_uncopied) and marks each prediction's copied, as a training run does."""
+    from fer_exp.data import load_data
+
+    data = load_data("synthetic:96,24,40", seed=1)
+    lines = ["emotion,pixels,Usage"]
+    for split, usage in ((data.train, "Training"), (data.val, "PublicTest"), (data.test, "PrivateTest"),
+                         (data.train.subset([0, 1, 2, 3]), "PrivateTest")):
+        lines += [f"{label},{' '.join(map(str, image.flatten().tolist()))},{usage}"
+                  for image, label in zip(split.images, split.labels.tolist())]
+    (tmp_path / "fer2013.csv").write_text("\n".join(lines) + "\n")
+    result = invoke("evaluate", "--model", f"runs:/{trained['runs'][1].run_id}/model", "--data", str(tmp_path / "fer2013.csv"))
+    assert result.exit_code == 0, result.output
+    assert "on the test faces with no copy in train or val (FER2013 has copies" in result.output
+    run_id = re.search(r"evaluation run (\w+)", result.output).group(1)
+    predictions = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/test_predictions.csv"))
+    assert predictions["copied"].tolist() == [False] * 40 + [True] * 4
+    others = predictions[~predictions["copied"]]
+    assert mlflow.get_run(run_id).data.metrics["test_accuracy_uncopied"] == pytest.approx(
+        (others["label"] == others["prediction"]).mean())
+
+
 def test_the_served_model_class_defines_without_mlflows_type_hint_warning():
     """Every training logs the model, so importing the serving module once printed MLflow's warning
     about predict's type hints (shown under MLflow's own 'once' filter, past an 'ignore')."""

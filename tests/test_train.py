@@ -31,7 +31,7 @@ from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.config import TTA_CHOICES, ConfigError, load_config
 from fer_exp.inference import predict_probabilities
 from fer_exp.data import load_data
-from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table
+from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table, uncopied_metrics
 from fer_exp.train import (
     Callback,
     FitResult,
@@ -144,6 +144,16 @@ def test_classification_metrics_prefix_and_range():
     assert all(0.0 <= v <= 1.0 for v in m.values())
     perfect = classification_metrics(LABELS, LABELS)
     assert perfect["accuracy"] == perfect["macro_f1"] == perfect["weighted_f1"] == 1.0
+
+
+def test_uncopied_metrics_score_only_the_faces_that_are_not_copies():
+    copied = np.array([i % 3 == 0 for i in range(len(LABELS))])
+    others = classification_metrics(np.array(LABELS)[~copied], np.array(PREDS)[~copied])
+    m = uncopied_metrics(LABELS, PREDS, copied, "test_")
+    assert m == {"test_accuracy_uncopied": others["accuracy"], "test_macro_f1_uncopied": others["macro_f1"]}
+    assert m["test_accuracy_uncopied"] != classification_metrics(LABELS, PREDS)["accuracy"]
+    assert uncopied_metrics(LABELS, PREDS, np.zeros(len(LABELS), bool), "test_") == {}  # no copies: the test's own
+    assert uncopied_metrics(LABELS, PREDS, np.ones(len(LABELS), bool), "test_") == {}  # nothing left to score
 
 
 def test_per_class_table_has_seven_rows():
@@ -696,10 +706,13 @@ def test_a_diverged_run_is_marked_failed_with_the_reason(small, store):
     assert run.data.tags["duplicates_test_in_train"] == "1 (0 labelled otherwise)"  # said with the run's data
 
 
-def test_a_run_with_duplicates_drop_trains_without_the_copies_and_says_so(small, store):
-    """--duplicates drop: train faces identical to test faces are not trained on; the run's split rule,
-    tags, sizes and data_summary.json say how many were dropped."""
+@pytest.mark.parametrize("duplicates", ["report", "drop"])
+def test_a_run_on_data_with_cross_split_copies(small, store, duplicates):
+    """FER2013's copies (test faces whose pixels are in train): the run scores the test faces without a copy
+    apart (test_accuracy_uncopied, the predictions' copied column), the same faces whether it trained on
+    the copies or, with --duplicates drop, not; drop says how many it left out and names the run so."""
     import mlflow
+    import pandas as pd
 
     from fer_exp.experiment import run_experiment
 
@@ -710,18 +723,30 @@ def test_a_run_with_duplicates_drop_trains_without_the_copies_and_says_so(small,
     copies = [f"{int(small.train.labels[i])},{' '.join(map(str, small.train.images[i].flatten().tolist()))},PrivateTest"
               for i in (0, 5, 9)]
     (store / "fer2013.csv").write_text("\n".join(lines + copies) + "\n")
-    cfg = config(data=str(store / "fer2013.csv"), batch_size=16, epochs=1, duplicates="drop", system_metrics=False,
+    cfg = config(data=str(store / "fer2013.csv"), batch_size=16, epochs=1, duplicates=duplicates, system_metrics=False,
                  output_dir=str(store / "out"))
     summary = run_experiment(cfg, progress=False, log_model=False)
     run = mlflow.get_run(summary.run_id)
-    assert run.data.tags["duplicates_dropped_from_train"] == "3" and run.data.tags["duplicates_dropped_from_val"] == "0"
-    assert run.data.tags["train_size"] == str(len(small.train) - 3) and run.data.tags["test_size"] == str(len(small.test) + 3)
-    assert run.data.tags["split_rule"].endswith("dropped 3 train face(s) identical to a val or test face and 0 val "
-                                                "face(s) identical to a test face (duplicates: drop)")
-    assert not any(key.startswith("duplicates_test_in") for key in run.data.tags)  # none left to leak
+    tags, metrics = run.data.tags, run.data.metrics
+    predictions = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{summary.run_id}/test_predictions.csv"))
     logged = mlflow.artifacts.load_dict(f"runs:/{summary.run_id}/data_summary.json")
-    assert logged["duplicates_dropped"] == {"train": 3, "val": 0} and logged["duplicates_across_splits"] == {}
-    assert run.data.params["config.duplicates"] == "drop"
+    assert run.data.params["config.duplicates"] == duplicates and tags["test_size"] == str(len(small.test) + 3)
+    assert predictions["copied"].tolist() == [False] * len(small.test) + [True] * 3  # as the source has them
+    others = predictions[~predictions["copied"]]
+    assert metrics["test_accuracy_uncopied"] == pytest.approx((others["label"] == others["prediction"]).mean())
+    assert metrics["test_macro_f1_uncopied"] == pytest.approx(summary.result.test_metrics["test_macro_f1_uncopied"])
+    if duplicates == "report":
+        assert tags["duplicates_test_in_train"] == "3 (0 labelled otherwise)" and tags["train_size"] == str(len(small.train))
+        assert logged["duplicates_dropped"] == {}
+        assert "no-copies" not in run.info.run_name
+    else:
+        assert tags["duplicates_dropped_from_train"] == "3" and tags["duplicates_dropped_from_val"] == "0"
+        assert tags["train_size"] == str(len(small.train) - 3)
+        assert tags["split_rule"].endswith("dropped 3 train face(s) identical to a val or test face and 0 val "
+                                           "face(s) identical to a test face (duplicates: drop)")
+        assert not any(key.startswith("duplicates_test_in") for key in tags)  # none left to leak
+        assert run.info.run_name == "cnn 48px lr=0.001 wd=0.0001 no-copies seed42"
+        assert logged["duplicates_dropped"] == {"train": 3, "val": 0} and logged["duplicates_across_splits"] == {}
 
 
 # ================================================================ resnet18 with frozen layers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
@@ -137,6 +138,21 @@ class FerData:
                 found[f"{later} in {earlier}"] = {"images": copies, "other_label": relabelled, "examples": examples}
         return found
 
+    def copied(self, split: str) -> np.ndarray:
+        """Per face of ``split`` (val or test), whether the source's earlier splits (train; for test, train
+        or val) hold a face with its pixels: FER2013's copies. Kept as the source had them when
+        ``duplicates: drop`` leaves the copies out of train and val, so every run on one source scores the
+        same faces apart (``test_accuracy_uncopied``), whether it trained on their copies or not."""
+        cached = self.__dict__.setdefault("_copied", {})
+        if split not in cached:
+            earlier = {"val": ("train",), "test": ("train", "val")}[split]
+            keys = set().union(*(pixel_keys(self.splits()[name]).keys() for name in earlier))
+            copied = np.zeros(len(self.splits()[split]), dtype=bool)
+            for key, rows in pixel_keys(self.splits()[split]).items():
+                copied[rows] = key in keys
+            cached[split] = copied
+        return cached[split]
+
     def without_duplicates(self) -> "FerData":
         """The data with the cross-split copies dropped where they leak: every train face whose pixels
         equal a val or test face, and every val face equal to a test face. Test stays whole (the
@@ -151,7 +167,8 @@ class FerData:
             return torch.tensor([i for key, rows in pixel_keys(split).items() if key not in drop for i in rows],
                                 dtype=torch.int64).sort().values
 
-        train, val = self.train.subset(kept(self.train, later_keys)), self.val.subset(kept(self.val, test_keys))
+        kept_val = kept(self.val, test_keys)
+        train, val = self.train.subset(kept(self.train, later_keys)), self.val.subset(kept_val)
         dropped = {"train": len(self.train) - len(train), "val": len(self.val) - len(val)}
         for name, split in (("train", train), ("val", val)):
             if len(split) == 0:
@@ -159,7 +176,10 @@ class FerData:
                                 f"(duplicates: drop) leaves no {name} split; use duplicates: report")
         rule = (f"{self.split_rule}; dropped {dropped['train']} train face(s) identical to a val or test face and "
                 f"{dropped['val']} val face(s) identical to a test face (duplicates: drop)")
-        return dataclasses.replace(self, train=train, val=val, split_rule=rule, duplicates_dropped=dropped)
+        copied = {"test": self.copied("test"), "val": self.copied("val")[kept_val.numpy()]}  # as in the source
+        dropped_data = dataclasses.replace(self, train=train, val=val, split_rule=rule, duplicates_dropped=dropped)
+        dropped_data.__dict__["_copied"] = copied
+        return dropped_data
 
     def missing_train_classes(self) -> list[str]:
         """The classes train has no image of (a model trained on it can never predict them)."""
