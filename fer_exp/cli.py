@@ -52,6 +52,11 @@ def format_summary(summary: dict) -> str:
     for pair, found in summary["duplicates_across_splits"].items():
         lines.append(f"{pair}: {found['images']} image(s) with pixels identical to one there ({found['other_label']} "
                      f"labelled otherwise), e.g. {found['examples'][0]}")
+    copies = summary["faces_with_copies"]
+    if copies["test"]:
+        share = 100 * copies["test"] / summary["sizes"]["test"]
+        lines.append(f"test: {copies['test']} of {summary['sizes']['test']} faces ({share:.1f}%) have a copy in train or val "
+                     "(runs score the others apart: test_accuracy_uncopied)")
     if summary["duplicates_across_splits"]:
         lines.append("  (--duplicates drop removes such copies from train and val; test stays whole)")
     if summary["duplicates_dropped"]:

@@ -1136,6 +1136,8 @@ def test_duplicates_drop_removes_the_copies_from_train_and_val_and_keeps_test_wh
     assert data.split_rule == ("train = Training; val = PublicTest; test = PrivateTest; dropped 3 train face(s) identical "
                                "to a val or test face and 1 val face(s) identical to a test face (duplicates: drop)")
     assert data.summary()["duplicates_dropped"] == {"train": 3, "val": 1} and kept.summary()["duplicates_dropped"] == {}
+    assert data.summary()["faces_with_copies"] == {"val": 1, "test": 2} == kept.summary()["faces_with_copies"]
+    assert "test: 2 of 3 faces (66.7%) have a copy in train or val" in inspect(path).output
     out = inspect(path, "--duplicates", "drop").output
     assert "dropped as copies of a later split's faces (--duplicates drop): 3 from train, 1 from val" in out
     assert "train       " in out and "in train:" not in out

@@ -201,6 +201,8 @@ class FerData:
             "missing_train_classes": self.missing_train_classes(),
             "duplicates_across_splits": self.duplicates_across_splits(),
             "duplicates_dropped": self.duplicates_dropped,
+            # per split, the faces with a copy in an earlier split of the source (kept through duplicates: drop)
+            "faces_with_copies": {name: int(self.copied(name).sum()) for name in ("val", "test")},
             "converted_to_gray": self.report.converted_to_gray,
             "resized": self.report.resized,
             "skipped": [{"where": w, "why": y} for w, y in self.report.skipped],
