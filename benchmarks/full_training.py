@@ -31,7 +31,7 @@ from fer_exp.config import TTA_CHOICES, ConfigError, load_config
 from fer_exp.data import DataError
 from fer_exp.experiment import load_run_data
 from fer_exp.inference import predict_probabilities
-from fer_exp.metrics import UNCOPIED_SUFFIX, classification_metrics
+from fer_exp.metrics import UNCOPIED_SUFFIX, classification_metrics, uncopied_metrics
 from fer_exp.train import Callback, Trainer, write_atomically
 
 
@@ -134,6 +134,8 @@ def tta_metrics(trainer: Trainer, data) -> dict:
             row |= {f"{split}_accuracy": round(metrics["accuracy"], 4), f"{split}_macro_f1": round(metrics["macro_f1"], 4)}
             if split == "test":
                 row["test_images_per_second"] = round(len(chosen) / seconds, 1)
+                row |= {k: round(v, 4) for k, v in uncopied_metrics(chosen.labels.numpy(), probabilities.argmax(1),
+                                                                   data.copied("test"), "test_").items()}
         out[tta] = row
     return out
 
