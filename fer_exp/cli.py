@@ -55,7 +55,8 @@ def format_summary(summary: dict) -> str:
     copies = summary["faces_with_copies"]
     if copies["test"]:
         share = 100 * copies["test"] / summary["sizes"]["test"]
-        lines.append(f"test: {copies['test']} of {summary['sizes']['test']} faces ({share:.1f}%) have a copy in train or val "
+        where = "the source's train or val (dropped from them)" if summary["duplicates_dropped"] else "train or val"
+        lines.append(f"test: {copies['test']} of {summary['sizes']['test']} faces ({share:.1f}%) have a copy in {where} "
                      "(runs score the others apart: test_accuracy_uncopied)")
     if summary["duplicates_across_splits"]:
         lines.append("  (--duplicates drop removes such copies from train and val; test stays whole)")

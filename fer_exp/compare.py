@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -77,6 +78,12 @@ def group_value(run, key: str) -> str:
     for value in (tags.get(key), params.get(f"config.{key}"), params.get(key)):
         if value is not None:
             return value
+    if any(name.startswith("config.") for name in params):  # a config field the run predates: it ran with its default
+        from fer_exp.config import Config
+
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        if key in defaults:
+            return str(defaults[key])
     return "?"
 
 

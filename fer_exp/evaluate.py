@@ -50,9 +50,8 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     if split not in EVALUATION_SPLITS:
         raise EvaluateError(f"split must be one of {', '.join(EVALUATION_SPLITS)}, got {split!r}")
     first = models[0].config
-    if split == "val" and len({(m.config.split_seed, m.config.val_fraction, m.config.duplicates) for m in models}) > 1:
-        raise EvaluateError("these models were trained on different val hold-outs (other seeds, val fractions or "
-                            "duplicates settings): "
+    if split == "val" and len({(m.config.split_seed, m.config.val_fraction) for m in models}) > 1:
+        raise EvaluateError("these models were trained on different val hold-outs (other seeds or val fractions): "
                             "evaluate them on test, or one at a time; train ensemble members with one --data-seed "
                             "to share one val split")
     experiment_id = evaluation_experiment(experiment_name or first.experiment_name) if log else None

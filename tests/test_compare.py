@@ -235,6 +235,22 @@ def test_the_uncopied_scores_are_columns_where_every_run_has_them():
     assert list(older.overall_metrics) == list(OVERALL) and "Uncopied" not in markdown_tables(older)
 
 
+def test_a_run_made_before_a_config_field_existed_groups_under_its_default():
+    """Runs made before `duplicates` existed trained as 'report': grouped so, not skipped as lacking the key."""
+    from types import SimpleNamespace
+
+    from fer_exp.compare import group_value
+
+    def run(params, tags=None):
+        return SimpleNamespace(data=SimpleNamespace(params=params, tags=tags or {}),
+                               info=SimpleNamespace(run_name="r", run_id="0" * 32))
+
+    assert group_value(run({"config.model": "cnn"}), "duplicates") == "report"
+    assert group_value(run({"config.model": "cnn", "config.duplicates": "drop"}), "duplicates") == "drop"
+    assert group_value(run({"config.model": "cnn"}), "not_a_field") == "?"
+    assert group_value(run({}, {"fer_exp.role": "evaluation"}), "duplicates") == "?"  # no config of its own
+
+
 def test_mcnemar_by_hand():
     a = np.array([1] * 7 + [0] * 2 + [1] * 10 + [0] * 5, bool)  # 7 only A right, 2 only B right
     b = np.array([0] * 7 + [1] * 2 + [1] * 10 + [0] * 5, bool)

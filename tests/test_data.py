@@ -1139,6 +1139,7 @@ def test_duplicates_drop_removes_the_copies_from_train_and_val_and_keeps_test_wh
     assert data.summary()["faces_with_copies"] == {"val": 1, "test": 2} == kept.summary()["faces_with_copies"]
     assert "test: 2 of 3 faces (66.7%) have a copy in train or val" in inspect(path).output
     out = inspect(path, "--duplicates", "drop").output
+    assert "test: 2 of 3 faces (66.7%) have a copy in the source's train or val (dropped from them)" in out
     assert "dropped as copies of a later split's faces (--duplicates drop): 3 from train, 1 from val" in out
     assert "train       " in out and "in train:" not in out
     assert "(--duplicates drop removes such copies from train and val; test stays whole)" in inspect(path).output
