@@ -30,6 +30,8 @@ from fer_exp.errors import first_line
 OVERALL = {"test_accuracy": "Accuracy", "test_macro_f1": "Macro F1", "test_weighted_f1": "Weighted F1"}
 # the scores on the test faces with no copy in train or val (FER2013's copies), where every run has them
 UNCOPIED = {"test_accuracy_uncopied": "Accuracy, uncopied", "test_macro_f1_uncopied": "Macro F1, uncopied"}
+UNCOPIED_NOTE = ("Uncopied: on the test faces with no copy in the source's train or val (FER2013's copies, which a "
+                 "run trains on unless --duplicates drop).")
 PER_CLASS = {f"test_acc_{c}": c.capitalize() for c in CLASS_NAMES}
 SKIPPED_ROLES = ("trial", "study", "launch", "comparison")  # tuning runs and comparisons have no test of their own
 
@@ -67,23 +69,27 @@ class RunInfo:
 
 def group_value(run, key: str) -> str:
     """``tags.X``, ``params.X``, or a bare X: the tag X, else the param config.X, else the param X; ``run``:
-    the run itself (its name and the start of its id: runs named alike stay apart)."""
+    the run itself (its name and the start of its id: runs named alike stay apart). A fer-exp run (its
+    params hold the config, ``config.model`` among them) made before a recipe or data field X existed
+    trained with X's default, so it groups under it (``duplicates``: report); not so for the execution
+    fields, whose defaults have changed since they were added (``compile``)."""
+    from fer_exp.config import EXECUTION_FIELDS, Config
+
     tags, params = run.data.tags, run.data.params
     if key == "run":
         return f"{run.info.run_name or '?'} ({run.info.run_id[:8]})"
     if key.startswith("tags."):
         return tags.get(key[5:], "?")
+    field_name = key.removeprefix("params.").removeprefix("config.")
     if key.startswith("params."):
-        return params.get(key[7:], "?")
-    for value in (tags.get(key), params.get(f"config.{key}"), params.get(key)):
-        if value is not None:
-            return value
-    if any(name.startswith("config.") for name in params):  # a config field the run predates: it ran with its default
-        from fer_exp.config import Config
-
-        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        if key in defaults:
-            return str(defaults[key])
+        value = params.get(key[7:])
+    else:
+        value = next((v for v in (tags.get(key), params.get(f"config.{key}"), params.get(key)) if v is not None), None)
+    if value is not None:
+        return value
+    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name not in EXECUTION_FIELDS}
+    if (key.startswith(("params.config.", "config.")) or "." not in key) and field_name in defaults and "config.model" in params:
+        return str(defaults[field_name])
     return "?"
 
 
@@ -379,7 +385,13 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
             notes = [*notes, str(exc)]
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
         test["p_holm"] = adjusted
-    overall = OVERALL | (UNCOPIED if all(k in r.metrics for r in runs for k in UNCOPIED) else {})
+    with_uncopied = [r for r in runs if all(k in r.metrics for k in UNCOPIED)]
+    overall = OVERALL | (UNCOPIED if len(with_uncopied) == len(runs) else {})
+    if with_uncopied and len(with_uncopied) < len(runs):
+        lacking = [r for r in runs if r not in with_uncopied]
+        notes = [*notes, f"the uncopied scores (test_accuracy_uncopied) are left out: {len(lacking)} run(s) lack them "
+                 "(made before they were logged, or on data without copies): "
+                 + ", ".join(f"{r.name} {r.run_id}" for r in lacking[:5])]
     return Comparison(runs, group_by, group_table(runs, overall), group_table(runs, PER_CLASS), pd.DataFrame(tests),
                       list(notes), overall)
 
@@ -409,8 +421,7 @@ def markdown_tables(comparison: Comparison) -> str:
     if several:
         out += ["", "Several runs: mean ± standard deviation [95% confidence interval of the mean, t distribution]."]
     if UNCOPIED.keys() <= comparison.overall_metrics.keys():
-        out += ["", "Uncopied: on the test faces with no copy in the source's train or val (FER2013's copies, which a "
-                "run trains on unless --duplicates drop)."]
+        out += ["", UNCOPIED_NOTE]
     if not comparison.tests.empty:
         several_tests = len(comparison.tests) > 1
         out += ["", "## Paired tests on the test predictions (McNemar, exact)", "",
@@ -538,13 +549,14 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
     figures = "".join(f"<h2>{name.replace('_', ' ').capitalize()}</h2><img src=\"data:image/png;base64,"
                       f"{base64.b64encode(png).decode()}\" style=\"max-width:100%\">" for name, png in images.items())
     notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in comparison.notes)
+    uncopied = f"<p>{html.escape(UNCOPIED_NOTE)}</p>" if UNCOPIED.keys() <= comparison.overall_metrics.keys() else ""
     return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>fer-exp comparison</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1300px} table.t{border-collapse:collapse;margin:1em 0}"
             ".t td,.t th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap} .t th{background:#f0f0f0}</style>"
             f"</head><body><h1>fer-exp comparison by {html.escape(comparison.group_by)}</h1><ul>{runs}</ul>"
             f"<h2>Overall (test split, %)</h2>{table_html(comparison.overall, comparison.overall_metrics.values())}"
             f"<h2>Per-class accuracy (test split, %)</h2>{table_html(comparison.per_class, PER_CLASS.values())}"
-            f"<p>Several runs: mean ± std [95% CI of the mean].</p>{tests}{notes}{figures}"
+            f"<p>Several runs: mean ± std [95% CI of the mean].</p>{uncopied}{tests}{notes}{figures}"
             f"<details><summary>Markdown</summary><pre>{html.escape(markdown)}</pre></details></body></html>")
 
 

@@ -207,8 +207,8 @@ def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[
                    title: str, split: str = "test", copied: np.ndarray | None = None) -> None:
     """An evaluation on one split, into the active run: its metrics, the confusion-matrix figure, the
     per-class table, the classification report and every prediction (``<split>_predictions.csv``).
-    ``seen``: per face, whether an earlier split holds its pixels (a column of the predictions; the
-    scores on the other faces are in ``metrics``, :func:`fer_exp.metrics.uncopied_metrics`)."""
+    ``copied``: per face, whether an earlier split of the source holds its pixels (the predictions' column
+    ``copied``; the scores on the other faces are in ``metrics``, :func:`fer_exp.metrics.uncopied_metrics`)."""
     import matplotlib.pyplot as plt
 
     predictions = probabilities.argmax(1)

@@ -215,7 +215,7 @@ def test_a_run_that_predicts_one_class_is_said_to_be_at_chance():
 def test_the_uncopied_scores_are_columns_where_every_run_has_them():
     """Runs on FER2013 score the test faces with no copy in train or val apart: the overall table shows
     them beside the benchmark's numbers when every compared run has them, and says what they are."""
-    from fer_exp.compare import OVERALL, UNCOPIED, RunInfo, compare_runs, markdown_tables
+    from fer_exp.compare import OVERALL, UNCOPIED, RunInfo, compare_runs, html_page, markdown_tables
 
     def run(i, group, accuracy, uncopied=None):
         metrics = {**dict.fromkeys((*OVERALL, *PER_CLASS), 0.5), "test_accuracy": accuracy}
@@ -231,8 +231,12 @@ def test_the_uncopied_scores_are_columns_where_every_run_has_them():
     assert "| Duplicates | Runs | Accuracy | Macro F1 | Weighted F1 | Accuracy, uncopied | Macro F1, uncopied |" in table
     assert "| drop | 1 | 67.00 | 50.00 | 50.00 | 66.50 | 56.50 |" in table
     assert "Uncopied: on the test faces with no copy in the source's train or val" in table
+    page = html_page(both, table, {}, {r.run_id: "#" for r in both.runs})
+    assert "<th>Accuracy, uncopied</th>" in page and "Uncopied: on the test faces with no copy in the source&#x27;s" in page
     older = compare_runs([run(1, "report", 0.68, 0.66), run(3, "drop", 0.67)], "duplicates")  # one run lacks them
-    assert list(older.overall_metrics) == list(OVERALL) and "Uncopied" not in markdown_tables(older)
+    assert list(older.overall_metrics) == list(OVERALL) and "Uncopied:" not in markdown_tables(older)
+    assert any(n.startswith("the uncopied scores (test_accuracy_uncopied) are left out: 1 run(s) lack them") and
+               f"run 3 {'3' * 32}" in n for n in older.notes)
 
 
 def test_a_run_made_before_a_config_field_existed_groups_under_its_default():
@@ -245,9 +249,12 @@ def test_a_run_made_before_a_config_field_existed_groups_under_its_default():
         return SimpleNamespace(data=SimpleNamespace(params=params, tags=tags or {}),
                                info=SimpleNamespace(run_name="r", run_id="0" * 32))
 
-    assert group_value(run({"config.model": "cnn"}), "duplicates") == "report"
-    assert group_value(run({"config.model": "cnn", "config.duplicates": "drop"}), "duplicates") == "drop"
+    for key in ("duplicates", "config.duplicates", "params.config.duplicates"):  # however it is spelt
+        assert group_value(run({"config.model": "cnn"}), key) == "report"
+        assert group_value(run({"config.model": "cnn", "config.duplicates": "drop"}), key) == "drop"
     assert group_value(run({"config.model": "cnn"}), "not_a_field") == "?"
+    assert group_value(run({"config.model": "cnn"}), "compile") == "?"  # an execution field's default has changed since
+    assert group_value(run({"config.lr": "0.001"}), "duplicates") == "?"  # not a fer-exp run's whole config
     assert group_value(run({}, {"fer_exp.role": "evaluation"}), "duplicates") == "?"  # no config of its own
 
 

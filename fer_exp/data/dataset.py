@@ -141,8 +141,9 @@ class FerData:
     def copied(self, split: str) -> np.ndarray:
         """Per face of ``split`` (val or test), whether the source's earlier splits (train; for test, train
         or val) hold a face with its pixels: FER2013's copies. Kept as the source had them when
-        ``duplicates: drop`` leaves the copies out of train and val, so every run on one source scores the
-        same faces apart (``test_accuracy_uncopied``), whether it trained on their copies or not."""
+        ``duplicates: drop`` leaves the copies out of train and val (for the val faces it keeps), so every
+        run on one source scores the same test faces apart (``test_accuracy_uncopied``), whether it trained
+        on their copies or not."""
         cached = self.__dict__.setdefault("_copied", {})
         if split not in cached:
             earlier = {"val": ("train",), "test": ("train", "val")}[split]
