@@ -35,6 +35,11 @@
 #               --early-stopping 0 --amp off --arms recipe,shift-zoom,rotation-20,erasing-0.5,smoothing,ema,mixup,unweighted,regularised --import runs
 #               (the ablations), and ... --arms best --seeds 42,1,2 --amp off --import runs (best_cnn.yaml's
 #               seeds); test is evaluated there, on the same data
+#   copies      (named only; ~3.5 minutes) what FER2013's copies are worth: experiments/best_cnn.yaml (its
+#               60 epochs) with the copies and with duplicates=drop, for the seeds $FER_GPU_COPIES_SEEDS
+#               (42 1 2), all in parallel; each reports val and test with each TTA, and the accuracy on the
+#               uncopied test faces; the runs come back as the accuracy step's do, and fer-exp study
+#               experiments/copies_cnn.yaml --data data/fer2013 --amp off --import runs tracks and compares them
 # Results: one JSON (and log) per step, packed after every step into $OUT/results.tar.gz, beside log.txt,
 # summary.txt and the accuracy step's runs.tar.gz.part*: nothing else in $OUT (the device tool returns at
 # most 8 files, 16 MiB each).
@@ -61,7 +66,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SPEED_STEPS=(throughput cnn-graph profile cnn-bf16 cnn-fp32 resnet compile tune)
-ALL_STEPS=("${SPEED_STEPS[@]}" accuracy)
+ALL_STEPS=("${SPEED_STEPS[@]}" accuracy copies)
 # the ablation arms: experiments/ablation_cnn.yaml's arms on cnn.yaml (the recipe and each lever alone), or
 # FER_GPU_ABLATIONS: "name:overrides ..." (overrides comma-separated) against experiments/cnn.yaml
 
@@ -247,6 +252,14 @@ for s in "${steps[@]}"; do
                 specs+=("best_cnn_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off} ${FER_GPU_BEST_SETS:-}")
             done
             parallel_full best "${FER_GPU_BEST_LIMIT:-210}" "${specs[@]}" ;;
+        copies)
+            specs=()
+            for seed in ${FER_GPU_COPIES_SEEDS:-42 1 2}; do
+                for setting in report drop; do
+                    specs+=("copies_${setting}_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set duplicates=$setting --set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off} ${FER_GPU_BEST_SETS:-}")
+                done
+            done
+            parallel_full copies "${FER_GPU_COPIES_LIMIT:-240}" "${specs[@]}" ;;
         compile)  # a process (and a limit) per mode: a cold max-autotune that overruns loses only its own row
             for mode in "${COMPILE_MODES[@]:-eager}"; do  # (none named: the eager path alone)
                 compile_args=()
@@ -299,7 +312,8 @@ for model in ("cnn", "cnn-graph", "resnet18"):
         print(f"  {r['workers']:3d} worker(s): " + (r["error"][:300] if "error" in r else
               f"{r['finished_trials']} trials in {r['wall_seconds']} s = {r['trials_per_hour']} trials/h, "
               f"median trial {r['median_trial_seconds']} s, x{r.get('speedup')}, best val {r['best_value']}"))
-runs = sorted(p.stem for p in out.glob("ablation_*.json")) + sorted(p.stem for p in out.glob("best_cnn_seed*.json"))
+runs = sorted(p.stem for p in out.glob("ablation_*.json")) + sorted(p.stem for p in out.glob("best_cnn_seed*.json")) \
+    + sorted(p.stem for p in out.glob("copies_*.json"))
 if runs:
     print("accuracy (val = hold-out of train, test = test folder; TTA chosen on val): run | epochs | best val acc | "
           "test acc / macro-F1 with none, flip, tencrop | disgust, fear test acc")

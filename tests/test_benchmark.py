@@ -276,6 +276,26 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_time_for(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_copies_step_trains_best_cnn_with_and_without_the_copies(tmp_path):
+    """The copies measurement, on the CPU with one seed: best_cnn.yaml with duplicates report and drop, in
+    parallel, each an export that experiments/copies_cnn.yaml's arms match."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+               FER_GPU_DATA="synthetic:64,16,16", FER_GPU_SET="batch_size=16 eval_batch_size=16",
+               FER_GPU_COPIES_SEEDS="7", FER_GPU_BEST_SETS="--set epochs=1")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run", "copies"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = unpacked_results(out, tmp_path / "results")
+    assert {p.name for p in results.glob("*.json")} == {"copies_report_seed7.json", "copies_drop_seed7.json"}
+    for setting in ("report", "drop"):
+        run = json.loads((results / f"copies_{setting}_seed7.json").read_text())
+        assert run["config"]["duplicates"] == setting and run["config"]["class_weights"] == "none"
+        assert run["config"]["seed"] == 7 and run["duplicates_dropped"] == ({} if setting == "report" else {"train": 0, "val": 0})
+    assert "0 of 2 runs failed" in proc.stdout + proc.stderr and "copies_drop_seed7" in (out / "summary.txt").read_text()
+    assert {p.name for p in out.glob("runs.tar.gz.part*")} == {"runs.tar.gz.part00"}
+
+
 def test_gpu_check_accuracy_step_runs_its_arms_in_parallel_with_tta(tmp_path):
     """The accuracy issue's device measurement, on the CPU with two arms and one seed of best_cnn.yaml."""
     out = tmp_path / "out"
