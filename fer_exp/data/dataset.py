@@ -119,9 +119,16 @@ class FerData:
             self.__dict__["_duplicates"] = self._find_duplicates()
         return self.__dict__["_duplicates"]
 
+    def _keys(self, name: str) -> dict[bytes, list[int]]:
+        """:func:`pixel_keys` of one split, hashed once per data."""
+        cached = self.__dict__.setdefault("_pixel_keys", {})
+        if name not in cached:
+            cached[name] = pixel_keys(self.splits()[name])
+        return cached[name]
+
     def _find_duplicates(self) -> dict[str, dict]:
         splits = self.splits()
-        keys = {name: pixel_keys(split) for name, split in splits.items()}
+        keys = {name: self._keys(name) for name in splits}
         found = {}
         for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
             copies, relabelled, examples = 0, 0, []
@@ -147,9 +154,9 @@ class FerData:
         cached = self.__dict__.setdefault("_copied", {})
         if split not in cached:
             earlier = {"val": ("train",), "test": ("train", "val")}[split]
-            keys = set().union(*(pixel_keys(self.splits()[name]).keys() for name in earlier))
+            keys = set().union(*(self._keys(name).keys() for name in earlier))
             copied = np.zeros(len(self.splits()[split]), dtype=bool)
-            for key, rows in pixel_keys(self.splits()[split]).items():
+            for key, rows in self._keys(split).items():
                 copied[rows] = key in keys
             cached[split] = copied
         return cached[split]
@@ -161,15 +168,15 @@ class FerData:
         hold-out of train, the copies of a val face left in train are dropped too."""
         import dataclasses
 
-        test_keys = pixel_keys(self.test)
-        later_keys = test_keys.keys() | pixel_keys(self.val).keys()
+        test_keys = self._keys("test").keys()
+        later_keys = test_keys | self._keys("val").keys()
 
-        def kept(split: Split, drop) -> torch.Tensor:
-            return torch.tensor([i for key, rows in pixel_keys(split).items() if key not in drop for i in rows],
+        def kept(name: str, drop) -> torch.Tensor:
+            return torch.tensor([i for key, rows in self._keys(name).items() if key not in drop for i in rows],
                                 dtype=torch.int64).sort().values
 
-        kept_val = kept(self.val, test_keys)
-        train, val = self.train.subset(kept(self.train, later_keys)), self.val.subset(kept_val)
+        kept_val = kept("val", test_keys)
+        train, val = self.train.subset(kept("train", later_keys)), self.val.subset(kept_val)
         dropped = {"train": len(self.train) - len(train), "val": len(self.val) - len(val)}
         for name, split in (("train", train), ("val", val)):
             if len(split) == 0:
