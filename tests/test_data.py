@@ -1145,6 +1145,33 @@ def test_duplicates_drop_removes_the_copies_from_train_and_val_and_keeps_test_wh
     assert "(--duplicates drop removes such copies from train and val; test stays whole)" in inspect(path).output
 
 
+def test_near_copies_are_counted_apart_from_the_identical_ones(tmp_path):
+    """FER2013 also holds near-copies (the same photo cropped, recompressed or watermarked: 93 test faces
+    correlate at 0.95 or more with a training face here): inspect --near-copies counts them, not the
+    pixel-identical copies, and drop keeps them."""
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (20, 48, 48))
+    near = np.clip(faces[3] + rng.integers(-8, 9, (48, 48)), 0, 255)  # train face 3, slightly changed
+
+    def text(pixels):
+        return " ".join(map(str, np.asarray(pixels).ravel().tolist()))
+
+    rows = [(i % 7, text(faces[i]), "Training") for i in range(14)]
+    rows += [(0, text(faces[14]), "PublicTest"), (1, text(faces[15]), "PublicTest")]
+    rows += [(3, text(near), "PrivateTest"), (2, text(faces[5]), "PrivateTest"), (4, text(faces[16]), "PrivateTest")]
+    path = write_csv(tmp_path / "fer2013.csv", rows)
+    found = load_data(str(path)).near_copies(0.95)
+    assert found == {"val": {"images": 0, "examples": []},
+                     "test": {"images": 1, "examples": [f"fer2013.csv#row17 ~ fer2013.csv#row4 ({found['test']['examples'][0][-6:-1]})"]}}
+    assert 0.95 < float(found["test"]["examples"][0][-6:-1]) < 1  # near, not identical; row 18 (= row 6) is a copy
+    out = inspect(path, "--near-copies", "0.95").output
+    assert "test: 1 more face(s) nearly copy one of train or val (pixel correlation >= 0.95, not identical" in out
+    assert json.loads(inspect(path, "--json", "--near-copies", "0.95").output)["near_copies"]["test"]["images"] == 1
+    assert "near_copies" not in json.loads(inspect(path, "--json").output)  # only when asked: it correlates every pair
+    assert load_data(str(path), duplicates="drop").near_copies(0.95)["test"]["images"] == 1  # drop keeps it
+    assert inspect(path, "--near-copies", "1.5").exit_code == 2
+
+
 def test_duplicates_drop_on_a_hold_out_keeps_no_copy_of_a_val_or_test_face_in_train(tmp_path):
     """Where val is a seeded hold-out of train, copies of one face may land on both sides of it: drop keeps
     every copy out of train. make_folders' images are uniform per class, so each class is one face."""
@@ -1214,6 +1241,7 @@ def test_real_fer2013_folders_have_the_exact_class_counts(real_folder_data):
     dropped = real_folder_data.without_duplicates()  # duplicates: drop
     assert dropped.duplicates_across_splits() == {} and len(dropped.test) == 3_589
     assert 500 < dropped.duplicates_dropped["train"] < 700 and 10 < dropped.duplicates_dropped["val"] < 40
+    assert 80 < data.near_copies(0.95)["test"]["images"] < 110  # 93 here: the same photos, cropped or watermarked
 
 
 @pytest.mark.realdata

@@ -161,6 +161,33 @@ class FerData:
             cached[split] = copied
         return cached[split]
 
+    def near_copies(self, threshold: float, chunk: int = 512) -> dict[str, dict]:
+        """Faces of val and test that are not pixel-identical to a face of an earlier split (train; for
+        test, train or val) but nearly so: the Pearson correlation of their pixels with one is at least
+        ``threshold`` (a crop, a recompression, a brightness change of the same photo). Per split: how
+        many, and two examples with their correlation. ``duplicates: drop`` does not drop these."""
+        def standardised(images: torch.Tensor) -> torch.Tensor:
+            flat = images.flatten(1).float()
+            flat = flat - flat.mean(1, keepdim=True)
+            return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)  # a flat image correlates with nothing
+
+        found = {}
+        for later, earlier in (("val", ("train",)), ("test", ("train", "val"))):
+            split, pool = self.splits()[later], [self.splits()[name] for name in earlier]
+            if len(split) == 0 or not sum(len(p) for p in pool):
+                continue
+            others = standardised(torch.cat([p.images for p in pool]))
+            sources = [s for p in pool for s in p.sources]
+            faces = standardised(split.images)
+            best, where = torch.empty(len(split)), torch.empty(len(split), dtype=torch.int64)
+            for start in range(0, len(split), chunk):
+                best[start:start + chunk], where[start:start + chunk] = (faces[start:start + chunk] @ others.T).max(1)
+            near = (best >= threshold).numpy() & ~self.copied(later)
+            rows = np.flatnonzero(near)
+            found[later] = {"images": int(near.sum()),
+                            "examples": [f"{split.sources[i]} ~ {sources[int(where[i])]} ({float(best[i]):.3f})" for i in rows[:2]]}
+        return found
+
     def without_duplicates(self) -> "FerData":
         """The data with the cross-split copies dropped where they leak: every train face whose pixels
         equal a val or test face, and every val face equal to a test face. Test stays whole (the
