@@ -505,10 +505,10 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device, 
     except KeyboardInterrupt:
         _interrupted("the evaluation" + ("; its run, if it had begun, is marked KILLED" if log else ""))
     m = result.metrics
+    uncopied = uncopied_line(m, split).rstrip()
     click.echo(f"{result.name} on {split}: accuracy {m[f'{split}_accuracy']:.4f}  macro-F1 {m[f'{split}_macro_f1']:.4f}  "
                f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\nper class accuracy: "
-               + "  ".join(f"{c} {m[f'{split}_acc_{c}']:.3f}" for c in CLASS_NAMES)
-               + ("\n" + uncopied_line(m, split).rstrip() if uncopied_line(m, split) else ""))
+               + "  ".join(f"{c} {m[f'{split}_acc_{c}']:.3f}" for c in CLASS_NAMES) + (f"\n{uncopied}" if uncopied else ""))
     if result.run_id:
         click.echo(f"evaluation run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
 

@@ -171,14 +171,15 @@ class FerData:
             flat = flat - flat.mean(1, keepdim=True)
             return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)  # a flat image correlates with nothing
 
+        scaled = {name: standardised(split.images) for name, split in self.splits().items()}  # each split once
         found = {}
         for later, earlier in (("val", ("train",)), ("test", ("train", "val"))):
             split, pool = self.splits()[later], [self.splits()[name] for name in earlier]
             if len(split) == 0 or not sum(len(p) for p in pool):
                 continue
-            others = standardised(torch.cat([p.images for p in pool]))
+            others = torch.cat([scaled[name] for name in earlier])
             sources = [s for p in pool for s in p.sources]
-            faces = standardised(split.images)
+            faces = scaled[later]
             best, where = torch.empty(len(split)), torch.empty(len(split), dtype=torch.int64)
             for start in range(0, len(split), chunk):
                 best[start:start + chunk], where[start:start + chunk] = (faces[start:start + chunk] @ others.T).max(1)
