@@ -116,6 +116,13 @@ def data_inspect(source: str, as_json: bool, on_bad: str, duplicates: str, seed:
 
 
 
+def per_class_line(metrics: dict, split: str) -> str:
+    """Each class's accuracy on ``split``; n/a for a class it has no faces of."""
+    from fer_exp.metrics import score_text
+
+    return "per class accuracy: " + "  ".join(f"{c} {score_text(metrics[f'{split}_acc_{c}'])}" for c in CLASS_NAMES)
+
+
 def uncopied_line(metrics: dict, split: str) -> str:
     """The scores on the faces of ``split`` that have no copy in an earlier split, where some have."""
     if f"{split}_accuracy_uncopied" not in metrics:
@@ -237,7 +244,7 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
         + (f"test-time augmentation chosen on val: {r.tta} ("
            + ", ".join(f"{k} {v:.4f}" for k, v in r.tta_val.items()) + ")\n" if r.tta_val else "")
         + f"test{f' ({r.tta} TTA)' if r.tta != 'none' else ''}: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
-        f"per class accuracy: " + "  ".join(f"{c} {t[f'test_acc_{c}']:.3f}" for c in CLASS_NAMES) + "\n"
+        + per_class_line(t, "test") + "\n"
         + uncopied_line(t, "test") +
         f"tracking: {mask_url(summary.tracking_uri)} (experiment id {summary.experiment_id})\n"
         + ui_hint(summary.run_id, summary.experiment_id, summary.tracking_uri)
@@ -507,8 +514,8 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device, 
     m = result.metrics
     uncopied = uncopied_line(m, split).rstrip()
     click.echo(f"{result.name} on {split}: accuracy {m[f'{split}_accuracy']:.4f}  macro-F1 {m[f'{split}_macro_f1']:.4f}  "
-               f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\nper class accuracy: "
-               + "  ".join(f"{c} {m[f'{split}_acc_{c}']:.3f}" for c in CLASS_NAMES) + (f"\n{uncopied}" if uncopied else ""))
+               f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\n" + per_class_line(m, split)
+               + (f"\n{uncopied}" if uncopied else ""))
     if result.run_id:
         click.echo(f"evaluation run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
 

@@ -156,7 +156,12 @@ def repeats_its_source(run, by_id: dict) -> bool:
     source = by_id.get(tags.get("source_run_0"))
     return (source is not None and source.data.tags.get("data_source") == tags.get("data_source")
             and tags.get("tta", "none") == source.data.tags.get("test_tta", "none")
-            and all(run.data.metrics.get(k) == source.data.metrics.get(k) for k in (*OVERALL, *PER_CLASS)))
+            and all(same_score(run.data.metrics.get(k), source.data.metrics.get(k)) for k in (*OVERALL, *PER_CLASS)))
+
+
+def same_score(a, b) -> bool:
+    """Equal, or both NaN (a class with no test faces)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def one_class_runs(runs: list) -> list[str]:
@@ -397,8 +402,11 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
 
 
 def cell(row, title: str) -> str:
-    """'68.24' for one run, '67.22 ± 0.33 [66.4, 68.0]' (mean ± std [95% CI]) for several, in percent."""
+    """'68.24' for one run, '67.22 ± 0.33 [66.4, 68.0]' (mean ± std [95% CI]) for several, in percent; 'n/a'
+    for a class the test split has no faces of."""
     mean = 100 * row[title]
+    if math.isnan(mean):
+        return "n/a"  # a class with no test faces
     if row["runs"] < 2:
         return f"{mean:.2f}"
     low, high = max(0.0, 100 * row[f"{title} ci_low"]), min(100.0, 100 * row[f"{title} ci_high"])  # shown within 0-100

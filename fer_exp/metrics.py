@@ -5,6 +5,8 @@ scikit-learn is imported where it is used, not at module import: the first evalu
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
@@ -17,18 +19,35 @@ UNCOPIED_METRICS = ("accuracy", "macro_f1")
 
 
 def classification_metrics(labels, predictions, prefix: str = "") -> dict[str, float]:
-    """Accuracy, macro/weighted precision, recall and F1, and per-class accuracy (= recall)."""
+    """Accuracy, macro/weighted precision, recall and F1, and per-class accuracy (= recall) and F1.
+
+    A class with no face in ``labels`` has no accuracy or F1 (NaN, printed "n/a") and is left out of
+    the macro averages, which average over the classes evaluated: a folder of three emotions is not
+    marked down for the four it lacks. Where every class has faces (FER2013's splits) this is
+    scikit-learn's macro average over the seven."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     labels, predictions = np.asarray(labels), np.asarray(predictions)
+    evaluated = present_classes(labels)
     out = {"accuracy": accuracy_score(labels, predictions)}
     for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=average, zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=evaluated, average=average, zero_division=0)
         out |= {f"{average}_precision": p, f"{average}_recall": r, f"{average}_f1": f}
-    _, recall, f1, _ = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=None, zero_division=0)
-    out |= {f"acc_{name}": recall[i] for i, name in enumerate(CLASS_NAMES)}
-    out |= {f"f1_{name}": f1[i] for i, name in enumerate(CLASS_NAMES)}
+    _, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=None, zero_division=0)
+    out |= {f"acc_{name}": recall[i] if support[i] else math.nan for i, name in enumerate(CLASS_NAMES)}
+    out |= {f"f1_{name}": f1[i] if support[i] else math.nan for i, name in enumerate(CLASS_NAMES)}
     return {f"{prefix}{k}": float(v) for k, v in out.items()}
+
+
+def present_classes(labels) -> list[int]:
+    """The class indices ``labels`` has faces of (all seven where there are none, so nothing divides by 0)."""
+    present = sorted(set(np.asarray(labels).tolist()))
+    return present or LABELS
+
+
+def score_text(value: float, digits: int = 3) -> str:
+    """A score as printed: ``n/a`` for a class with no faces (NaN)."""
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def uncopied_metrics(labels, predictions, copied, prefix: str) -> dict[str, float]:
@@ -43,18 +62,29 @@ def uncopied_metrics(labels, predictions, copied, prefix: str) -> dict[str, floa
 
 
 def per_class_table(labels, predictions) -> dict[str, list]:
-    """Per-class precision, recall, F1, support and accuracy, as columns (for ``mlflow.log_table``)."""
+    """Per-class precision, recall, F1, support and accuracy, as columns (for ``mlflow.log_table``); a class
+    with no faces (support 0) has no recall, F1 or accuracy (None)."""
     from sklearn.metrics import precision_recall_fscore_support
 
     p, r, f, s = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=None, zero_division=0)
-    return {"class": list(CLASS_NAMES), "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(),
-            "support": s.tolist(), "accuracy": r.tolist()}
+    defined = s > 0
+    recall = [float(v) if d else None for v, d in zip(r, defined)]
+    return {"class": list(CLASS_NAMES), "precision": p.tolist(), "recall": recall,
+            "f1": [float(v) if d else None for v, d in zip(f, defined)], "support": s.tolist(), "accuracy": recall}
 
 
 def report_text(labels, predictions) -> str:
+    """scikit-learn's classification report over the classes evaluated (as the macro averages), and a
+    line naming the classes with no faces."""
     from sklearn.metrics import classification_report
 
-    return classification_report(labels, predictions, labels=LABELS, target_names=list(CLASS_NAMES), digits=4, zero_division=0)
+    evaluated = present_classes(labels)
+    text = classification_report(labels, predictions, labels=evaluated, target_names=[CLASS_NAMES[i] for i in evaluated],
+                                 digits=4, zero_division=0)
+    absent = [name for i, name in enumerate(CLASS_NAMES) if i not in evaluated]
+    if absent:
+        text += f"\nno faces of {', '.join(absent)}: left out of the averages\n"
+    return text
 
 
 def confusion_figure(labels, predictions, title: str = "Confusion matrix"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -443,6 +444,40 @@ def test_an_evaluation_scores_the_test_faces_copied_from_train_apart(trained, tm
     others = predictions[~predictions["copied"]]
     assert mlflow.get_run(run_id).data.metrics["test_accuracy_uncopied"] == pytest.approx(
         (others["label"] == others["prediction"]).mean())
+
+
+@pytest.mark.slow
+def test_a_test_split_without_some_classes_scores_them_n_a_and_averages_over_the_rest(trained, tmp_path):
+    """A user's own labelled faces of three emotions: evaluate says n/a for the other four (it said 0%),
+    logs them as NaN, averages macro-F1 over the three, and compare's tables say n/a too."""
+    from sklearn.metrics import f1_score
+
+    from fer_exp.data import load_data
+
+    data = load_data("synthetic:96,24,40", seed=1)
+    kept = [i for i, label in enumerate(data.test.labels.tolist()) if label in (0, 3, 6)]
+    lines = ["emotion,pixels,Usage"]
+    for split, usage in ((data.train, "Training"), (data.val, "PublicTest"), (data.test.subset(kept), "PrivateTest")):
+        lines += [f"{label},{' '.join(map(str, image.flatten().tolist()))},{usage}"
+                  for image, label in zip(split.images, split.labels.tolist())]
+    (tmp_path / "three.csv").write_text("\n".join(lines) + "\n")
+    result = invoke("evaluate", "--model", f"runs:/{trained['runs'][1].run_id}/model", "--data", tmp_path / "three.csv",
+                    "--experiment-name", "three-classes")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "disgust n/a" in result.output and "surprise n/a" in result.output and "angry n/a" not in result.output
+    run_id = re.search(r"evaluation run (\w+)", result.output).group(1)
+    metrics = trained["client"].get_run(run_id).data.metrics
+    assert math.isnan(metrics["test_acc_fear"]) and math.isnan(metrics["test_f1_sad"]) and 0 <= metrics["test_acc_happy"] <= 1
+    predictions = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/test_predictions.csv"))
+    assert set(predictions["label"]) == {0, 3, 6}
+    assert metrics["test_macro_f1"] == pytest.approx(f1_score(predictions["label"], predictions["prediction"],
+                                                              labels=[0, 3, 6], average="macro", zero_division=0))
+    report = mlflow.artifacts.load_text(f"runs:/{run_id}/classification_report.txt")
+    assert "no faces of disgust, fear, sad, surprise: left out of the averages" in report
+    compared = invoke("compare", "--experiment", "three-classes", "--output", tmp_path / "cmp", "--no-log")
+    assert compared.exit_code == 0, compared.output
+    per_class = (tmp_path / "cmp" / "tables.md").read_text().split("## Per-class accuracy")[1].split("\n\n")[1]
+    assert per_class.count("n/a") == 4, per_class
 
 
 def test_the_served_model_class_defines_without_mlflows_type_hint_warning():

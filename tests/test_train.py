@@ -31,7 +31,7 @@ from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.config import TTA_CHOICES, ConfigError, load_config
 from fer_exp.inference import predict_probabilities
 from fer_exp.data import load_data
-from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table, uncopied_metrics
+from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table, report_text, score_text, uncopied_metrics
 from fer_exp.train import (
     Callback,
     FitResult,
@@ -144,6 +144,28 @@ def test_classification_metrics_prefix_and_range():
     assert all(0.0 <= v <= 1.0 for v in m.values())
     perfect = classification_metrics(LABELS, LABELS)
     assert perfect["accuracy"] == perfect["macro_f1"] == perfect["weighted_f1"] == 1.0
+
+
+def test_a_class_with_no_faces_has_no_score_and_leaves_the_macro_averages():
+    """Evaluated on faces of three classes, a model is scored on those three: the four absent classes read
+    n/a (NaN), not 0%, and do not pull the macro averages down (they did: 7 classes averaged)."""
+    labels = [0, 0, 3, 3, 3, 6, 6]
+    preds = [0, 2, 3, 3, 6, 6, 6]
+    m = classification_metrics(labels, preds)
+    evaluated = dict(labels=[0, 3, 6], zero_division=0)
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro", **evaluated))
+    assert m["macro_recall"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert m["macro_f1"] > f1_score(labels, preds, labels=list(range(NUM_CLASSES)), average="macro", zero_division=0)
+    assert m["weighted_f1"] == pytest.approx(f1_score(labels, preds, average="weighted", **evaluated))
+    for name in ("disgust", "fear", "sad", "surprise"):
+        assert math.isnan(m[f"acc_{name}"]) and math.isnan(m[f"f1_{name}"])
+    assert m["acc_angry"] == 0.5 and m["acc_neutral"] == 1.0 and m["f1_happy"] == pytest.approx(0.8)
+    table = per_class_table(labels, preds)
+    assert table["accuracy"][1] is None and table["f1"][2] is None and table["support"][2] == 0
+    assert table["accuracy"][0] == 0.5 and len(table["precision"]) == NUM_CLASSES
+    report = report_text(labels, preds)
+    assert "no faces of disgust, fear, sad, surprise: left out of the averages" in report and "disgust" not in report.split("no faces")[0]
+    assert "n/a" == score_text(m["acc_sad"]) and score_text(0.5) == "0.500"
 
 
 def test_uncopied_metrics_score_only_the_faces_that_are_not_copies():
