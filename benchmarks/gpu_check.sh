@@ -35,9 +35,10 @@
 #               --early-stopping 0 --amp off --arms recipe,shift-zoom,rotation-20,erasing-0.5,smoothing,ema,mixup,unweighted,regularised --import runs
 #               (the ablations), and ... --arms best --seeds 42,1,2 --amp off --import runs (best_cnn.yaml's
 #               seeds); test is evaluated there, on the same data
-#   copies      (named only; ~3.5 minutes) what FER2013's copies are worth: experiments/best_cnn.yaml (its
-#               60 epochs) with the copies and with duplicates=drop, for the seeds $FER_GPU_COPIES_SEEDS
-#               (42 1 2), all in parallel; each reports val and test with each TTA, and the accuracy on the
+#   copies      (named only; ~4.5 minutes) what FER2013's copies are worth: experiments/best_cnn.yaml (its
+#               60 epochs) with the copies, with duplicates=drop, and with duplicates=drop at copy_correlation
+#               0.95 (near-copies dropped too), for the seeds $FER_GPU_COPIES_SEEDS (42 1 2), all in parallel
+#               ($FER_GPU_COPIES_SETTINGS: some of report drop drop-near); each reports val and test with each TTA, and the accuracy on the
 #               uncopied test faces; the runs come back as the accuracy step's do, and fer-exp study
 #               experiments/copies_cnn.yaml --data data/fer2013 --amp off --import runs tracks and compares them
 # Results: one JSON (and log) per step, packed after every step into $OUT/results.tar.gz, beside log.txt,
@@ -255,11 +256,16 @@ for s in "${steps[@]}"; do
         copies)
             specs=()
             for seed in ${FER_GPU_COPIES_SEEDS:-42 1 2}; do
-                for setting in report drop; do
-                    specs+=("copies_${setting}_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed --set duplicates=$setting --set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off} ${FER_GPU_BEST_SETS:-}")
+                for setting in ${FER_GPU_COPIES_SETTINGS:-report drop drop-near}; do
+                    case "$setting" in  # the arms of experiments/copies_cnn.yaml
+                        report|drop) copies="--set duplicates=$setting" ;;
+                        drop-near) copies="--set duplicates=drop --set copy_correlation=0.95" ;;
+                        *) echo "FER_GPU_COPIES_SETTINGS: unknown setting '$setting' (report, drop, drop-near)" >&2; exit 2 ;;
+                    esac
+                    specs+=("copies_${setting}_seed$seed|--config experiments/best_cnn.yaml --set seed=$seed $copies --set amp=${FER_GPU_ACCURACY_AMP:-off} --set compile=${FER_GPU_ACCURACY_COMPILE:-off} ${FER_GPU_BEST_SETS:-}")
                 done
             done
-            parallel_full copies "${FER_GPU_COPIES_LIMIT:-240}" "${specs[@]}" ;;
+            parallel_full copies "${FER_GPU_COPIES_LIMIT:-300}" "${specs[@]}" ;;
         compile)  # a process (and a limit) per mode: a cold max-autotune that overruns loses only its own row
             for mode in "${COMPILE_MODES[@]:-eager}"; do  # (none named: the eager path alone)
                 compile_args=()

@@ -56,19 +56,17 @@ def format_summary(summary: dict) -> str:
     if copies["test"]:
         share = 100 * copies["test"] / summary["sizes"]["test"]
         where = "the source's train or val (dropped from them)" if summary["duplicates_dropped"] else "train or val"
-        lines.append(f"test: {copies['test']} of {summary['sizes']['test']} faces ({share:.1f}%) have a copy in {where} "
+        kind = "a copy" if summary["copy_correlation"] >= 1 else \
+            f"a copy (identical, or correlating >= {summary['copy_correlation']:g})"
+        lines.append(f"test: {copies['test']} of {summary['sizes']['test']} faces ({share:.1f}%) have {kind} in {where} "
                      "(runs score the others apart: test_accuracy_uncopied)")
-    if summary["duplicates_across_splits"]:
+    earlier = {"val": "train", "test": "train or val"}
+    for split, found in summary.get("near_copies", {}).items():  # --copy-correlation below 1
+        lines.append(f"{split}: {found['images']} face(s) nearly copy one of {earlier[split]} (pixel correlation >= "
+                     f"{summary['copy_correlation']:g}, not identical; counted as copies)"
+                     + (f", e.g. {found['examples'][0]}" if found["examples"] else ""))
+    if summary["duplicates_across_splits"] or any(f["images"] for f in summary.get("near_copies", {}).values()):
         lines.append("  (--duplicates drop removes such copies from train and val; test stays whole)")
-    near = summary.get("near_copies")
-    if near:
-        earlier = {"val": "train", "test": "train or val"}
-        for split in ("val", "test"):
-            if split in near:
-                found = near[split]
-                lines.append(f"{split}: {found['images']} more face(s) nearly copy one of {earlier[split]} (pixel "
-                             f"correlation >= {near['threshold']:g}, not identical; --duplicates drop keeps them)"
-                             + (f", e.g. {found['examples'][0]}" if found["examples"] else ""))
     if summary["duplicates_dropped"]:
         lines.append("dropped as copies of a later split's faces (--duplicates drop): "
                      + ", ".join(f"{n} from {split}" for split, n in summary["duplicates_dropped"].items()))
@@ -95,23 +93,21 @@ def format_summary(summary: dict) -> str:
               help="Seed of the val hold-out, where one is made (training's default, so both show the same split).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Size of the val hold-out.")
 @click.option("--no-cache", is_flag=True, help="Decode again instead of reading the cache.")
-@click.option("--near-copies", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="R",
-              help="Also count val and test faces that are not pixel-identical to an earlier split's face but "
-                   "correlate with one at R or more (0.95: crops, recompressions of one photo); --duplicates "
-                   "drop keeps them.")
+@click.option("--copy-correlation", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              metavar="R", help="Count as copies also the faces that correlate with an earlier split's face at R or "
+                                "more (0.95: the same photo cropped or recompressed), as training's --copy-correlation "
+                                "does; 1: identical pixels only.")
 def data_inspect(source: str, as_json: bool, on_bad: str, duplicates: str, seed: int, val_fraction: float,
-                 no_cache: bool, near_copies: float | None) -> None:
+                 no_cache: bool, copy_correlation: float) -> None:
     """Show the format, split rule and per-class counts of SOURCE (a path or 'synthetic')."""
     from fer_exp.data import DataError, load_data
 
     try:
         loaded = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction, use_cache=not no_cache,
-                           duplicates=duplicates)
+                           duplicates=duplicates, copy_correlation=copy_correlation)
     except DataError as exc:
         raise UserError(str(exc)) from None
     summary = loaded.summary()
-    if near_copies is not None:
-        summary["near_copies"] = {"threshold": near_copies, **loaded.near_copies(near_copies)}
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 

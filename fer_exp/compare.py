@@ -32,6 +32,13 @@ OVERALL = {"test_accuracy": "Accuracy", "test_macro_f1": "Macro F1", "test_weigh
 UNCOPIED = {"test_accuracy_uncopied": "Accuracy, uncopied", "test_macro_f1_uncopied": "Macro F1, uncopied"}
 UNCOPIED_NOTE = ("Uncopied: on the test faces with no copy in the source's train or val (FER2013's copies, which a "
                  "run trains on unless --duplicates drop).")
+
+
+def uncopied_note(comparison) -> str:
+    """:data:`UNCOPIED_NOTE`, and what counted as a copy where it was more than identical pixels."""
+    counted_at = float(comparison.runs[0].tags.get("copy_correlation", "1"))
+    return UNCOPIED_NOTE[:-2] + (f"; a copy: identical pixels, or a pixel correlation of {counted_at:g} or more)."
+                                 if counted_at < 1 else ").")
 PER_CLASS = {f"test_acc_{c}": c.capitalize() for c in CLASS_NAMES}
 SKIPPED_ROLES = ("trial", "study", "launch", "comparison")  # tuning runs and comparisons have no test of their own
 
@@ -391,8 +398,13 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
         test["p_holm"] = adjusted
     with_uncopied = [r for r in runs if all(k in r.metrics for k in UNCOPIED)]
-    overall = OVERALL | (UNCOPIED if len(with_uncopied) == len(runs) else {})
-    if with_uncopied and len(with_uncopied) < len(runs):
+    counted_at = {r.tags.get("copy_correlation", "1") for r in with_uncopied}  # before the tag: identical pixels
+    overall = OVERALL | (UNCOPIED if len(with_uncopied) == len(runs) and len(counted_at) == 1 else {})
+    if len(counted_at) > 1:
+        notes = [*notes, "the uncopied scores (test_accuracy_uncopied) are left out: the runs count copies at different "
+                 f"pixel correlations ({', '.join(sorted(counted_at, reverse=True))}; 1: identical pixels), so they score "
+                 "different faces; compare runs made with one --copy-correlation"]
+    elif with_uncopied and len(with_uncopied) < len(runs):
         lacking = [r for r in runs if r not in with_uncopied]
         notes = [*notes, f"the uncopied scores (test_accuracy_uncopied) are left out: {len(lacking)} run(s) lack them "
                  "(made before they were logged, or on data without copies): "
@@ -429,7 +441,7 @@ def markdown_tables(comparison: Comparison) -> str:
     if several:
         out += ["", "Several runs: mean ± standard deviation [95% confidence interval of the mean, t distribution]."]
     if UNCOPIED.keys() <= comparison.overall_metrics.keys():
-        out += ["", UNCOPIED_NOTE]
+        out += ["", uncopied_note(comparison)]
     if not comparison.tests.empty:
         several_tests = len(comparison.tests) > 1
         out += ["", "## Paired tests on the test predictions (McNemar, exact)", "",
@@ -557,7 +569,7 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
     figures = "".join(f"<h2>{name.replace('_', ' ').capitalize()}</h2><img src=\"data:image/png;base64,"
                       f"{base64.b64encode(png).decode()}\" style=\"max-width:100%\">" for name, png in images.items())
     notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in comparison.notes)
-    uncopied = f"<p>{html.escape(UNCOPIED_NOTE)}</p>" if UNCOPIED.keys() <= comparison.overall_metrics.keys() else ""
+    uncopied = f"<p>{html.escape(uncopied_note(comparison))}</p>" if UNCOPIED.keys() <= comparison.overall_metrics.keys() else ""
     return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>fer-exp comparison</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1300px} table.t{border-collapse:collapse;margin:1em 0}"
             ".t td,.t th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap} .t th{background:#f0f0f0}</style>"

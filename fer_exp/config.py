@@ -53,6 +53,7 @@ class Config:
     data_seed: int = _f(-1, "Seed of the val hold-out of train (and of synthetic faces); -1: the run's seed. Runs with one data_seed share one val split, so a seed ensemble of them can be evaluated and chosen on val.")
     on_bad: str = _f("error", "Bad samples in the source: 'error' stops, 'skip' skips and reports them.")
     duplicates: str = _f("report", "Faces whose pixels are in two splits (in the Kaggle folders 280 of the 3,589 test faces have a copy in Training): 'report' counts them (tags duplicates_*), 'drop' removes from train every face identical to a val or test face, and from val every face identical to a test face, so no test face is trained on or selects the epoch (test stays whole).")
+    copy_correlation: float = _f(1.0, "What counts as a copy across splits: identical pixels (1), or also a face whose pixels correlate with an earlier split's face at least this much (0.95: the same photo cropped, recompressed or watermarked; 93 more test faces in the Kaggle folders). Applies to the copies' counts, the uncopied scores (test_accuracy_uncopied) and duplicates: drop.")
     # model
     input_size: int = _f(0, "Input size in pixels, faces resized on the batch: cnn 48, 64 or 96; resnet18 112 or 224; 0: the model's default (cnn 48, resnet18 112).")
     freeze_depth: int = _f(0, "resnet18: freeze the first k of stem, layer1, layer2, layer3, layer4 (0-5).")
@@ -100,8 +101,8 @@ class Config:
         return self.seed if self.data_seed < 0 else self.data_seed
 
     def data_key(self) -> tuple:
-        """What the run's data depends on: (source, on_bad, split seed, val fraction, duplicates)."""
-        return self.data, self.on_bad, self.split_seed, self.val_fraction, self.duplicates
+        """What the run's data depends on: (source, on_bad, split seed, val fraction, duplicates, copy correlation)."""
+        return self.data, self.on_bad, self.split_seed, self.val_fraction, self.duplicates, self.copy_correlation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,6 +254,8 @@ def validate(cfg: Config) -> Config:
     for name in ("aug_shift", "aug_scale"):
         if not 0.0 <= getattr(cfg, name) <= 0.5:
             raise ConfigError(f"{name} must be between 0 and 0.5, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.copy_correlation <= 1.0:
+        raise ConfigError(f"copy_correlation must be above 0 and at most 1 (1: identical pixels only), got {cfg.copy_correlation}")
     if cfg.data_seed < -1:
         raise ConfigError(f"data_seed must be -1 (the run's seed) or a seed from 0, got {cfg.data_seed}")
     if cfg.mixup_alpha < 0:

@@ -57,7 +57,7 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     experiment_id = evaluation_experiment(experiment_name or first.experiment_name) if log else None
     # the first model's split seed and val fraction: its own val hold-out, where the source has none
     data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.split_seed, val_fraction=first.val_fraction,
-                     duplicates=first.duplicates)
+                     duplicates=first.duplicates, copy_correlation=first.copy_correlation)
     chosen = data.splits()[split]
     if len(chosen) == 0:
         raise EvaluateError(f"{data.source} has an empty {split} split ({data.split_rule})")
@@ -127,6 +127,7 @@ def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, re
             mlflow.log_params({f"{prefix}{k}": v for k, v in m.config.to_dict().items()})
         log_data_inputs(data)
         log_evaluation(chosen.labels.numpy(), result.probabilities, chosen.sources, result.metrics,
-                       title=f"{result.name} {split}", split=split, copied=data.copied(split))
+                       title=f"{result.name} {split}", split=split, copied=data.copied(split),
+                       copy_correlation=data.copy_correlation)
         mlflow.log_metric(f"{split}_images_per_second", result.images_per_second)
     return run.info.run_id, experiment_id

@@ -308,8 +308,9 @@ def say_once(key, text: str) -> None:
 def load_run_data(cfg: Config) -> FerData:
     """The data a config trains on (decoded once, then read from the cache); bad samples skipped by
     ``on_bad: skip`` are said on stderr (all of them are in the run's data_summary.json)."""
-    source, on_bad, seed, val_fraction, duplicates = cfg.data_key()
-    data = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction, duplicates=duplicates)
+    source, on_bad, seed, val_fraction, duplicates, copy_correlation = cfg.data_key()
+    data = load_data(source, on_bad=on_bad, seed=seed, val_fraction=val_fraction, duplicates=duplicates,
+                     copy_correlation=copy_correlation)
     skipped = data.report.skipped
     if skipped:
         say_once(("skipped", cfg.data_key()), f"skipped {len(skipped)} bad sample(s) (--on-bad skip): "

@@ -21,7 +21,7 @@ PARAM_TYPES = ("float", "int", "categorical")
 # what a trial may not change, and why: the study's identity and data, its objective (each trial's value
 # is its select_metric, compared under one direction), what trials never do (test: tta), where and how runs run
 NOT_SEARCHABLE = {
-    **dict.fromkeys(("model", "data", "on_bad", "val_fraction", "data_seed", "duplicates", "seed"), "what the study is of"),
+    **dict.fromkeys(("model", "data", "on_bad", "val_fraction", "data_seed", "duplicates", "copy_correlation", "seed"), "what the study is of"),
     "select_metric": "the study's objective: trials scored on different metrics cannot be compared",
     "tta": "trials never see the test split (tta is test-time augmentation)",
     **dict.fromkeys(EXECUTION_FIELDS, "where and how runs run, not what they train"),

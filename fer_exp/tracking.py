@@ -50,7 +50,7 @@ def describe_run(cfg) -> str:
     if cfg.class_weights == "none":
         parts.append("unweighted")
     if cfg.duplicates == "drop":
-        parts.append("no-copies")
+        parts.append("no-copies" + (f"@{cfg.copy_correlation:g}" if cfg.copy_correlation < 1 else ""))
     return " ".join([*parts, f"seed{cfg.seed}"])
 
 
@@ -200,15 +200,16 @@ class MLflowCallback(Callback):
         test = trainer.data.test
         log_evaluation(test.labels.numpy(), result.test_probabilities, test.sources, result.test_metrics,
                        title=f"{trainer.cfg.model} test" + (f", TTA {result.tta}" if result.tta != "none" else ""),
-                       copied=trainer.data.copied("test"))
+                       copied=trainer.data.copied("test"), copy_correlation=trainer.data.copy_correlation)
 
 
 def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[str], metrics: dict[str, float],
-                   title: str, split: str = "test", copied: np.ndarray | None = None) -> None:
+                   title: str, split: str = "test", copied: np.ndarray | None = None, copy_correlation: float = 1.0) -> None:
     """An evaluation on one split, into the active run: its metrics, the confusion-matrix figure, the
     per-class table, the classification report and every prediction (``<split>_predictions.csv``).
     ``copied``: per face, whether an earlier split of the source holds its pixels (the predictions' column
-    ``copied``; the scores on the other faces are in ``metrics``, :func:`fer_exp.metrics.uncopied_metrics`)."""
+    ``copied``; the scores on the other faces are in ``metrics``, :func:`fer_exp.metrics.uncopied_metrics`), counted
+    at ``copy_correlation`` (1: identical pixels; the tag ``copy_correlation`` where some face is a copy)."""
     import matplotlib.pyplot as plt
 
     predictions = probabilities.argmax(1)
@@ -224,6 +225,8 @@ def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[
                           "prediction_name": [CLASS_NAMES[i] for i in predictions]})
     if copied is not None:
         frame["copied"] = copied
+        if copied.any():  # which faces the uncopied scores leave out: compare sets only equal ones side by side
+            mlflow.set_tag("copy_correlation", f"{copy_correlation:g}")
     for i, name in enumerate(CLASS_NAMES):
         frame[f"prob_{name}"] = probabilities[:, i]
     with tempfile.TemporaryDirectory() as tmp:

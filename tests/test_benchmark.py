@@ -277,8 +277,8 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_time_for(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_copies_step_trains_best_cnn_with_and_without_the_copies(tmp_path):
-    """The copies measurement, on the CPU with one seed: best_cnn.yaml with duplicates report and drop, in
-    parallel, each an export that experiments/copies_cnn.yaml's arms match."""
+    """The copies measurement, on the CPU with one seed: best_cnn.yaml with duplicates report, drop, and drop
+    at copy_correlation 0.95, in parallel, each an export that experiments/copies_cnn.yaml's arms match."""
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
                FER_GPU_DATA="synthetic:64,16,16", FER_GPU_SET="batch_size=16 eval_batch_size=16",
@@ -287,12 +287,18 @@ def test_gpu_check_copies_step_trains_best_cnn_with_and_without_the_copies(tmp_p
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = unpacked_results(out, tmp_path / "results")
-    assert {p.name for p in results.glob("*.json")} == {"copies_report_seed7.json", "copies_drop_seed7.json"}
-    for setting in ("report", "drop"):
+    settings = {"report": ("report", 1.0), "drop": ("drop", 1.0), "drop-near": ("drop", 0.95)}
+    assert {p.name for p in results.glob("*.json")} == {f"copies_{s}_seed7.json" for s in settings}
+    for setting, (duplicates, correlation) in settings.items():
         run = json.loads((results / f"copies_{setting}_seed7.json").read_text())
-        assert run["config"]["duplicates"] == setting and run["config"]["class_weights"] == "none"
+        assert run["config"]["duplicates"] == duplicates and run["config"]["class_weights"] == "none"
+        assert run["config"]["copy_correlation"] == correlation
         assert run["config"]["seed"] == 7 and run["duplicates_dropped"] == ({} if setting == "report" else {"train": 0, "val": 0})
-    assert "0 of 2 runs failed" in proc.stdout + proc.stderr and "copies_drop_seed7" in (out / "summary.txt").read_text()
+    assert "0 of 3 runs failed" in proc.stdout + proc.stderr and "copies_drop-near_seed7" in (out / "summary.txt").read_text()
+    unknown = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run", "copies"], cwd=tmp_path,
+                             env={**env, "OUT": str(tmp_path / "out2"), "FER_GPU_COPIES_SETTINGS": "report dorp"},
+                             capture_output=True, text=True, timeout=600)
+    assert unknown.returncode != 0 and "unknown setting 'dorp'" in unknown.stdout + unknown.stderr
     assert {p.name for p in out.glob("runs.tar.gz.part*")} == {"runs.tar.gz.part00"}
 
 

@@ -217,11 +217,11 @@ def test_the_uncopied_scores_are_columns_where_every_run_has_them():
     them beside the benchmark's numbers when every compared run has them, and says what they are."""
     from fer_exp.compare import OVERALL, UNCOPIED, RunInfo, compare_runs, html_page, markdown_tables
 
-    def run(i, group, accuracy, uncopied=None):
+    def run(i, group, accuracy, uncopied=None, tags=None):
         metrics = {**dict.fromkeys((*OVERALL, *PER_CLASS), 0.5), "test_accuracy": accuracy}
         if uncopied is not None:
             metrics |= {"test_accuracy_uncopied": uncopied, "test_macro_f1_uncopied": uncopied - 0.1}
-        return RunInfo(f"{i}" * 32, f"run {i}", group, "1", metrics, {"config.seed": str(i)}, {})
+        return RunInfo(f"{i}" * 32, f"run {i}", group, "1", metrics, {"config.seed": str(i)}, tags or {})
 
     both = compare_runs([run(1, "report", 0.68, 0.66), run(2, "report", 0.70, 0.67), run(3, "drop", 0.67, 0.665)], "duplicates")
     assert list(both.overall_metrics) == [*OVERALL, *UNCOPIED]
@@ -237,6 +237,16 @@ def test_the_uncopied_scores_are_columns_where_every_run_has_them():
     assert list(older.overall_metrics) == list(OVERALL) and "Uncopied:" not in markdown_tables(older)
     assert any(n.startswith("the uncopied scores (test_accuracy_uncopied) are left out: 1 run(s) lack them") and
                f"run 3 {'3' * 32}" in n for n in older.notes)
+    # copies counted at another pixel correlation leave other faces to score: not set side by side
+    near = run(4, "drop", 0.66, 0.64, {"copy_correlation": "0.95"})
+    mixed = compare_runs([run(1, "report", 0.68, 0.66, {"copy_correlation": "1"}), run(2, "report", 0.70, 0.67), near],
+                         "duplicates")  # run 2 predates the tag: identical pixels, as 1
+    assert list(mixed.overall_metrics) == list(OVERALL)
+    assert ("the uncopied scores (test_accuracy_uncopied) are left out: the runs count copies at different pixel "
+            "correlations (1, 0.95; 1: identical pixels)") in " ".join(mixed.notes)
+    alike = compare_runs([run(5, "report", 0.68, 0.66, {"copy_correlation": "0.95"}), near], "duplicates")
+    assert list(alike.overall_metrics) == [*OVERALL, *UNCOPIED] and "uncopied" not in " ".join(alike.notes)
+    assert "a copy: identical pixels, or a pixel correlation of 0.95 or more)." in markdown_tables(alike)
 
 
 def test_a_run_made_before_a_config_field_existed_groups_under_its_default():

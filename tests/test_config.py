@@ -257,6 +257,8 @@ def test_invalid_yaml(tmp_path, text):
         ({"aug_brightness": 1.0}, "aug_brightness must be in [0, 1)"),
         ({"aug_contrast": -0.2}, "aug_contrast must be in [0, 1)"),
         ({"data_seed": -2}, "data_seed must be -1 (the run's seed) or a seed from 0"),
+        ({"copy_correlation": 0}, "copy_correlation must be above 0 and at most 1"),
+        ({"copy_correlation": 1.5}, "copy_correlation must be above 0 and at most 1"),
     ],
 )
 def test_out_of_range_values(overrides, piece):
@@ -266,8 +268,8 @@ def test_out_of_range_values(overrides, piece):
 
 
 def test_the_data_seed_is_the_runs_seed_unless_set():
-    assert load_config(overrides={"seed": 3}).data_key() == ("data/fer2013", "error", 3, 0.1, "report")
-    assert load_config(overrides={"seed": 3, "data_seed": 0}).data_key() == ("data/fer2013", "error", 0, 0.1, "report")
+    assert load_config(overrides={"seed": 3}).data_key() == ("data/fer2013", "error", 3, 0.1, "report", 1.0)
+    assert load_config(overrides={"seed": 3, "data_seed": 0}).data_key() == ("data/fer2013", "error", 0, 0.1, "report", 1.0)
     from fer_exp.experiment import load_run_data
 
     def val_faces(**overrides):

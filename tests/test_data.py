@@ -8,6 +8,7 @@ The real-data tests read ../shared/fer2013 beside the checkout and skip cleanly 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -1145,31 +1146,59 @@ def test_duplicates_drop_removes_the_copies_from_train_and_val_and_keeps_test_wh
     assert "(--duplicates drop removes such copies from train and val; test stays whole)" in inspect(path).output
 
 
-def test_near_copies_are_counted_apart_from_the_identical_ones(tmp_path):
+def test_near_copies_count_as_copies_at_a_copy_correlation_below_1(tmp_path):
     """FER2013 also holds near-copies (the same photo cropped, recompressed or watermarked: 93 test faces
-    correlate at 0.95 or more with a training face here): inspect --near-copies counts them, not the
-    pixel-identical copies, and drop keeps them."""
+    correlate at 0.95 or more with a training face here). At --copy-correlation 0.95 they are copies
+    like the pixel-identical ones: counted (apart, with examples), left out of the uncopied scores'
+    faces, and dropped from train and val by --duplicates drop; at 1 (the default) they are not."""
     rng = np.random.default_rng(0)
     faces = rng.integers(0, 256, (20, 48, 48))
-    near = np.clip(faces[3] + rng.integers(-8, 9, (48, 48)), 0, 255)  # train face 3, slightly changed
+
+    def near(i):  # face i, slightly changed: correlation ~0.997
+        return np.clip(faces[i] + rng.integers(-8, 9, (48, 48)), 0, 255)
 
     def text(pixels):
         return " ".join(map(str, np.asarray(pixels).ravel().tolist()))
 
-    rows = [(i % 7, text(faces[i]), "Training") for i in range(14)]
-    rows += [(0, text(faces[14]), "PublicTest"), (1, text(faces[15]), "PublicTest")]
-    rows += [(3, text(near), "PrivateTest"), (2, text(faces[5]), "PrivateTest"), (4, text(faces[16]), "PrivateTest")]
+    rows = [(i % 7, text(faces[i]), "Training") for i in range(14)]  # rows 1-14
+    rows += [(0, text(faces[14]), "PublicTest"), (1, text(near(7)), "PublicTest")]  # 15; 16 nearly train's row 8
+    rows += [(3, text(near(3)), "PrivateTest"), (2, text(faces[5]), "PrivateTest"),  # 17 nearly row 4; 18 = row 6
+             (4, text(faces[16]), "PrivateTest"), (5, text(near(14)), "PrivateTest")]  # 19 new; 20 nearly val's row 15
     path = write_csv(tmp_path / "fer2013.csv", rows)
-    found = load_data(str(path)).near_copies(0.95)
-    assert found == {"val": {"images": 0, "examples": []},
-                     "test": {"images": 1, "examples": [f"fer2013.csv#row17 ~ fer2013.csv#row4 ({found['test']['examples'][0][-6:-1]})"]}}
-    assert 0.95 < float(found["test"]["examples"][0][-6:-1]) < 1  # near, not identical; row 18 (= row 6) is a copy
-    out = inspect(path, "--near-copies", "0.95").output
-    assert "test: 1 more face(s) nearly copy one of train or val (pixel correlation >= 0.95, not identical" in out
-    assert json.loads(inspect(path, "--json", "--near-copies", "0.95").output)["near_copies"]["test"]["images"] == 1
-    assert "near_copies" not in json.loads(inspect(path, "--json").output)  # only when asked: it correlates every pair
-    assert load_data(str(path), duplicates="drop").near_copies(0.95)["test"]["images"] == 1  # drop keeps it
-    assert inspect(path, "--near-copies", "1.5").exit_code == 2
+    exact = load_data(str(path))
+    assert exact.copied("test").tolist() == [False, True, False, False] and not exact.copied("val").any()
+    assert "near_copies" not in exact.summary() and exact.summary()["copy_correlation"] == 1.0
+    data = load_data(str(path), copy_correlation=0.95)
+    assert data.copied("test").tolist() == [True, True, False, True] and data.copied("val").tolist() == [False, True]
+    found = data.near_copies()
+    assert found["val"]["images"] == 1 and found["test"]["images"] == 2  # row 18 is identical: not near
+    example = found["test"]["examples"][0]
+    assert example.startswith("fer2013.csv#row17 ~ fer2013.csv#row4 (") and 0.95 < float(example[-6:-1]) < 1
+    assert found["test"]["examples"][1].startswith("fer2013.csv#row20 ~ fer2013.csv#row15 (")  # val is earlier than test
+    summary = data.summary()
+    assert summary["faces_with_copies"] == {"val": 1, "test": 3} and summary["near_copies"] == found
+    # drop: train rows 4 and 6 (copied by test) and 8 (by val) go, and val's row 15 (copied by test)
+    dropped = load_data(str(path), duplicates="drop", copy_correlation=0.95)
+    assert [s.split("#row")[1] for s in dropped.train.sources] == [str(r) for r in range(1, 15) if r not in (4, 6, 8)]
+    assert [s.split("#row")[1] for s in dropped.val.sources] == ["16"] and len(dropped.test) == 4
+    assert dropped.copied("test").tolist() == [True, True, False, True] and dropped.copied("val").tolist() == [True]
+    assert dropped.summary()["near_copies"] == found  # the source's, kept through the drop
+    assert dropped.split_rule.endswith("dropped 3 train face(s) identical or correlating >= 0.95 with a val or test face "
+                                       "and 1 val face(s) identical or correlating >= 0.95 with a test face (duplicates: drop)")
+    assert load_data(str(path), duplicates="drop").duplicates_dropped == {"train": 1, "val": 0}  # identical only
+    out = inspect(path, "--copy-correlation", "0.95").output
+    assert "test: 3 of 4 faces (75.0%) have a copy (identical, or correlating >= 0.95) in train or val" in out
+    assert "test: 2 face(s) nearly copy one of train or val (pixel correlation >= 0.95, not identical; counted as copies)" in out
+    assert "val: 1 face(s) nearly copy one of train" in out
+    assert json.loads(inspect(path, "--json", "--copy-correlation", "0.95").output)["near_copies"]["test"]["images"] == 2
+    assert "dropped as copies of a later split's faces (--duplicates drop): 3 from train, 1 from val" in inspect(
+        path, "--copy-correlation", "0.95", "--duplicates", "drop").output
+    assert "nearly copy" not in inspect(path).output
+    for bad in ("1.5", "0"):
+        refused = inspect(path, "--copy-correlation", bad)
+        assert refused.exit_code == 2 and "--copy-correlation" in refused.output
+    with pytest.raises(DataError, match="copy_correlation must be above 0 and at most 1"):
+        load_data(str(path), copy_correlation=1.2)
 
 
 def test_duplicates_drop_on_a_hold_out_keeps_no_copy_of_a_val_or_test_face_in_train(tmp_path):
@@ -1241,7 +1270,9 @@ def test_real_fer2013_folders_have_the_exact_class_counts(real_folder_data):
     dropped = real_folder_data.without_duplicates()  # duplicates: drop
     assert dropped.duplicates_across_splits() == {} and len(dropped.test) == 3_589
     assert 500 < dropped.duplicates_dropped["train"] < 700 and 10 < dropped.duplicates_dropped["val"] < 40
-    assert 80 < data.near_copies(0.95)["test"]["images"] < 110  # 93 here: the same photos, cropped or watermarked
+    near = dataclasses.replace(data, copy_correlation=0.95)  # the same faces, copies counted at 0.95
+    assert 80 < near.near_copies()["test"]["images"] < 110  # 93 here: the same photos, cropped or watermarked
+    assert near.without_duplicates().duplicates_dropped["train"] > dropped.duplicates_dropped["train"] + 200
 
 
 @pytest.mark.realdata

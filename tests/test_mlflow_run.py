@@ -40,7 +40,7 @@ def finished_run(tmp_path_factory):
     env = _env(tmp)
     mlflow_cli = [sys.executable, "-m", "mlflow"]
     cmd = [*mlflow_cli, "run", str(REPO), "-P", "model=cnn", "-P", "data=synthetic:320,64,64", "-P", "epochs=1",
-           "-P", "batch_size=64", "--env-manager", "local", "--experiment-name", "e2e"]
+           "-P", "batch_size=64", "-P", "copy_correlation=0.99", "--env-manager", "local", "--experiment-name", "e2e"]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     from mlflow.tracking import MlflowClient
@@ -75,6 +75,7 @@ def test_params_and_tags(finished_run):
     assert params["config.model"] == "cnn" and params["config.epochs"] == "1" and params["config.batch_size"] == "64"
     assert params["config.data"] == "synthetic:320,64,64"
     assert params["config.lr"] == "0.001"  # not given: the default
+    assert params["config.copy_correlation"] == "0.99" and params["config.duplicates"] == "report"
     assert tags["model"] == "cnn" and tags["num_params"] == "584807" and tags["num_params_trainable"] == "584807"
     assert tags["data_format"] == "synthetic" and tags["train_size"] == "320" and tags["test_size"] == "64"
     assert tags["device"] == "cpu" and tags["torch_version"] and tags["timm_version"]

@@ -728,11 +728,12 @@ def test_a_diverged_run_is_marked_failed_with_the_reason(small, store):
     assert run.data.tags["duplicates_test_in_train"] == "1 (0 labelled otherwise)"  # said with the run's data
 
 
-@pytest.mark.parametrize("duplicates", ["report", "drop"])
-def test_a_run_on_data_with_cross_split_copies(small, store, duplicates):
+@pytest.mark.parametrize("duplicates, correlation", [("report", 1.0), ("drop", 1.0), ("drop", 0.97)])
+def test_a_run_on_data_with_cross_split_copies(small, store, duplicates, correlation):
     """FER2013's copies (test faces whose pixels are in train): the run scores the test faces without a copy
     apart (test_accuracy_uncopied, the predictions' copied column), the same faces whether it trained on
-    the copies or, with --duplicates drop, not; drop says how many it left out and names the run so."""
+    the copies or, with --duplicates drop, not; drop says how many it left out and names the run so. At
+    --copy-correlation 0.97 a near-copy (a train face with a little noise) is a copy too."""
     import mlflow
     import pandas as pd
 
@@ -744,16 +745,20 @@ def test_a_run_on_data_with_cross_split_copies(small, store, duplicates):
             lines.append(f"{label},{' '.join(map(str, image.flatten().tolist()))},{usage}")
     copies = [f"{int(small.train.labels[i])},{' '.join(map(str, small.train.images[i].flatten().tolist()))},PrivateTest"
               for i in (0, 5, 9)]
+    noisy = (small.train.images[2].int() + torch.randint(-2, 3, (48, 48), generator=torch.Generator().manual_seed(0)))
+    copies.append(f"{int(small.train.labels[2])},{' '.join(map(str, noisy.clamp(0, 255).flatten().tolist()))},PrivateTest")
     (store / "fer2013.csv").write_text("\n".join(lines + copies) + "\n")
     cfg = config(data=str(store / "fer2013.csv"), batch_size=16, epochs=1, duplicates=duplicates, system_metrics=False,
-                 output_dir=str(store / "out"))
+                 output_dir=str(store / "out"), copy_correlation=correlation)
     summary = run_experiment(cfg, progress=False, log_model=False)
     run = mlflow.get_run(summary.run_id)
     tags, metrics = run.data.tags, run.data.metrics
     predictions = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{summary.run_id}/test_predictions.csv"))
     logged = mlflow.artifacts.load_dict(f"runs:/{summary.run_id}/data_summary.json")
-    assert run.data.params["config.duplicates"] == duplicates and tags["test_size"] == str(len(small.test) + 3)
-    assert predictions["copied"].tolist() == [False] * len(small.test) + [True] * 3  # as the source has them
+    near = correlation < 1
+    assert run.data.params["config.duplicates"] == duplicates and tags["test_size"] == str(len(small.test) + 4)
+    assert predictions["copied"].tolist() == [False] * len(small.test) + [True] * 3 + [near]  # as the source has them
+    assert tags["copy_correlation"] == ("0.97" if near else "1")
     others = predictions[~predictions["copied"]]
     assert metrics["test_accuracy_uncopied"] == pytest.approx((others["label"] == others["prediction"]).mean())
     assert metrics["test_macro_f1_uncopied"] == pytest.approx(summary.result.test_metrics["test_macro_f1_uncopied"])
@@ -762,13 +767,17 @@ def test_a_run_on_data_with_cross_split_copies(small, store, duplicates):
         assert logged["duplicates_dropped"] == {}
         assert "no-copies" not in run.info.run_name
     else:
-        assert tags["duplicates_dropped_from_train"] == "3" and tags["duplicates_dropped_from_val"] == "0"
-        assert tags["train_size"] == str(len(small.train) - 3)
-        assert tags["split_rule"].endswith("dropped 3 train face(s) identical to a val or test face and 0 val "
-                                           "face(s) identical to a test face (duplicates: drop)")
+        dropped = 3 + near
+        assert tags["duplicates_dropped_from_train"] == str(dropped) and tags["duplicates_dropped_from_val"] == "0"
+        assert tags["train_size"] == str(len(small.train) - dropped)
+        copying = "identical or correlating >= 0.97 with" if near else "identical to"
+        assert tags["split_rule"].endswith(f"dropped {dropped} train face(s) {copying} a val or test face and 0 val "
+                                           f"face(s) {copying} a test face (duplicates: drop)")
         assert not any(key.startswith("duplicates_test_in") for key in tags)  # none left to leak
-        assert run.info.run_name == "cnn 48px lr=0.001 wd=0.0001 no-copies seed42"
-        assert logged["duplicates_dropped"] == {"train": 3, "val": 0} and logged["duplicates_across_splits"] == {}
+        assert run.info.run_name == f"cnn 48px lr=0.001 wd=0.0001 no-copies{'@0.97' if near else ''} seed42"
+        assert logged["duplicates_dropped"] == {"train": dropped, "val": 0} and logged["duplicates_across_splits"] == {}
+        assert logged["copy_correlation"] == correlation and logged["faces_with_copies"]["test"] == dropped
+        assert ("near_copies" in logged) == near
 
 
 # ================================================================ resnet18 with frozen layers

@@ -709,7 +709,7 @@ def test_mlflow_run_tune_entry_point(tmp_path):
     """`mlflow run . -e tune` as the README shows it (tiny data): the run MLflow makes is the parent."""
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "-P", "model=resnet18",
            "-P", "data=synthetic:32,16,16", "-P", "n_trials=2", "-P", "epochs=1", "-P", "pretrained=none",
-           "-P", "batch_size=16", "--env-manager", "local", "--experiment-name", "tuning"]
+           "-P", "batch_size=16", "-P", "copy_correlation=0.99", "--env-manager", "local", "--experiment-name", "tuning"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     client, runs = runs_of(tmp_path, "tuning")
@@ -720,6 +720,7 @@ def test_mlflow_run_tune_entry_point(tmp_path):
     children = by_role(runs, "trial")
     assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {roots[0].info.run_id}
     assert {r.data.params["config.model"] for r in children} == {"resnet18"}
+    assert {r.data.params["config.copy_correlation"] for r in children} == {"0.99"}
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 

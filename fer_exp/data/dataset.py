@@ -10,6 +10,8 @@ import torch
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 
 SPLIT_NAMES = ("train", "val", "test")
+# the earlier splits a face of val or test may copy (FER2013's copies run from test and val back to train)
+EARLIER = {"val": ("train",), "test": ("train", "val")}
 
 
 class DataError(Exception):
@@ -101,6 +103,8 @@ class FerData:
     from_cache: bool = False
     load_seconds: float = 0.0
     duplicates_dropped: dict[str, int] = field(default_factory=dict)  # per split, by duplicates: drop
+    # faces count as copies across splits where their pixels are identical (1) or correlate at least this much
+    copy_correlation: float = 1.0
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -147,74 +151,112 @@ class FerData:
 
     def copied(self, split: str) -> np.ndarray:
         """Per face of ``split`` (val or test), whether the source's earlier splits (train; for test, train
-        or val) hold a face with its pixels: FER2013's copies. Kept as the source had them when
-        ``duplicates: drop`` leaves the copies out of train and val (for the val faces it keeps), so every
-        run on one source scores the same test faces apart (``test_accuracy_uncopied``), whether it trained
-        on their copies or not."""
-        cached = self.__dict__.setdefault("_copied", {})
+        or val) hold a copy of it: a face with its pixels, or, where ``copy_correlation`` is below 1, one
+        whose pixels correlate with its at least that much (the same photo cropped or recompressed).
+        Kept as the source had them when ``duplicates: drop`` leaves the copies out of train and val (for
+        the val faces it keeps), so every run on one source scores the same test faces apart
+        (``test_accuracy_uncopied``), whether it trained on their copies or not."""
+        return self._copy_kinds(split) > 0
+
+    def _copy_kinds(self, split: str) -> np.ndarray:
+        """Per face of ``split``: 0 no copy in an earlier split, 1 a pixel-identical one, 2 only a near one
+        (correlation >= ``copy_correlation``, where that is below 1). Once per data, kept through drop."""
+        cached = self.__dict__.setdefault("_kinds_cache", {})
         if split not in cached:
-            earlier = {"val": ("train",), "test": ("train", "val")}[split]
-            keys = set().union(*(self._keys(name).keys() for name in earlier))
-            copied = np.zeros(len(self.splits()[split]), dtype=bool)
+            keys = set().union(*(self._keys(name).keys() for name in EARLIER[split]))
+            kinds = np.zeros(len(self.splits()[split]), dtype=np.int8)
             for key, rows in self._keys(split).items():
-                copied[rows] = key in keys
-            cached[split] = copied
+                kinds[rows] = key in keys
+            if self.copy_correlation < 1:
+                best, _ = self._closest_earlier(split)
+                kinds[(kinds == 0) & (best >= self.copy_correlation).numpy()] = 2
+            cached[split] = kinds
         return cached[split]
 
-    def near_copies(self, threshold: float, chunk: int = 512) -> dict[str, dict]:
-        """Faces of val and test that are not pixel-identical to a face of an earlier split (train; for
-        test, train or val) but nearly so: the Pearson correlation of their pixels with one is at least
-        ``threshold`` (a crop, a recompression, a brightness change of the same photo). Per split: how
-        many, and two examples with their correlation. ``duplicates: drop`` does not drop these."""
-        def standardised(images: torch.Tensor) -> torch.Tensor:
-            flat = images.flatten(1).float()
-            flat = flat - flat.mean(1, keepdim=True)
-            return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)  # a flat image correlates with nothing
+    def _correlations(self, chunk: int = 512) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+        """Per pair (later, earlier) of (val, train), (test, train), (test, val): for each face of ``later``
+        the highest Pearson correlation of its pixels with a face of ``earlier`` (``best``) and that face's
+        row (``where``); for each face of ``earlier``, its highest with a face of ``later`` (``best_back``).
+        Every pair of faces is correlated (~6 s for FER2013 on two cores), so only where asked, once per data."""
+        if "_correlations_cache" not in self.__dict__:
+            def standardised(images: torch.Tensor) -> torch.Tensor:
+                flat = images.flatten(1).float()
+                flat = flat - flat.mean(1, keepdim=True)
+                return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)  # a flat image correlates with nothing
 
-        scaled = {name: standardised(split.images) for name, split in self.splits().items()}  # each split once
-        found = {}
-        for later, earlier in (("val", ("train",)), ("test", ("train", "val"))):
-            split, pool = self.splits()[later], [self.splits()[name] for name in earlier]
-            if len(split) == 0 or not sum(len(p) for p in pool):
-                continue
-            others = torch.cat([scaled[name] for name in earlier])
-            sources = [s for p in pool for s in p.sources]
-            faces = scaled[later]
-            best, where = torch.empty(len(split)), torch.empty(len(split), dtype=torch.int64)
-            for start in range(0, len(split), chunk):
-                best[start:start + chunk], where[start:start + chunk] = (faces[start:start + chunk] @ others.T).max(1)
-            near = (best >= threshold).numpy() & ~self.copied(later)
-            rows = np.flatnonzero(near)
-            found[later] = {"images": int(near.sum()),
-                            "examples": [f"{split.sources[i]} ~ {sources[int(where[i])]} ({float(best[i]):.3f})" for i in rows[:2]]}
-        return found
+            scaled = {name: standardised(split.images) for name, split in self.splits().items()}  # each split once
+            found = {}
+            for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
+                faces, others = scaled[later], scaled[earlier]
+                best, where = torch.full((len(faces),), -1.0), torch.zeros(len(faces), dtype=torch.int64)
+                best_back = torch.full((len(others),), -1.0)
+                if len(faces) and len(others):
+                    for start in range(0, len(faces), chunk):
+                        block = faces[start:start + chunk] @ others.T
+                        best[start:start + chunk], where[start:start + chunk] = block.max(1)
+                        best_back = torch.maximum(best_back, block.max(0).values)
+                found[(later, earlier)] = {"best": best, "where": where, "best_back": best_back}
+            self.__dict__["_correlations_cache"] = found
+        return self.__dict__["_correlations_cache"]
+
+    def _closest_earlier(self, split: str) -> tuple[torch.Tensor, list]:
+        """Per face of ``split``, its highest correlation with a face of an earlier split, and (split, row) of it."""
+        pairs = [(name, self._correlations()[(split, name)]) for name in EARLIER[split]]
+        best, which = torch.stack([found["best"] for _, found in pairs]).max(0)
+        return best, [(pairs[w][0], int(pairs[w][1]["where"][i])) for i, w in enumerate(which.tolist())]
+
+    def near_copies(self) -> dict[str, dict]:
+        """The faces of val and test that are copies only by ``copy_correlation`` (below 1): not identical
+        to a face of an earlier split but correlating with one at least that much. Per split: how many,
+        and two examples with their correlation. Counted on the source, kept through drop."""
+        if "_near_copies" not in self.__dict__:
+            found = {}
+            if self.copy_correlation < 1:
+                for split in ("val", "test"):
+                    rows = np.flatnonzero(self._copy_kinds(split) == 2)
+                    best, closest = self._closest_earlier(split) if len(rows) else (None, None)
+                    found[split] = {"images": len(rows), "examples": [
+                        f"{self.splits()[split].sources[i]} ~ {self.splits()[closest[i][0]].sources[closest[i][1]]} "
+                        f"({float(best[i]):.3f})" for i in rows[:2]]}
+            self.__dict__["_near_copies"] = found
+        return self.__dict__["_near_copies"]
 
     def without_duplicates(self) -> "FerData":
-        """The data with the cross-split copies dropped where they leak: every train face whose pixels
-        equal a val or test face, and every val face equal to a test face. Test stays whole (the
-        benchmark's own faces), so none of its faces is trained on or selects the epoch; where val is a
-        hold-out of train, the copies of a val face left in train are dropped too."""
+        """The data with the cross-split copies dropped where they leak: every train face that copies a val
+        or test face, and every val face that copies a test face (identical pixels, or correlating at
+        least ``copy_correlation`` where that is below 1). Test stays whole (the benchmark's own faces), so
+        none of its faces is trained on or selects the epoch; where val is a hold-out of train, the copies
+        of a val face left in train are dropped too."""
         import dataclasses
 
         test_keys = self._keys("test").keys()
-        later_keys = test_keys | self._keys("val").keys()
 
-        def kept(name: str, drop) -> torch.Tensor:
-            return torch.tensor([i for key, rows in self._keys(name).items() if key not in drop for i in rows],
-                                dtype=torch.int64).sort().values
+        def copies_of(name: str, keys) -> np.ndarray:
+            mask = np.zeros(len(self.splits()[name]), dtype=bool)
+            for key, rows in self._keys(name).items():
+                mask[rows] = key in keys
+            return mask
 
-        kept_val = kept("val", test_keys)
-        train, val = self.train.subset(kept("train", later_keys)), self.val.subset(kept_val)
+        drop_train, drop_val = copies_of("train", test_keys | self._keys("val").keys()), copies_of("val", test_keys)
+        if self.copy_correlation < 1:
+            found = self._correlations()
+            drop_train |= ((found[("val", "train")]["best_back"] >= self.copy_correlation)
+                           | (found[("test", "train")]["best_back"] >= self.copy_correlation)).numpy()
+            drop_val |= (found[("test", "val")]["best_back"] >= self.copy_correlation).numpy()
+        kept_val = torch.from_numpy(np.flatnonzero(~drop_val))
+        train, val = self.train.subset(torch.from_numpy(np.flatnonzero(~drop_train))), self.val.subset(kept_val)
         dropped = {"train": len(self.train) - len(train), "val": len(self.val) - len(val)}
         for name, split in (("train", train), ("val", val)):
             if len(split) == 0:
                 raise DataError(f"every {name} face is a copy of a later split's face, so dropping the copies "
                                 f"(duplicates: drop) leaves no {name} split; use duplicates: report")
-        rule = (f"{self.split_rule}; dropped {dropped['train']} train face(s) identical to a val or test face and "
-                f"{dropped['val']} val face(s) identical to a test face (duplicates: drop)")
-        copied = {"test": self.copied("test"), "val": self.copied("val")[kept_val.numpy()]}  # as in the source
+        copying = "identical to" if self.copy_correlation >= 1 else f"identical or correlating >= {self.copy_correlation:g} with"
+        rule = (f"{self.split_rule}; dropped {dropped['train']} train face(s) {copying} a val or test face and "
+                f"{dropped['val']} val face(s) {copying} a test face (duplicates: drop)")
+        kinds = {"test": self._copy_kinds("test"), "val": self._copy_kinds("val")[kept_val.numpy()]}  # as in the source
+        near = self.near_copies()
         dropped_data = dataclasses.replace(self, train=train, val=val, split_rule=rule, duplicates_dropped=dropped)
-        dropped_data.__dict__["_copied"] = copied
+        dropped_data.__dict__.update(_kinds_cache=kinds, _near_copies=near)
         return dropped_data
 
     def missing_train_classes(self) -> list[str]:
@@ -239,6 +281,8 @@ class FerData:
             "duplicates_dropped": self.duplicates_dropped,
             # per split, the faces with a copy in an earlier split of the source (kept through duplicates: drop)
             "faces_with_copies": {name: int(self.copied(name).sum()) for name in ("val", "test")},
+            "copy_correlation": self.copy_correlation,
+            **({"near_copies": self.near_copies()} if self.copy_correlation < 1 else {}),
             "converted_to_gray": self.report.converted_to_gray,
             "resized": self.report.resized,
             "skipped": [{"where": w, "why": y} for w, y in self.report.skipped],

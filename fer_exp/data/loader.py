@@ -136,16 +136,21 @@ def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed
 
 
 def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction: float = 0.1,
-              use_cache: bool = True, duplicates: str = "report") -> FerData:
+              use_cache: bool = True, duplicates: str = "report", copy_correlation: float = 1.0) -> FerData:
     """Load a FER2013 source (a CSV, the Kaggle folders, or ``synthetic[:TRAIN,VAL,TEST]``).
 
     Decoding happens once per source; later loads read the cache unless the source changed.
     ``duplicates="drop"``: without the faces copied across splits (:meth:`FerData.without_duplicates`).
+    ``copy_correlation``: below 1, faces whose pixels correlate at least that much with a face of an
+    earlier split count as its copies too (counted, scored apart, and dropped by ``duplicates="drop"``).
     """
     if on_bad not in ON_BAD_CHOICES:
         raise DataError(f"--on-bad must be one of {', '.join(ON_BAD_CHOICES)}, got {on_bad!r}")
     if duplicates not in CHOICES["duplicates"]:
         raise DataError(f"--duplicates must be one of {', '.join(CHOICES['duplicates'])}, got {duplicates!r}")
+    if not 0.0 < copy_correlation <= 1.0:
+        raise DataError(f"copy_correlation must be above 0 and at most 1 (1: identical pixels only; 0.95 also counts "
+                        f"the same photo cropped or recompressed), got {copy_correlation}")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if not 0 <= seed < 2**32:  # numpy/scikit-learn seeds; a negative one would end in a traceback
@@ -153,6 +158,7 @@ def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction
     start = time.perf_counter()
     try:
         data = _load(source, on_bad, seed, val_fraction, use_cache, start)
+        data.copy_correlation = float(copy_correlation)
         if duplicates == "drop":
             data = data.without_duplicates()
             data.load_seconds = time.perf_counter() - start
