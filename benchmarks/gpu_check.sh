@@ -332,7 +332,9 @@ for name in runs:
     tta = r["tta"]
     print(f"  {name:26s} {r['epochs_run']:4d} {r['best_val'].get('val_accuracy', float('nan')):.4f}  " +
           "  ".join(f"{k} {v['test_accuracy']:.4f}/{v['test_macro_f1']:.4f} (val {v['val_accuracy']:.4f}"
-                    + (f", uncopied test {v['test_accuracy_uncopied']:.4f}" if "test_accuracy_uncopied" in v else "") + ")"
+                    + (f", uncopied test {v['test_accuracy_uncopied']:.4f}" if "test_accuracy_uncopied" in v else "")
+                    + (f" (copies at r >= {r['config']['copy_correlation']:g})" if "test_accuracy_uncopied" in v
+                       and r["config"].get("copy_correlation", 1) < 1 else "") + ")"
                     for k, v in tta.items())
           + f"  disgust {r['test_acc_per_class']['disgust']:.3f} fear {r['test_acc_per_class']['fear']:.3f}  fit {r['fit_seconds']} s")
 for name in ("cnn_graph", "cnn_graph_warm", "cnn_bf16", "cnn_fp32", "resnet18_112", "resnet18_224"):

@@ -62,10 +62,11 @@ def format_summary(summary: dict) -> str:
                      "(runs score the others apart: test_accuracy_uncopied)")
     earlier = {"val": "train", "test": "train or val"}
     for split, found in summary.get("near_copies", {}).items():  # --copy-correlation below 1
-        lines.append(f"{split}: {found['images']} face(s) nearly copy one of {earlier[split]} (pixel correlation >= "
-                     f"{summary['copy_correlation']:g}, not identical; counted as copies)"
-                     + (f", e.g. {found['examples'][0]}" if found["examples"] else ""))
-    if summary["duplicates_across_splits"] or any(f["images"] for f in summary.get("near_copies", {}).values()):
+        if found["images"]:
+                lines.append(f"{split}: {found['images']} face(s) nearly copy one of {earlier[split]} (pixel correlation >= "
+                         f"{summary['copy_correlation']:g}, not identical; counted as copies), e.g. {found['examples'][0]}")
+    if not summary["duplicates_dropped"] and (summary["duplicates_across_splits"]
+                                              or any(f["images"] for f in summary.get("near_copies", {}).values())):
         lines.append("  (--duplicates drop removes such copies from train and val; test stays whole)")
     if summary["duplicates_dropped"]:
         lines.append("dropped as copies of a later split's faces (--duplicates drop): "
@@ -119,12 +120,13 @@ def per_class_line(metrics: dict, split: str) -> str:
     return "per class accuracy: " + "  ".join(f"{c} {score_text(metrics[f'{split}_acc_{c}'])}" for c in CLASS_NAMES)
 
 
-def uncopied_line(metrics: dict, split: str) -> str:
+def uncopied_line(metrics: dict, split: str, copy_correlation: float = 1.0) -> str:
     """The scores on the faces of ``split`` that have no copy in an earlier split, where some have."""
     if f"{split}_accuracy_uncopied" not in metrics:
         return ""
     earlier = "train or val" if split == "test" else "train"
-    return (f"on the {split} faces with no copy in {earlier} (FER2013 has copies; --duplicates drop trains "
+    near = f" (identical, or correlating >= {copy_correlation:g})" if copy_correlation < 1 else ""
+    return (f"on the {split} faces with no copy{near} in {earlier} (FER2013 has copies; --duplicates drop trains "
             f"without them): accuracy {metrics[f'{split}_accuracy_uncopied']:.4f}  macro-F1 "
             f"{metrics[f'{split}_macro_f1_uncopied']:.4f}\n")
 
@@ -241,7 +243,7 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
            + ", ".join(f"{k} {v:.4f}" for k, v in r.tta_val.items()) + ")\n" if r.tta_val else "")
         + f"test{f' ({r.tta} TTA)' if r.tta != 'none' else ''}: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
         + per_class_line(t, "test") + "\n"
-        + uncopied_line(t, "test") +
+        + uncopied_line(t, "test", cfg.copy_correlation) +
         f"tracking: {mask_url(summary.tracking_uri)} (experiment id {summary.experiment_id})\n"
         + ui_hint(summary.run_id, summary.experiment_id, summary.tracking_uri)
     )
@@ -508,7 +510,7 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device, 
     except KeyboardInterrupt:
         _interrupted("the evaluation" + ("; its run, if it had begun, is marked KILLED" if log else ""))
     m = result.metrics
-    uncopied = uncopied_line(m, split).rstrip()
+    uncopied = uncopied_line(m, split, models[0].config.copy_correlation).rstrip()
     click.echo(f"{result.name} on {split}: accuracy {m[f'{split}_accuracy']:.4f}  macro-F1 {m[f'{split}_macro_f1']:.4f}  "
                f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\n" + per_class_line(m, split)
                + (f"\n{uncopied}" if uncopied else ""))

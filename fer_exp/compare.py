@@ -35,8 +35,9 @@ UNCOPIED_NOTE = ("Uncopied: on the test faces with no copy in the source's train
 
 
 def uncopied_note(comparison) -> str:
-    """:data:`UNCOPIED_NOTE`, and what counted as a copy where it was more than identical pixels."""
-    counted_at = float(comparison.runs[0].tags.get("copy_correlation", "1"))
+    """:data:`UNCOPIED_NOTE`, and what counted as a copy where it was more than identical pixels (the lowest
+    correlation of the runs: where they differ, they are rescored so)."""
+    counted_at = min(copy_correlation(r) for r in comparison.runs)
     return UNCOPIED_NOTE[:-2] + (f"; a copy: identical pixels, or a pixel correlation of {counted_at:g} or more)."
                                  if counted_at < 1 else ").")
 PER_CLASS = {f"test_acc_{c}": c.capitalize() for c in CLASS_NAMES}
@@ -182,6 +183,34 @@ def one_class_runs(runs: list) -> list[str]:
     return notes
 
 
+def copy_correlation(run: RunInfo) -> float:
+    """The pixel correlation at which a run counted a test face a copy (tag ``copy_correlation``; runs made
+    before it counted identical pixels: 1)."""
+    return float(run.tags.get("copy_correlation", "1"))
+
+
+def rescored_uncopied(runs: list[RunInfo]) -> tuple[list[RunInfo], int] | None:
+    """Runs that counted copies at different correlations scored different faces apart: each run's
+    uncopied scores again, from its test_predictions.csv, on the test faces no run counts as a copy (those
+    of the lowest correlation: a copy at R is one at every lower R), and how many; None where a run lacks
+    its predictions or their ``copied`` column, or the runs were tested on different faces."""
+    from fer_exp.metrics import classification_metrics
+
+    frames = [r.predictions for r in runs]
+    if any(f is None or "copied" not in f for f in frames) or len({frozenset(f["source"]) for f in frames}) > 1:
+        return None
+    copied = set().union(*(f.loc[f["copied"].astype(bool), "source"] for f in frames))
+    rescored = []
+    for run, frame in zip(runs, frames):
+        kept = frame[~frame["source"].isin(copied)]
+        if kept.empty:
+            return None
+        scores = classification_metrics(kept["label"], kept["prediction"])
+        rescored.append(dataclasses.replace(run, metrics={**run.metrics, "test_accuracy_uncopied": scores["accuracy"],
+                                                          "test_macro_f1_uncopied": scores["macro_f1"]}))
+    return rescored, len(kept)
+
+
 def select_runs(client, experiments: list[str], filter_string: str = "", run_ids: list[str] = ()) -> tuple[list, list[str]]:
     """(runs to compare, notes on what was skipped). Explicit ``run_ids`` must all be comparable;
     a search skips tuning runs and comparisons, and runs that did not finish."""
@@ -266,8 +295,12 @@ def load_run(client, run, group_by: str, workdir: Path) -> RunInfo:
 
 
 def summarise(values) -> dict:
-    """mean, std (n-1), n and the 95% t confidence interval of the mean (None for one value)."""
+    """mean, std (n-1), n and the 95% t confidence interval of the mean (None for one value), over the
+    values that are numbers (NaN: a class some run's test split has no faces of); NaN where none is."""
     values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return {"mean": math.nan, "std": math.nan, "n": 0, "ci_low": None, "ci_high": None}
     n, mean = len(values), float(values.mean())
     std = float(values.std(ddof=1)) if n > 1 else 0.0
     if n > 1:
@@ -370,6 +403,8 @@ def group_table(runs: list[RunInfo], metrics: dict) -> pd.DataFrame:
             s = summarise([r.metrics[key] for r in members])
             row |= {title: s["mean"], f"{title} std": s["std"], f"{title} ci_low": s["ci_low"],
                     f"{title} ci_high": s["ci_high"]}
+            if s["n"] != len(members):  # some runs have no score (a class their test split lacks)
+                row[f"{title} n"] = s["n"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -398,12 +433,22 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
         test["p_holm"] = adjusted
     with_uncopied = [r for r in runs if all(k in r.metrics for k in UNCOPIED)]
-    counted_at = {r.tags.get("copy_correlation", "1") for r in with_uncopied}  # before the tag: identical pixels
-    overall = OVERALL | (UNCOPIED if len(with_uncopied) == len(runs) and len(counted_at) == 1 else {})
-    if len(counted_at) > 1:
-        notes = [*notes, "the uncopied scores (test_accuracy_uncopied) are left out: the runs count copies at different "
-                 f"pixel correlations ({', '.join(sorted(counted_at, reverse=True))}; 1: identical pixels), so they score "
-                 "different faces; compare runs made with one --copy-correlation"]
+    counted_at = {copy_correlation(r) for r in with_uncopied}
+    overall = OVERALL | (UNCOPIED if len(with_uncopied) == len(runs) else {})
+    if len(counted_at) > 1 and len(with_uncopied) == len(runs):  # each run scored other faces apart
+        rescored = rescored_uncopied(runs)
+        shown = ", ".join(f"{c:g}" for c in sorted(counted_at, reverse=True))
+        if rescored:
+            runs, faces = rescored
+            notes = [*notes, f"the runs count copies at different pixel correlations ({shown}; 1: identical pixels): "
+                     f"their uncopied scores are rescored from their test predictions on the {faces} test faces that "
+                     "no run counts as a copy"]
+        else:
+            overall = OVERALL
+            notes = [*notes, "the uncopied scores (test_accuracy_uncopied) are left out: the runs count copies at "
+                     f"different pixel correlations ({shown}; 1: identical pixels), so they score different faces, and "
+                     "not every run has its test_predictions.csv on the same test faces to rescore them; compare runs "
+                     "counted alike, e.g. --filter \"params.`config.copy_correlation` = '0.95'\""]
     elif with_uncopied and len(with_uncopied) < len(runs):
         lacking = [r for r in runs if r not in with_uncopied]
         notes = [*notes, f"the uncopied scores (test_accuracy_uncopied) are left out: {len(lacking)} run(s) lack them "
@@ -419,7 +464,8 @@ def cell(row, title: str) -> str:
     mean = 100 * row[title]
     if math.isnan(mean):
         return "n/a"  # a class with no test faces
-    if row["runs"] < 2:
+    scored = row.get(f"{title} n")  # where some runs have no score (a class their test split lacks)
+    if (row["runs"] if scored is None or pd.isna(scored) else scored) < 2:
         return f"{mean:.2f}"
     low, high = max(0.0, 100 * row[f"{title} ci_low"]), min(100.0, 100 * row[f"{title} ci_high"])  # shown within 0-100
     return f"{mean:.2f} ± {100 * row[f'{title} std']:.2f} [{low:.1f}, {high:.1f}]"

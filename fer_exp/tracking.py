@@ -49,8 +49,9 @@ def describe_run(cfg) -> str:
     parts += [f"lr={cfg.lr:g}", f"wd={cfg.weight_decay:g}"]
     if cfg.class_weights == "none":
         parts.append("unweighted")
-    if cfg.duplicates == "drop":
-        parts.append("no-copies" + (f"@{cfg.copy_correlation:g}" if cfg.copy_correlation < 1 else ""))
+    if cfg.duplicates == "drop" or cfg.copy_correlation < 1:  # copies@R: scored apart at R, trained on
+        parts.append(("no-copies" if cfg.duplicates == "drop" else "copies")
+                     + (f"@{cfg.copy_correlation:g}" if cfg.copy_correlation < 1 else ""))
     return " ".join([*parts, f"seed{cfg.seed}"])
 
 

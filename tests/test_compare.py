@@ -241,9 +241,24 @@ def test_the_uncopied_scores_are_columns_where_every_run_has_them():
     near = run(4, "drop", 0.66, 0.64, {"copy_correlation": "0.95"})
     mixed = compare_runs([run(1, "report", 0.68, 0.66, {"copy_correlation": "1"}), run(2, "report", 0.70, 0.67), near],
                          "duplicates")  # run 2 predates the tag: identical pixels, as 1
-    assert list(mixed.overall_metrics) == list(OVERALL)
+    assert list(mixed.overall_metrics) == list(OVERALL)  # no predictions to rescore them from
     assert ("the uncopied scores (test_accuracy_uncopied) are left out: the runs count copies at different pixel "
-            "correlations (1, 0.95; 1: identical pixels)") in " ".join(mixed.notes)
+            "correlations (1, 0.95; 1: identical pixels), so they score different faces") in " ".join(mixed.notes)
+    # with their predictions, each run is rescored on the faces no run counts as a copy (those at 0.95)
+    labels = [0, 1, 2, 3, 4, 5, 6, 0]
+    frames = {1: ([0, 1, 2, 3, 4, 5, 6, 1], [True, False, False, False, False, False, False, False]),  # identical: face 0
+              4: ([1, 1, 2, 3, 0, 0, 6, 0], [True, True, False, False, False, False, False, False])}  # at 0.95: 0 and 1
+    for r in (mixed.runs[0], near):
+        predicted, copied = frames[int(r.run_id[0])]
+        r.predictions = pd.DataFrame({"source": [f"f{i}" for i in range(8)], "label": labels, "prediction": predicted,
+                                      "copied": copied})
+    rescored = compare_runs([mixed.runs[0], near], "duplicates")
+    assert list(rescored.overall_metrics) == [*OVERALL, *UNCOPIED]
+    uncopied = rescored.overall.set_index("group")["Accuracy, uncopied"]
+    assert uncopied["report"] == pytest.approx(5 / 6) and uncopied["drop"] == pytest.approx(4 / 6)  # faces 2-7
+    assert ("the runs count copies at different pixel correlations (1, 0.95; 1: identical pixels): their uncopied "
+            "scores are rescored from their test predictions on the 6 test faces that no run counts as a copy") in rescored.notes
+    assert "a pixel correlation of 0.95 or more)." in markdown_tables(rescored)
     alike = compare_runs([run(5, "report", 0.68, 0.66, {"copy_correlation": "0.95"}), near], "duplicates")
     assert list(alike.overall_metrics) == [*OVERALL, *UNCOPIED] and "uncopied" not in " ".join(alike.notes)
     assert "a copy: identical pixels, or a pixel correlation of 0.95 or more)." in markdown_tables(alike)
@@ -612,3 +627,16 @@ def test_mlflow_run_compare_entry_point_logs_into_its_own_run(tracked):
                 if r.data.params.get("experiment") == "cmp"]  # the -P values MLflow logged on its run
     assert len(launched) == 1 and launched[0].info.status == "FINISHED"
     assert "report.html" in {a.path for a in client.list_artifacts(launched[0].info.run_id)}
+
+
+def test_a_class_some_runs_have_no_test_faces_of_averages_over_the_runs_that_do():
+    """A group whose runs were tested on different faces (a note says so), one with no Disgust face: its
+    Disgust cell is the other run's score, not n/a, and a class no run has faces of reads n/a."""
+    from fer_exp.compare import RunInfo, cell, group_table, summarise
+
+    assert summarise([math.nan, 0.5])["mean"] == 0.5 and summarise([math.nan, 0.5])["n"] == 1
+    assert math.isnan(summarise([math.nan])["mean"])
+    metrics = [{**dict.fromkeys(PER_CLASS, 0.5), "test_acc_disgust": d, "test_acc_fear": math.nan} for d in (math.nan, 0.25)]
+    runs = [RunInfo(f"{i}" * 32, f"run {i}", "cnn", "1", m, {"config.seed": str(i)}, {}) for i, m in enumerate(metrics)]
+    row = group_table(runs, PER_CLASS).iloc[0]
+    assert cell(row, "Disgust") == "25.00" and cell(row, "Fear") == "n/a" and cell(row, "Happy").startswith("50.00 ± 0.00")

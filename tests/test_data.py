@@ -1160,39 +1160,43 @@ def test_near_copies_count_as_copies_at_a_copy_correlation_below_1(tmp_path):
     def text(pixels):
         return " ".join(map(str, np.asarray(pixels).ravel().tolist()))
 
+    val16 = near(7)
     rows = [(i % 7, text(faces[i]), "Training") for i in range(14)]  # rows 1-14
-    rows += [(0, text(faces[14]), "PublicTest"), (1, text(near(7)), "PublicTest")]  # 15; 16 nearly train's row 8
+    rows += [(0, text(faces[14]), "PublicTest"), (1, text(val16), "PublicTest")]  # 15; 16 nearly train's row 8
     rows += [(3, text(near(3)), "PrivateTest"), (2, text(faces[5]), "PrivateTest"),  # 17 nearly row 4; 18 = row 6
-             (4, text(faces[16]), "PrivateTest"), (5, text(near(14)), "PrivateTest")]  # 19 new; 20 nearly val's row 15
+             (4, text(faces[16]), "PrivateTest"), (1, text(val16), "PrivateTest")]  # 19 new; 20 = val's row 16
     path = write_csv(tmp_path / "fer2013.csv", rows)
     exact = load_data(str(path))
-    assert exact.copied("test").tolist() == [False, True, False, False] and not exact.copied("val").any()
+    assert exact.copied("test").tolist() == [False, True, False, True] and not exact.copied("val").any()
     assert "near_copies" not in exact.summary() and exact.summary()["copy_correlation"] == 1.0
     data = load_data(str(path), copy_correlation=0.95)
     assert data.copied("test").tolist() == [True, True, False, True] and data.copied("val").tolist() == [False, True]
     found = data.near_copies()
-    assert found["val"]["images"] == 1 and found["test"]["images"] == 2  # row 18 is identical: not near
+    assert found["val"]["images"] == 1 and found["test"]["images"] == 1  # rows 18 and 20 are identical: not near
     example = found["test"]["examples"][0]
     assert example.startswith("fer2013.csv#row17 ~ fer2013.csv#row4 (") and 0.95 < float(example[-6:-1]) < 1
-    assert found["test"]["examples"][1].startswith("fer2013.csv#row20 ~ fer2013.csv#row15 (")  # val is earlier than test
+    assert found["val"]["examples"][0].startswith("fer2013.csv#row16 ~ fer2013.csv#row8 (")
     summary = data.summary()
     assert summary["faces_with_copies"] == {"val": 1, "test": 3} and summary["near_copies"] == found
-    # drop: train rows 4 and 6 (copied by test) and 8 (by val) go, and val's row 15 (copied by test)
+    # drop: train rows 6 (copied by test) and 4 and 8 (nearly copied by test and val) go, and val's row 16 (copied by test)
     dropped = load_data(str(path), duplicates="drop", copy_correlation=0.95)
     assert [s.split("#row")[1] for s in dropped.train.sources] == [str(r) for r in range(1, 15) if r not in (4, 6, 8)]
-    assert [s.split("#row")[1] for s in dropped.val.sources] == ["16"] and len(dropped.test) == 4
-    assert dropped.copied("test").tolist() == [True, True, False, True] and dropped.copied("val").tolist() == [True]
-    assert dropped.summary()["near_copies"] == found  # the source's, kept through the drop
+    assert [s.split("#row")[1] for s in dropped.val.sources] == ["15"] and len(dropped.test) == 4
+    assert dropped.copied("test").tolist() == [True, True, False, True] and dropped.copied("val").tolist() == [False]
+    kept = dropped.summary()  # counts of the faces kept, as faces_with_copies: val's near-copy was dropped
+    assert kept["near_copies"] == {"val": {"images": 0, "examples": []}, "test": found["test"]}
+    assert kept["faces_with_copies"] == {"val": 0, "test": 3}
     assert dropped.split_rule.endswith("dropped 3 train face(s) identical or correlating >= 0.95 with a val or test face "
                                        "and 1 val face(s) identical or correlating >= 0.95 with a test face (duplicates: drop)")
-    assert load_data(str(path), duplicates="drop").duplicates_dropped == {"train": 1, "val": 0}  # identical only
+    assert load_data(str(path), duplicates="drop").duplicates_dropped == {"train": 1, "val": 1}  # identical only
     out = inspect(path, "--copy-correlation", "0.95").output
     assert "test: 3 of 4 faces (75.0%) have a copy (identical, or correlating >= 0.95) in train or val" in out
-    assert "test: 2 face(s) nearly copy one of train or val (pixel correlation >= 0.95, not identical; counted as copies)" in out
-    assert "val: 1 face(s) nearly copy one of train" in out
-    assert json.loads(inspect(path, "--json", "--copy-correlation", "0.95").output)["near_copies"]["test"]["images"] == 2
-    assert "dropped as copies of a later split's faces (--duplicates drop): 3 from train, 1 from val" in inspect(
-        path, "--copy-correlation", "0.95", "--duplicates", "drop").output
+    assert "test: 1 face(s) nearly copy one of train or val (pixel correlation >= 0.95, not identical; counted as copies)" in out
+    assert "val: 1 face(s) nearly copy one of train" in out and "(--duplicates drop removes such copies" in out
+    assert json.loads(inspect(path, "--json", "--copy-correlation", "0.95").output)["near_copies"]["test"]["images"] == 1
+    out = inspect(path, "--copy-correlation", "0.95", "--duplicates", "drop").output
+    assert "dropped as copies of a later split's faces (--duplicates drop): 3 from train, 1 from val" in out
+    assert "val: 0 face(s)" not in out and "(--duplicates drop removes such copies" not in out  # done already
     assert "nearly copy" not in inspect(path).output
     for bad in ("1.5", "0"):
         refused = inspect(path, "--copy-correlation", bad)

@@ -207,19 +207,31 @@ class FerData:
 
     def near_copies(self) -> dict[str, dict]:
         """The faces of val and test that are copies only by ``copy_correlation`` (below 1): not identical
-        to a face of an earlier split but correlating with one at least that much. Per split: how many,
-        and two examples with their correlation. Counted on the source, kept through drop."""
-        if "_near_copies" not in self.__dict__:
+        to a face of an earlier split but correlating with one at least that much. Per split: how many of
+        its faces (after ``duplicates: drop``, of the val faces it keeps), and two examples with their
+        correlation; none at 1."""
+        found = {}
+        if self.copy_correlation < 1:
+            examples = self._near_examples()
+            for split in ("val", "test"):
+                rows = np.flatnonzero(self._copy_kinds(split) == 2)
+                sources = self.splits()[split].sources
+                found[split] = {"images": len(rows), "examples": [examples[split][sources[i]] for i in rows[:2]]}
+        return found
+
+    def _near_examples(self) -> dict[str, dict[str, str]]:
+        """Per split, per near-copy's source id: 'face ~ the face it nearly copies (correlation)'. Found on
+        the source (the faces it nearly copies may be dropped later), kept through drop."""
+        if "_near_examples_cache" not in self.__dict__:
             found = {}
-            if self.copy_correlation < 1:
-                for split in ("val", "test"):
-                    rows = np.flatnonzero(self._copy_kinds(split) == 2)
-                    best, closest = self._closest_earlier(split) if len(rows) else (None, None)
-                    found[split] = {"images": len(rows), "examples": [
-                        f"{self.splits()[split].sources[i]} ~ {self.splits()[closest[i][0]].sources[closest[i][1]]} "
-                        f"({float(best[i]):.3f})" for i in rows[:2]]}
-            self.__dict__["_near_copies"] = found
-        return self.__dict__["_near_copies"]
+            for split in ("val", "test"):
+                rows = np.flatnonzero(self._copy_kinds(split) == 2)
+                best, closest = self._closest_earlier(split) if len(rows) else (None, None)
+                sources = self.splits()[split].sources
+                found[split] = {sources[i]: f"{sources[i]} ~ {self.splits()[closest[i][0]].sources[closest[i][1]]} "
+                                            f"({float(best[i]):.3f})" for i in rows}
+            self.__dict__["_near_examples_cache"] = found
+        return self.__dict__["_near_examples_cache"]
 
     def without_duplicates(self) -> "FerData":
         """The data with the cross-split copies dropped where they leak: every train face that copies a val
@@ -254,9 +266,10 @@ class FerData:
         rule = (f"{self.split_rule}; dropped {dropped['train']} train face(s) {copying} a val or test face and "
                 f"{dropped['val']} val face(s) {copying} a test face (duplicates: drop)")
         kinds = {"test": self._copy_kinds("test"), "val": self._copy_kinds("val")[kept_val.numpy()]}  # as in the source
-        near = self.near_copies()
         dropped_data = dataclasses.replace(self, train=train, val=val, split_rule=rule, duplicates_dropped=dropped)
-        dropped_data.__dict__.update(_kinds_cache=kinds, _near_copies=near)
+        dropped_data.__dict__["_kinds_cache"] = kinds
+        if self.copy_correlation < 1:
+            dropped_data.__dict__["_near_examples_cache"] = self._near_examples()
         return dropped_data
 
     def missing_train_classes(self) -> list[str]:
