@@ -80,7 +80,7 @@ def test_params_and_tags(finished_run):
     assert tags["data_format"] == "synthetic" and tags["train_size"] == "320" and tags["test_size"] == "64"
     assert tags["device"] == "cpu" and tags["torch_version"] and tags["timm_version"]
     assert tags["select_metric"] == "val_accuracy"
-    assert run.info.run_name == "cnn 48px lr=0.001 wd=0.0001 seed42"  # says what the run is
+    assert run.info.run_name == "cnn 48px lr=0.001 wd=0.0001 copies@0.99 seed42"  # says what the run is
     assert "Custom CNN" in tags["mlflow.note.content"] and "584,807 parameters" in tags["mlflow.note.content"]
 
 
