@@ -184,9 +184,13 @@ def one_class_runs(runs: list) -> list[str]:
 
 
 def copy_correlation(run: RunInfo) -> float:
-    """The pixel correlation at which a run counted a test face a copy (tag ``copy_correlation``; runs made
-    before it counted identical pixels: 1)."""
-    return float(run.tags.get("copy_correlation", "1"))
+    """The pixel correlation at which a run counted a test face a copy: its tag ``copy_correlation``, else
+    its config's (an evaluation's: its first model's), else 1 (runs made before either: identical pixels)."""
+    for value in (run.tags.get("copy_correlation"), run.params.get("config.copy_correlation"),
+                  run.params.get("model0.config.copy_correlation")):
+        if value is not None:
+            return float(value)
+    return 1.0
 
 
 def rescored_uncopied(runs: list[RunInfo]) -> tuple[list[RunInfo], int] | None:

@@ -259,6 +259,11 @@ def test_the_uncopied_scores_are_columns_where_every_run_has_them():
     assert ("the runs count copies at different pixel correlations (1, 0.95; 1: identical pixels): their uncopied "
             "scores are rescored from their test predictions on the 6 test faces that no run counts as a copy") in rescored.notes
     assert "a pixel correlation of 0.95 or more)." in markdown_tables(rescored)
+    from fer_exp.compare import copy_correlation  # the tag, else the config's, else identical pixels
+
+    assert copy_correlation(RunInfo("6" * 32, "r", "g", "1", {}, {"config.copy_correlation": "0.9"}, {})) == 0.9
+    assert copy_correlation(RunInfo("6" * 32, "r", "g", "1", {}, {"model0.config.copy_correlation": "0.8"}, {})) == 0.8
+    assert copy_correlation(RunInfo("6" * 32, "r", "g", "1", {}, {}, {})) == 1.0
     alike = compare_runs([run(5, "report", 0.68, 0.66, {"copy_correlation": "0.95"}), near], "duplicates")
     assert list(alike.overall_metrics) == [*OVERALL, *UNCOPIED] and "uncopied" not in " ".join(alike.notes)
     assert "a copy: identical pixels, or a pixel correlation of 0.95 or more)." in markdown_tables(alike)
