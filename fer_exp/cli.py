@@ -63,7 +63,8 @@ def format_summary(summary: dict) -> str:
     earlier = {"val": "train", "test": "train or val"}
     for split, found in summary.get("near_copies", {}).items():  # --copy-correlation below 1
         if found["images"]:
-                lines.append(f"{split}: {found['images']} face(s) nearly copy one of {earlier[split]} (pixel correlation >= "
+            where = f"the source's {earlier[split]} (dropped from it)" if summary["duplicates_dropped"] else earlier[split]
+            lines.append(f"{split}: {found['images']} face(s) nearly copy one of {where} (pixel correlation >= "
                          f"{summary['copy_correlation']:g}, not identical; counted as copies), e.g. {found['examples'][0]}")
     if not summary["duplicates_dropped"] and (summary["duplicates_across_splits"]
                                               or any(f["images"] for f in summary.get("near_copies", {}).values())):
@@ -510,7 +511,7 @@ def evaluate(model_uris, data_source, split, tta, experiment_name, log, device, 
     except KeyboardInterrupt:
         _interrupted("the evaluation" + ("; its run, if it had begun, is marked KILLED" if log else ""))
     m = result.metrics
-    uncopied = uncopied_line(m, split, models[0].config.copy_correlation).rstrip()
+    uncopied = uncopied_line(m, split, min(model.config.copy_correlation for model in models)).rstrip()
     click.echo(f"{result.name} on {split}: accuracy {m[f'{split}_accuracy']:.4f}  macro-F1 {m[f'{split}_macro_f1']:.4f}  "
                f"weighted-F1 {m[f'{split}_weighted_f1']:.4f}\n" + per_class_line(m, split)
                + (f"\n{uncopied}" if uncopied else ""))

@@ -406,9 +406,7 @@ def group_table(runs: list[RunInfo], metrics: dict) -> pd.DataFrame:
         for key, title in metrics.items():
             s = summarise([r.metrics[key] for r in members])
             row |= {title: s["mean"], f"{title} std": s["std"], f"{title} ci_low": s["ci_low"],
-                    f"{title} ci_high": s["ci_high"]}
-            if s["n"] != len(members):  # some runs have no score (a class their test split lacks)
-                row[f"{title} n"] = s["n"]
+                    f"{title} ci_high": s["ci_high"], f"{title} n": s["n"]}  # n < runs: a class some tests lack
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -452,7 +450,7 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
             notes = [*notes, "the uncopied scores (test_accuracy_uncopied) are left out: the runs count copies at "
                      f"different pixel correlations ({shown}; 1: identical pixels), so they score different faces, and "
                      "not every run has its test_predictions.csv on the same test faces to rescore them; compare runs "
-                     "counted alike, e.g. --filter \"params.`config.copy_correlation` = '0.95'\""]
+                     f"counted alike, e.g. --filter \"params.`config.copy_correlation` = '{min(counted_at)}'\""]
     elif with_uncopied and len(with_uncopied) < len(runs):
         lacking = [r for r in runs if r not in with_uncopied]
         notes = [*notes, f"the uncopied scores (test_accuracy_uncopied) are left out: {len(lacking)} run(s) lack them "
@@ -468,11 +466,12 @@ def cell(row, title: str) -> str:
     mean = 100 * row[title]
     if math.isnan(mean):
         return "n/a"  # a class with no test faces
-    scored = row.get(f"{title} n")  # where some runs have no score (a class their test split lacks)
-    if (row["runs"] if scored is None or pd.isna(scored) else scored) < 2:
-        return f"{mean:.2f}"
+    scored = row.get(f"{title} n", row["runs"])  # fewer than the runs: a class some runs' test split lacks
+    some = f" ({scored} of {row['runs']} runs)" if scored < row["runs"] else ""
+    if scored < 2:
+        return f"{mean:.2f}{some}"
     low, high = max(0.0, 100 * row[f"{title} ci_low"]), min(100.0, 100 * row[f"{title} ci_high"])  # shown within 0-100
-    return f"{mean:.2f} ± {100 * row[f'{title} std']:.2f} [{low:.1f}, {high:.1f}]"
+    return f"{mean:.2f} ± {100 * row[f'{title} std']:.2f} [{low:.1f}, {high:.1f}]{some}"
 
 
 def markdown_tables(comparison: Comparison) -> str:
@@ -615,7 +614,7 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
         shown = comparison.tests[["a", "b", "n", "a_right_b_wrong", "a_wrong_b_right", "chi2", "p_value", "p_holm",
                                   "accuracy_a", "accuracy_b", *[f"delta_{c}" for c in CLASS_NAMES]]]
         tests = "<h2>Paired tests (McNemar, exact binomial p; p_holm adjusted for the table's tests)</h2>" + shown.to_html(index=False, border=0, classes="t",
-                                                                                   float_format=lambda v: f"{v:.4g}")
+                                                                                   float_format=lambda v: f"{v:.4g}", na_rep="n/a")
     figures = "".join(f"<h2>{name.replace('_', ' ').capitalize()}</h2><img src=\"data:image/png;base64,"
                       f"{base64.b64encode(png).decode()}\" style=\"max-width:100%\">" for name, png in images.items())
     notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in comparison.notes)
@@ -717,7 +716,8 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         comparison.overall.to_csv(staging / "overall.csv", index=False)
         comparison.per_class.to_csv(staging / "per_class.csv", index=False)
         pd.DataFrame([{"run_id": r.run_id, "name": r.name, "group": r.group, "seed": r.seed,
-                       **{k: r.metrics[k] for k in (*comparison.overall_metrics, *PER_CLASS)}} for r in runs]).to_csv(
+                       **{k: r.metrics[k] for k in (*comparison.overall_metrics, *PER_CLASS)}}
+                      for r in comparison.runs]).to_csv(  # (as the tables have them: uncopied scores rescored)
             staging / "runs.csv", index=False)
         if not comparison.tests.empty:
             comparison.tests.to_csv(staging / "paired_tests.csv", index=False)

@@ -55,9 +55,10 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
                             "evaluate them on test, or one at a time; train ensemble members with one --data-seed "
                             "to share one val split")
     experiment_id = evaluation_experiment(experiment_name or first.experiment_name) if log else None
-    # the first model's split seed and val fraction: its own val hold-out, where the source has none
+    # the first model's split seed and val fraction: its own val hold-out, where the source has none; copies
+    # counted at the members' lowest correlation (each member's copies are copies), whatever their order
     data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.split_seed, val_fraction=first.val_fraction,
-                     duplicates=first.duplicates, copy_correlation=first.copy_correlation)
+                     duplicates=first.duplicates, copy_correlation=min(m.config.copy_correlation for m in models))
     chosen = data.splits()[split]
     if len(chosen) == 0:
         raise EvaluateError(f"{data.source} has an empty {split} split ({data.split_rule})")

@@ -63,13 +63,16 @@ def uncopied_metrics(labels, predictions, copied, prefix: str) -> dict[str, floa
 
 def per_class_table(labels, predictions) -> dict[str, list]:
     """Per-class precision, recall, F1, support and accuracy, as columns (for ``mlflow.log_table``); a class
-    with no faces (support 0) has no recall, F1 or accuracy (None)."""
+    with no faces (support 0) has no recall, F1 or accuracy (None), and no precision either where nothing
+    was predicted as it."""
     from sklearn.metrics import precision_recall_fscore_support
 
     p, r, f, s = precision_recall_fscore_support(labels, predictions, labels=LABELS, average=None, zero_division=0)
     defined = s > 0
+    predicted = np.bincount(np.asarray(predictions, dtype=np.int64), minlength=NUM_CLASSES) > 0
     recall = [float(v) if d else None for v, d in zip(r, defined)]
-    return {"class": list(CLASS_NAMES), "precision": p.tolist(), "recall": recall,
+    return {"class": list(CLASS_NAMES), "precision": [float(v) if d else None for v, d in zip(p, defined | predicted)],
+            "recall": recall,
             "f1": [float(v) if d else None for v, d in zip(f, defined)], "support": s.tolist(), "accuracy": recall}
 
 
@@ -78,11 +81,16 @@ def report_text(labels, predictions) -> str:
     line naming the classes with no faces."""
     from sklearn.metrics import classification_report
 
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
     evaluated = present_classes(labels)
-    text = classification_report(labels, predictions, labels=evaluated, target_names=[CLASS_NAMES[i] for i in evaluated],
-                                 digits=4, zero_division=0)
+    names = [CLASS_NAMES[i] for i in evaluated]
+    text = classification_report(labels, predictions, labels=evaluated, target_names=names, digits=4, zero_division=0)
     absent = [name for i, name in enumerate(CLASS_NAMES) if i not in evaluated]
     if absent:
+        # scikit-learn writes a micro average in place of accuracy where faces are predicted as an absent class
+        width = max(len(n) for n in [*names, "weighted avg"])
+        accuracy = f"{'accuracy':>{width}}  {'':>9} {'':>9} {float((labels == predictions).mean()):>9.4f} {len(labels):>9}"
+        text = "\n".join(accuracy if line.strip().startswith("micro avg") else line for line in text.split("\n"))
         text += f"\nno faces of {', '.join(absent)}: left out of the averages\n"
     return text
 
@@ -99,6 +107,7 @@ def confusion_figure(labels, predictions, title: str = "Confusion matrix"):
     counts = confusion_matrix(labels, predictions, labels=LABELS)
     rows = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    absent = rows[:, 0] == 0  # a class with no faces: its normalised row reads n/a
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), constrained_layout=True)
     for ax, matrix, name, fmt in ((axes[0], counts, "counts", "d"), (axes[1], normalised, "row-normalised", ".2f")):
         image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=matrix.max() or 1)
@@ -108,7 +117,8 @@ def confusion_figure(labels, predictions, title: str = "Confusion matrix"):
         threshold = matrix.max() / 2 if matrix.max() else 1
         for i in LABELS:
             for j in LABELS:
-                ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=9,
+                shown = "n/a" if matrix is normalised and absent[i] else format(matrix[i, j], fmt)
+                ax.text(j, i, shown, ha="center", va="center", fontsize=9,
                         color="white" if matrix[i, j] > threshold else "black")
         fig.colorbar(image, ax=ax, shrink=0.8)
     return fig

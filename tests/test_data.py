@@ -1197,6 +1197,7 @@ def test_near_copies_count_as_copies_at_a_copy_correlation_below_1(tmp_path):
     out = inspect(path, "--copy-correlation", "0.95", "--duplicates", "drop").output
     assert "dropped as copies of a later split's faces (--duplicates drop): 3 from train, 1 from val" in out
     assert "val: 0 face(s)" not in out and "(--duplicates drop removes such copies" not in out  # done already
+    assert "test: 1 face(s) nearly copy one of the source's train or val (dropped from it)" in out
     assert "nearly copy" not in inspect(path).output
     for bad in ("1.5", "0"):
         refused = inspect(path, "--copy-correlation", bad)

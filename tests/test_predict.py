@@ -434,16 +434,32 @@ def test_an_evaluation_scores_the_test_faces_copied_from_train_apart(trained, tm
                          (data.train.subset([0, 1, 2, 3]), "PrivateTest")):
         lines += [f"{label},{' '.join(map(str, image.flatten().tolist()))},{usage}"
                   for image, label in zip(split.images, split.labels.tolist())]
+    near = (data.train.images[5].int() + torch.randint(-2, 3, (48, 48), generator=torch.Generator().manual_seed(0)))
+    lines.append(f"{int(data.train.labels[5])},{' '.join(map(str, near.clamp(0, 255).flatten().tolist()))},PrivateTest")
     (tmp_path / "fer2013.csv").write_text("\n".join(lines) + "\n")
     result = invoke("evaluate", "--model", f"runs:/{trained['runs'][1].run_id}/model", "--data", str(tmp_path / "fer2013.csv"))
     assert result.exit_code == 0, result.output
     assert "on the test faces with no copy in train or val (FER2013 has copies" in result.output
     run_id = re.search(r"evaluation run (\w+)", result.output).group(1)
     predictions = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/test_predictions.csv"))
-    assert predictions["copied"].tolist() == [False] * 40 + [True] * 4
+    assert predictions["copied"].tolist() == [False] * 40 + [True] * 4 + [False]  # the near-copy: not at 1
     others = predictions[~predictions["copied"]]
     assert mlflow.get_run(run_id).data.metrics["test_accuracy_uncopied"] == pytest.approx(
         (others["label"] == others["prediction"]).mean())
+    # an ensemble of members that counted copies at 1 and at 0.97 counts them at 0.97, in either order
+    import dataclasses
+
+    from fer_exp.evaluate import evaluate
+    from fer_exp.inference import load_model as load
+
+    members = [load(f"runs:/{trained['runs'][s].run_id}/model") for s in (1, 2)]
+    members[1] = dataclasses.replace(members[1], config=dataclasses.replace(members[1].config, copy_correlation=0.97))
+    results = [evaluate(order, str(tmp_path / "fer2013.csv"), split="test", tta="none", log=False, progress=False)
+               for order in (members, members[::-1])]
+    probabilities = results[0].probabilities
+    kept = np.arange(45) < 40  # the near-copy counts as a copy at 0.97 too
+    expected = float((probabilities.argmax(1)[kept] == np.array([int(x) for x in predictions["label"]])[kept]).mean())
+    assert results[0].metrics["test_accuracy_uncopied"] == results[1].metrics["test_accuracy_uncopied"] == pytest.approx(expected)
 
 
 @pytest.mark.slow

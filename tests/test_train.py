@@ -162,9 +162,11 @@ def test_a_class_with_no_faces_has_no_score_and_leaves_the_macro_averages():
     assert m["acc_angry"] == 0.5 and m["acc_neutral"] == 1.0 and m["f1_happy"] == pytest.approx(0.8)
     table = per_class_table(labels, preds)
     assert table["accuracy"][1] is None and table["f1"][2] is None and table["support"][2] == 0
+    assert table["precision"][2] == 0.0 and table["precision"][1] is None  # fear was predicted (wrongly), disgust never
     assert table["accuracy"][0] == 0.5 and len(table["precision"]) == NUM_CLASSES
     report = report_text(labels, preds)
     assert "no faces of disgust, fear, sad, surprise: left out of the averages" in report and "disgust" not in report.split("no faces")[0]
+    assert "micro avg" not in report and re.search(r"accuracy +0\.7143 +7\n", report)  # 5 of 7, as scikit-learn lays it out
     assert "n/a" == score_text(m["acc_sad"]) and score_text(0.5) == "0.500"
 
 
