@@ -226,7 +226,7 @@ def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[
                           "prediction_name": [CLASS_NAMES[i] for i in predictions]})
     if copied is not None:
         frame["copied"] = copied
-        if copied.any():  # which faces the uncopied scores leave out: compare sets only equal ones side by side
+        if copied.any():  # which faces the uncopied scores leave out: compare rescores runs counted otherwise
             mlflow.set_tag("copy_correlation", f"{copy_correlation:g}")
     for i, name in enumerate(CLASS_NAMES):
         frame[f"prob_{name}"] = probabilities[:, i]
