@@ -1146,7 +1146,7 @@ def test_duplicates_drop_removes_the_copies_from_train_and_val_and_keeps_test_wh
     assert "(--duplicates drop removes such copies from train and val; test stays whole)" in inspect(path).output
 
 
-def test_near_copies_count_as_copies_at_a_copy_correlation_below_1(tmp_path):
+def test_near_copies_count_as_copies_at_a_copy_correlation_below_1(tmp_path, monkeypatch):
     """FER2013 also holds near-copies (the same photo cropped, recompressed or watermarked: 93 test faces
     correlate at 0.95 or more with a training face here). At --copy-correlation 0.95 they are copies
     like the pixel-identical ones: counted (apart, with examples), left out of the uncopied scores'
@@ -1204,6 +1204,18 @@ def test_near_copies_count_as_copies_at_a_copy_correlation_below_1(tmp_path):
         assert refused.exit_code == 2 and "--copy-correlation" in refused.output
     with pytest.raises(DataError, match="copy_correlation must be above 0 and at most 1"):
         load_data(str(path), copy_correlation=1.2)
+    # every pair correlated once: later loads of the same faces read the correlations from the cache
+    from fer_exp.data.dataset import FerData
+
+    def not_again(self):
+        raise AssertionError("correlated again")
+    monkeypatch.setattr(FerData, "_compute_correlations", not_again)
+    again = load_data(str(path), copy_correlation=0.9)  # any correlation: the same saved maxima
+    assert again.copied("test").tolist() == [True, True, False, True] and again.near_copies() == found
+    for saved in (Path(os.environ["FER_EXP_CACHE_DIR"])).glob("correlations-*"):
+        saved.write_bytes(saved.read_bytes()[:-10])  # cut short: not trusted, computed again
+    monkeypatch.undo()
+    assert load_data(str(path), copy_correlation=0.95).near_copies() == found
 
 
 def test_duplicates_drop_on_a_hold_out_keeps_no_copy_of_a_val_or_test_face_in_train(tmp_path):

@@ -12,6 +12,7 @@ from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 SPLIT_NAMES = ("train", "val", "test")
 # the earlier splits a face of val or test may copy (FER2013's copies run from test and val back to train)
 EARLIER = {"val": ("train",), "test": ("train", "val")}
+CORRELATED = tuple(f"{later}|{name}" for later, names in EARLIER.items() for name in names)  # val|train, ...
 
 
 class DataError(Exception):
@@ -173,35 +174,57 @@ class FerData:
             cached[split] = kinds
         return cached[split]
 
-    def _correlations(self, chunk: int = 512) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-        """Per pair (later, earlier) of (val, train), (test, train), (test, val): for each face of ``later``
-        the highest Pearson correlation of its pixels with a face of ``earlier`` (``best``) and that face's
-        row (``where``); for each face of ``earlier``, its highest with a face of ``later`` (``best_back``).
-        Every pair of faces is correlated (~6 s for FER2013 on two cores), so only where asked, once per data."""
+    def _correlations(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per pair ``later|earlier`` of val|train, test|train, test|val: for each face of ``later`` the
+        highest Pearson correlation of its pixels with a face of ``earlier`` (``best``) and that face's row
+        (``where``); for each face of ``earlier``, its highest with a face of ``later`` (``best_back``).
+        Every pair of faces is correlated (6-14 s for FER2013 on two cores), so only where asked: once per
+        data, and saved in the cache under the splits' content digests, so later runs on it read them."""
         if "_correlations_cache" not in self.__dict__:
-            def standardised(images: torch.Tensor) -> torch.Tensor:
-                flat = images.flatten(1).float()
-                flat = flat - flat.mean(1, keepdim=True)
-                return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)  # a flat image correlates with nothing
+            import hashlib
 
-            scaled = {name: standardised(split.images) for name, split in self.splits().items()}  # each split once
-            found = {}
-            for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
-                faces, others = scaled[later], scaled[earlier]
-                best, where = torch.full((len(faces),), -1.0), torch.zeros(len(faces), dtype=torch.int64)
-                best_back = torch.full((len(others),), -1.0)
-                if len(faces) and len(others):
-                    for start in range(0, len(faces), chunk):
-                        block = faces[start:start + chunk] @ others.T
-                        best[start:start + chunk], where[start:start + chunk] = block.max(1)
-                        best_back = torch.maximum(best_back, block.max(0).values)
-                found[(later, earlier)] = {"best": best, "where": where, "best_back": best_back}
+            from fer_exp.data import cache
+
+            splits = self.splits()
+            key = hashlib.sha256("|".join(split.digest() for split in splits.values()).encode()).hexdigest()[:24]
+            found = cache.load_blob(key, "correlations")
+
+            def fits(pair: str) -> bool:  # a saved blob as this data's would be (else computed again)
+                later, earlier = (len(splits[name]) for name in pair.split("|"))
+                entry = found.get(pair) if isinstance(found, dict) else None
+                return isinstance(entry, dict) and all(isinstance(entry.get(k), torch.Tensor) for k in ("best", "where", "best_back")) \
+                    and len(entry["best"]) == len(entry["where"]) == later and len(entry["best_back"]) == earlier
+
+            if not all(fits(pair) for pair in CORRELATED):
+                found = self._compute_correlations()
+                cache.save_blob(key, "correlations", found)
             self.__dict__["_correlations_cache"] = found
         return self.__dict__["_correlations_cache"]
 
+    def _compute_correlations(self, chunk: int = 512) -> dict[str, dict[str, torch.Tensor]]:
+        def standardised(images: torch.Tensor) -> torch.Tensor:
+            flat = images.flatten(1).float()
+            flat = flat - flat.mean(1, keepdim=True)
+            return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)  # a flat image correlates with nothing
+
+        scaled = {name: standardised(split.images) for name, split in self.splits().items()}  # each split once
+        found = {}
+        for pair in CORRELATED:
+            later, earlier = pair.split("|")
+            faces, others = scaled[later], scaled[earlier]
+            best, where = torch.full((len(faces),), -1.0), torch.zeros(len(faces), dtype=torch.int64)
+            best_back = torch.full((len(others),), -1.0)
+            if len(faces) and len(others):
+                for start in range(0, len(faces), chunk):
+                    block = faces[start:start + chunk] @ others.T
+                    best[start:start + chunk], where[start:start + chunk] = block.max(1)
+                    best_back = torch.maximum(best_back, block.max(0).values)
+            found[pair] = {"best": best, "where": where, "best_back": best_back}
+        return found
+
     def _closest_earlier(self, split: str) -> tuple[torch.Tensor, list]:
         """Per face of ``split``, its highest correlation with a face of an earlier split, and (split, row) of it."""
-        pairs = [(name, self._correlations()[(split, name)]) for name in EARLIER[split]]
+        pairs = [(name, self._correlations()[f"{split}|{name}"]) for name in EARLIER[split]]
         best, which = torch.stack([found["best"] for _, found in pairs]).max(0)
         return best, [(pairs[w][0], int(pairs[w][1]["where"][i])) for i, w in enumerate(which.tolist())]
 
@@ -252,9 +275,9 @@ class FerData:
         drop_train, drop_val = copies_of("train", test_keys | self._keys("val").keys()), copies_of("val", test_keys)
         if self.copy_correlation < 1:
             found = self._correlations()
-            drop_train |= ((found[("val", "train")]["best_back"] >= self.copy_correlation)
-                           | (found[("test", "train")]["best_back"] >= self.copy_correlation)).numpy()
-            drop_val |= (found[("test", "val")]["best_back"] >= self.copy_correlation).numpy()
+            drop_train |= ((found["val|train"]["best_back"] >= self.copy_correlation)
+                           | (found["test|train"]["best_back"] >= self.copy_correlation)).numpy()
+            drop_val |= (found["test|val"]["best_back"] >= self.copy_correlation).numpy()
         kept_val = torch.from_numpy(np.flatnonzero(~drop_val))
         train, val = self.train.subset(torch.from_numpy(np.flatnonzero(~drop_train))), self.val.subset(kept_val)
         dropped = {"train": len(self.train) - len(train), "val": len(self.val) - len(val)}
