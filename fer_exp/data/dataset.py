@@ -164,12 +164,10 @@ class FerData:
         (correlation >= ``copy_correlation``, where that is below 1). Once per data, kept through drop."""
         cached = self.__dict__.setdefault("_kinds_cache", {})
         if split not in cached:
-            keys = set().union(*(self._keys(name).keys() for name in EARLIER[split]))
-            kinds = np.zeros(len(self.splits()[split]), dtype=np.int8)
-            for key, rows in self._keys(split).items():
-                kinds[rows] = key in keys
+            kinds = self._identical_to(split, set().union(*(self._keys(name).keys() for name in EARLIER[split])))
+            kinds = kinds.astype(np.int8)
             if self.copy_correlation < 1:
-                best, _ = self._closest_earlier(split)
+                best, _, _ = self._closest_earlier(split)
                 kinds[(kinds == 0) & (best >= self.copy_correlation).numpy()] = 2
             cached[split] = kinds
         return cached[split]
@@ -222,11 +220,20 @@ class FerData:
             found[pair] = {"best": best, "where": where, "best_back": best_back}
         return found
 
-    def _closest_earlier(self, split: str) -> tuple[torch.Tensor, list]:
-        """Per face of ``split``, its highest correlation with a face of an earlier split, and (split, row) of it."""
-        pairs = [(name, self._correlations()[f"{split}|{name}"]) for name in EARLIER[split]]
-        best, which = torch.stack([found["best"] for _, found in pairs]).max(0)
-        return best, [(pairs[w][0], int(pairs[w][1]["where"][i])) for i, w in enumerate(which.tolist())]
+    def _identical_to(self, name: str, keys) -> np.ndarray:
+        """Per face of split ``name``, whether its pixels' key is among ``keys`` (a face of another split)."""
+        mask = np.zeros(len(self.splits()[name]), dtype=bool)
+        for key, rows in self._keys(name).items():
+            mask[rows] = key in keys
+        return mask
+
+    def _closest_earlier(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per face of ``split``: its highest correlation with a face of an earlier split, which split that
+        face is in (an index into ``EARLIER[split]``), and its row there."""
+        found = [self._correlations()[f"{split}|{name}"] for name in EARLIER[split]]
+        best, which = torch.stack([f["best"] for f in found]).max(0)
+        where = torch.stack([f["where"] for f in found]).gather(0, which[None])[0]
+        return best, which, where
 
     def near_copies(self) -> dict[str, dict]:
         """The faces of val and test that are copies only by ``copy_correlation`` (below 1): not identical
@@ -249,9 +256,9 @@ class FerData:
             found = {}
             for split in ("val", "test"):
                 rows = np.flatnonzero(self._copy_kinds(split) == 2)
-                best, closest = self._closest_earlier(split) if len(rows) else (None, None)
+                best, which, where = self._closest_earlier(split) if len(rows) else (None, None, None)
                 sources = self.splits()[split].sources
-                found[split] = {sources[i]: f"{sources[i]} ~ {self.splits()[closest[i][0]].sources[closest[i][1]]} "
+                found[split] = {sources[i]: f"{sources[i]} ~ {self.splits()[EARLIER[split][int(which[i])]].sources[int(where[i])]} "
                                             f"({float(best[i]):.3f})" for i in rows}
             self.__dict__["_near_examples_cache"] = found
         return self.__dict__["_near_examples_cache"]
@@ -265,14 +272,8 @@ class FerData:
         import dataclasses
 
         test_keys = self._keys("test").keys()
-
-        def copies_of(name: str, keys) -> np.ndarray:
-            mask = np.zeros(len(self.splits()[name]), dtype=bool)
-            for key, rows in self._keys(name).items():
-                mask[rows] = key in keys
-            return mask
-
-        drop_train, drop_val = copies_of("train", test_keys | self._keys("val").keys()), copies_of("val", test_keys)
+        drop_train = self._identical_to("train", test_keys | self._keys("val").keys())
+        drop_val = self._identical_to("val", test_keys)
         if self.copy_correlation < 1:
             found = self._correlations()
             drop_train |= ((found["val|train"]["best_back"] >= self.copy_correlation)
