@@ -302,7 +302,10 @@ def _split_ids(values) -> list[str]:
                    "(each run a row of its own). Default: model; with --runs, run.")
 @click.option("--output", default="", help="Folder for tables, figures and report.html (default: reports/compare-<time>).")
 @click.option("--log/--no-log", default=True, show_default=True, help="Log the comparison as an MLflow run of its own.")
-def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
+@click.option("--register", default="", metavar="NAME",
+              help="Register the model val chooses (the run of the best val score) as a version of NAME in MLflow's "
+                   "model registry, with the alias best (models:/NAME@best).")
+def compare(experiments, filter_string, run_ids, group_by, output, log, register) -> None:
     """Compare finished runs: overall and per-class tables, figures, McNemar tests, an HTML page."""
     from fer_exp.compare import CompareError
     from fer_exp.compare import compare as run_compare
@@ -313,10 +316,10 @@ def compare(experiments, filter_string, run_ids, group_by, output, log) -> None:
     experiments = [e for e in experiments if e] or ["fer2013"]
     _interrupt_on_sigterm()
     try:
-        check_tracking_store(tracking_uri(), write=log)  # --no-log only reads the store
+        check_tracking_store(tracking_uri(), write=log or bool(register))  # --no-log alone only reads the store
         run_ids = _split_ids(run_ids)
         result = run_compare(experiments, filter_string, run_ids, group_by or ("run" if run_ids else "model"),
-                             output or None, log)
+                             output or None, log, register)
     except (CompareError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
@@ -340,11 +343,17 @@ def _interrupted(what: str) -> None:
 
 
 def _print_comparison(result) -> None:
-    """The tables, where the report is, and the comparison run's place in the UI."""
+    """The tables, where the report is, the model registered, and the comparison run's place in the UI."""
+    from fer_exp.compare import CHOSEN_ALIAS
     from fer_exp.tracking import tracking_uri
 
     click.echo(result.markdown)
     click.echo(f"\ntables, figures and report.html in {result.output}/")
+    if result.registered:
+        name, version, new = result.registered
+        click.echo(f"the model val chose (run {result.comparison.chosen.run.run_id}) is {name} version {version}"
+                   f"{'' if new else ' (registered before)'}, alias {CHOSEN_ALIAS}: "
+                   f"fer-exp predict --model models:/{name}@{CHOSEN_ALIAS} IMAGES")
     if result.run_id:
         click.echo(f"comparison run {result.run_id}\n" + ui_hint(result.run_id, result.experiment_id, tracking_uri()))
 

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class RunInfo:
     predictions: pd.DataFrame | None = None
     val_curve: list = field(default_factory=list)
     test_digest: str | None = None  # of the test split's pixels and labels (the run's dataset input)
+    val_digest: str | None = None  # of the val split's
 
     @property
     def seed(self) -> str | None:
@@ -287,6 +289,7 @@ def load_run(client, run, group_by: str, workdir: Path) -> RunInfo:
     info.val_curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     inputs = run.inputs.dataset_inputs if run.inputs else []
     info.test_digest = next((d.dataset.digest for d in inputs if d.dataset.name.endswith("-test")), None)
+    info.val_digest = next((d.dataset.digest for d in inputs if d.dataset.name.endswith("-val")), None)
     try:
         path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(workdir / run.info.run_id))
         info.predictions = pd.read_csv(path)
@@ -392,10 +395,98 @@ class Comparison:
     tests: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     overall_metrics: dict = field(default_factory=lambda: dict(OVERALL))  # the overall table's columns
+    chosen: ValChoice | None = None  # the group and the model val prefers
 
     @property
     def groups(self) -> list[str]:
         return list(dict.fromkeys(r.group for r in self.runs))
+
+
+# ================================================================== chosen on val
+
+
+VAL_SCORE = "val_score"  # a run's val score as compare ranks it (see val_score)
+
+
+def val_score(run: RunInfo) -> float | None:
+    """The val score of a run's model as it predicts: its select metric at the selected epoch, with the TTA
+    it tests and predicts with where the run measured that on val (``tta: auto``: ``<metric>_tta_<tta>``),
+    else ``best_val``. None for a run that selected nothing on val (an evaluation of saved models)."""
+    from fer_exp.tracking import SELECTED_METRIC
+
+    if run.tags.get("fer_exp.role") == "evaluation" or SELECTED_METRIC not in run.metrics:
+        return None
+    select, tta = run.tags.get("select_metric", "val_accuracy"), run.tags.get("test_tta", "none")
+    return run.metrics.get(f"{select}_tta_{tta}", run.metrics[SELECTED_METRIC])
+
+
+@dataclass
+class ValChoice:
+    """What val prefers among the compared runs (the honest choice: test has no say in it)."""
+
+    metric: str  # the runs' select_metric
+    table: pd.DataFrame  # per group: its runs' val scores (mean, std, interval), as group_table makes it
+    group: str  # the group of the best mean val score
+    run: RunInfo  # the run of the best val score: its model is the one to use
+    own_val_splits: bool  # the runs' val splits differ (each seed's hold-out)
+    tied: int = 0  # other runs with the same best val score (the first of them in the tables' order is chosen)
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "val_loss"
+
+
+def chosen_on_val(runs: list[RunInfo]) -> tuple[ValChoice | None, list[str]]:
+    """(the group and run whose val score is best, notes): over the runs that selected an epoch on val
+    (training runs, not evaluations), where they all selected on one metric."""
+    scored = [dataclasses.replace(r, metrics={**r.metrics, VAL_SCORE: v}) for r in runs if (v := val_score(r)) is not None]
+    if not scored:
+        return None, []
+    metrics = sorted({r.tags.get("select_metric", "val_accuracy") for r in scored})
+    if len(metrics) > 1:
+        return None, [f"no model is chosen on val: the runs select on different val metrics ({', '.join(metrics)}); "
+                      "compare runs that select alike, e.g. --filter \"tags.select_metric = 'val_accuracy'\""]
+    choice = ValChoice(metrics[0], group_table(scored, {VAL_SCORE: "Val"}), "", scored[0],
+                       len({r.val_digest for r in scored}) > 1)
+    sign = 1 if choice.lower_is_better else -1
+    choice.group = min(choice.table.itertuples(), key=lambda row: sign * row.Val).group
+    choice.run = min(scored, key=lambda r: sign * r.metrics[VAL_SCORE])
+    choice.tied = sum(r.metrics[VAL_SCORE] == choice.run.metrics[VAL_SCORE] for r in scored) - 1
+    return choice, []
+
+
+def val_section(comparison: Comparison) -> list[str]:
+    """The markdown of :class:`ValChoice`: the groups' val scores, the group and the model val prefers, how to
+    use that model."""
+    choice = comparison.chosen
+    if choice is None:
+        return []
+    run, percent = choice.run, choice.metric != "val_loss"
+    shown = (lambda v: f"{100 * v:.2f}") if percent else (lambda v: f"{v:.4f}")
+    lines = [f"## Chosen on val ({choice.metric} at each run's selected epoch, with the TTA its model predicts with "
+             f"where the run measured it on val{', %' if percent else ''})", "",
+             f"| {group_title(comparison)} | Runs | Val |", "|---|---|---|"]
+    for _, row in choice.table.iterrows():
+        lines.append(f"| {row['group']} | {row['runs']} | {cell(row, 'Val', percent)} |")
+    return [*lines, "", *val_choice_text(comparison)]
+
+
+def val_choice_text(comparison: Comparison) -> list[str]:
+    """What val prefers, and how to use that model (markdown: commands in backticks)."""
+    choice = comparison.chosen
+    run = choice.run
+    value = f"{100 * run.metrics[VAL_SCORE]:.2f}%" if choice.metric != "val_loss" else f"{run.metrics[VAL_SCORE]:.4f}"
+    lines = [f"Val prefers {group_title(comparison).lower()} {choice.group}, and of the runs the model of {run.label} "
+             f"({run.run_id}: {choice.metric} {value}"
+             + (f", tied with {choice.tied} other run(s): the first in the tables' order" if choice.tied else "")
+             + "; its test accuracy, reported once, "
+             f"{100 * run.metrics['test_accuracy']:.2f}%). Predict with it: "
+             f"`fer-exp predict --model runs:/{run.run_id}/model IMAGES`, or register it with `--register NAME` on this "
+             f"command (then `--model models:/NAME@{CHOSEN_ALIAS}`)."]
+    if choice.own_val_splits:
+        lines.append("Each run chose on its own val split (a seed's hold-out of train, unless the runs share "
+                     "--data-seed), so their val scores differ by the split as well as by the model.")
+    return lines
 
 
 def group_table(runs: list[RunInfo], metrics: dict) -> pd.DataFrame:
@@ -456,27 +547,36 @@ def compare_runs(runs: list[RunInfo], group_by: str, notes=()) -> Comparison:
         notes = [*notes, f"the uncopied scores (test_accuracy_uncopied) are left out: {len(lacking)} run(s) lack them "
                  "(made before they were logged, or on data without copies): "
                  + ", ".join(f"{r.name} {r.run_id}" for r in lacking[:5])]
+    chosen, val_notes = chosen_on_val(runs)
     return Comparison(runs, group_by, group_table(runs, overall), group_table(runs, PER_CLASS), pd.DataFrame(tests),
-                      list(notes), overall)
+                      [*notes, *val_notes], overall, chosen)
 
 
-def cell(row, title: str) -> str:
+def cell(row, title: str, percent: bool = True) -> str:
     """'68.24' for one run, '67.22 ± 0.33 [66.4, 68.0]' (mean ± std [95% CI]) for several, in percent; 'n/a'
-    for a class the test split has no faces of."""
-    mean = 100 * row[title]
+    for a class the test split has no faces of. Not ``percent`` (a loss): as they are, to 4 decimals."""
+    scale, digits = (100, 2) if percent else (1, 4)
+    mean = scale * row[title]
     if math.isnan(mean):
         return "n/a"  # a class with no test faces
     scored = row.get(f"{title} n", row["runs"])  # fewer than the runs: a class some runs' test split lacks
     some = f" ({scored} of {row['runs']} runs)" if scored < row["runs"] else ""
     if scored < 2:
-        return f"{mean:.2f}{some}"
-    low, high = max(0.0, 100 * row[f"{title} ci_low"]), min(100.0, 100 * row[f"{title} ci_high"])  # shown within 0-100
-    return f"{mean:.2f} ± {100 * row[f'{title} std']:.2f} [{low:.1f}, {high:.1f}]{some}"
+        return f"{mean:.{digits}f}{some}"
+    low, high = scale * row[f"{title} ci_low"], scale * row[f"{title} ci_high"]
+    if percent:  # shown within 0-100
+        low, high = max(0.0, low), min(100.0, high)
+    return f"{mean:.{digits}f} ± {scale * row[f'{title} std']:.{digits}f} [{low:.{digits - 1}f}, {high:.{digits - 1}f}]{some}"
+
+
+def group_title(comparison: Comparison) -> str:
+    """The grouping as a column title: 'Model' for model, 'Arm' for tags.arm."""
+    return comparison.group_by.split(".")[-1].replace("_", " ").capitalize()
 
 
 def markdown_tables(comparison: Comparison) -> str:
     """The overall and per-class tables laid out like the reference results, then the paired tests."""
-    key = comparison.group_by.split(".")[-1].replace("_", " ").capitalize()
+    key = group_title(comparison)
 
     def table(frame: pd.DataFrame, titles) -> list[str]:
         lines = [f"| {key} | Runs | " + " | ".join(titles) + " |", "|---" * (len(titles) + 2) + "|"]
@@ -491,6 +591,8 @@ def markdown_tables(comparison: Comparison) -> str:
         out += ["", "Several runs: mean ± standard deviation [95% confidence interval of the mean, t distribution]."]
     if UNCOPIED.keys() <= comparison.overall_metrics.keys():
         out += ["", uncopied_note(comparison)]
+    if comparison.chosen is not None:
+        out += ["", *val_section(comparison)]
     if not comparison.tests.empty:
         several_tests = len(comparison.tests) > 1
         out += ["", "## Paired tests on the test predictions (McNemar, exact)", "",
@@ -618,6 +720,15 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
     figures = "".join(f"<h2>{name.replace('_', ' ').capitalize()}</h2><img src=\"data:image/png;base64,"
                       f"{base64.b64encode(png).decode()}\" style=\"max-width:100%\">" for name, png in images.items())
     notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in comparison.notes)
+    chosen = ""
+    if comparison.chosen is not None:
+        choice = comparison.chosen
+        shown = pd.DataFrame({comparison.group_by: choice.table["group"], "Runs": choice.table["runs"],
+                              "Val": [cell(row, "Val", choice.metric != "val_loss") for _, row in choice.table.iterrows()]})
+        text = "".join("<p>" + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(line)) + "</p>"
+                       for line in val_choice_text(comparison))
+        chosen = (f"<h2>Chosen on val ({html.escape(choice.metric)} at each run's selected epoch)</h2>"
+                  + shown.to_html(index=False, border=0, classes="t") + text)
     uncopied = f"<p>{html.escape(uncopied_note(comparison))}</p>" if UNCOPIED.keys() <= comparison.overall_metrics.keys() else ""
     return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>fer-exp comparison</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1300px} table.t{border-collapse:collapse;margin:1em 0}"
@@ -625,7 +736,7 @@ def html_page(comparison: Comparison, markdown: str, images: dict[str, bytes], l
             f"</head><body><h1>fer-exp comparison by {html.escape(comparison.group_by)}</h1><ul>{runs}</ul>"
             f"<h2>Overall (test split, %)</h2>{table_html(comparison.overall, comparison.overall_metrics.values())}"
             f"<h2>Per-class accuracy (test split, %)</h2>{table_html(comparison.per_class, PER_CLASS.values())}"
-            f"<p>Several runs: mean ± std [95% CI of the mean].</p>{uncopied}{tests}{notes}{figures}"
+            f"<p>Several runs: mean ± std [95% CI of the mean].</p>{uncopied}{chosen}{tests}{notes}{figures}"
             f"<details><summary>Markdown</summary><pre>{html.escape(markdown)}</pre></details></body></html>")
 
 
@@ -658,6 +769,7 @@ class CompareResult:
     output: Path
     run_id: str | None = None
     experiment_id: str | None = None
+    registered: tuple[str, str, bool] | None = None  # (name, version, new) of the model --register registered
 
 
 def check_output(folder: Path) -> None:
@@ -672,14 +784,19 @@ def check_output(folder: Path) -> None:
 
 
 def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] = (), group_by: str = "model",
-            output: str | Path | None = None, log: bool = True) -> CompareResult:
-    """Select runs, compare them, write tables/figures/page to ``output`` and log them as a run."""
+            output: str | Path | None = None, log: bool = True, register: str = "") -> CompareResult:
+    """Select runs, compare them, write tables/figures/page to ``output`` and log them as a run; ``register``:
+    register the model val chooses under this name (alias ``best``)."""
     import tempfile
 
     import mlflow
 
+    from fer_exp.config import valid_registered_name
     from fer_exp.tracking import killed_on_interrupt, run_page_url, tracking_uri
 
+    if register and not valid_registered_name(register):
+        raise CompareError(f"--register {register!r} is not a valid registered model name (no '/' or ':', not '.' "
+                           "and not starting with '..'), e.g. fer-best")
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     selected, notes = select_runs(client, experiments, filter_string, run_ids)
@@ -696,6 +813,7 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
                      + ", ".join(r.info.run_name or r.info.run_id for r in ungrouped[:5]))
         selected = [run for run in selected if run not in ungrouped]
     output = Path(output or f"reports/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    made_output = not output.exists()
     check_output(output)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [load_run(client, run, group_by, Path(tmp)) for run in selected]
@@ -707,6 +825,12 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         runs.sort(key=lambda r: (r.group, int(r.seed) if str(r.seed).isdigit() else 0, r.name))
     notes += mixed_configs(runs)
     comparison = compare_runs(runs, group_by, notes)
+    refusal = register_refusal(client, comparison, register) if register else None
+    if refusal:
+        if made_output:  # the folder this call made for it, empty
+            with contextlib.suppress(OSError):
+                output.rmdir()
+        raise CompareError(refusal)
     markdown = markdown_tables(comparison)
     # written aside, then moved in: a comparison interrupted half-way leaves the folder's last one whole,
     # and files of an earlier comparison (its paired tests, say) are not left beside this one's
@@ -716,7 +840,8 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         comparison.overall.to_csv(staging / "overall.csv", index=False)
         comparison.per_class.to_csv(staging / "per_class.csv", index=False)
         pd.DataFrame([{"run_id": r.run_id, "name": r.name, "group": r.group, "seed": r.seed,
-                       **{k: r.metrics[k] for k in (*comparison.overall_metrics, *PER_CLASS)}}
+                       **{k: r.metrics[k] for k in (*comparison.overall_metrics, *PER_CLASS)},
+                       VAL_SCORE: val_score(r)}
                       for r in comparison.runs]).to_csv(  # (as the tables have them: uncopied scores rescored)
             staging / "runs.csv", index=False)
         if not comparison.tests.empty:
@@ -752,6 +877,8 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
         groups = " vs ".join(comparison.groups)
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare: {groups}"[:250], tags={
                 "fer_exp.role": "comparison", "group_by": group_by, "compared_runs": ",".join(r.run_id for r in runs)[:5000],
+                **({"chosen_on_val": comparison.chosen.run.run_id, "chosen_group": comparison.chosen.group[:5000]}
+                   if comparison.chosen else {}),
                 "mlflow.note.content": f"Comparison of {len(runs)} runs by {group_by}: {groups}. "
                                        "Open report.html for the tables, tests and figures."}) as run, \
                 killed_on_interrupt():
@@ -762,4 +889,52 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
             for name in written:  # this comparison's files, not whatever else the folder holds
                 mlflow.log_artifact(str(output / name))
         result.run_id, result.experiment_id = run.info.run_id, run.info.experiment_id
+    if register:
+        version, new = register_chosen(comparison.chosen.run, register)
+        result.registered = (register, version, new)
+        if result.run_id:
+            mlflow.MlflowClient().set_tag(result.run_id, "registered_model", f"{register}/{version}")
     return result
+
+
+def register_refusal(client, comparison: Comparison, register: str) -> str | None:
+    """Why ``--register`` cannot register the model val chooses (none chosen, or it logged no model), or None."""
+    if comparison.chosen is None:
+        return (f"--register {register}: no model is chosen on val here (" + (
+            "the runs select on different val metrics" if any(val_score(r) is not None for r in comparison.runs) else
+            "no compared run selected an epoch on val: evaluations of saved models choose nothing")
+            + "); compare training runs that select alike, or register a run's model with fer-exp train --register")
+    chosen = comparison.chosen.run
+    if not has_logged_model(client, chosen):
+        return (f"--register {register}: run {chosen.label} ({chosen.run_id}), which val chooses, logged no model to "
+                "register (no comparison was written); predict with its checkpoint instead: "
+                f"fer-exp predict --model runs:/{chosen.run_id}/checkpoints/best.pt IMAGES")
+    return None
+
+
+def has_logged_model(client, run: RunInfo) -> bool:
+    """Whether the run logged its model as ``model`` (an MLflow 3 logged model; before, an artifact folder)."""
+    found = client.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}' and name = 'model'")
+    return bool(found) or any(f.path == "model/MLmodel" for f in client.list_artifacts(run.run_id, "model"))
+
+
+CHOSEN_ALIAS = "best"  # the alias --register points at the model val chose: models:/NAME@best
+
+
+def register_chosen(run: RunInfo, name: str) -> tuple[str, bool]:
+    """(version, whether it is new): the run's model as a version of the registered model ``name`` (the
+    version it already is, where one is: comparing again registers nothing twice), aliased ``best``."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+        version = next((v.version for v in versions if v.run_id == run.run_id), None)
+        new = version is None
+        if new:
+            version = mlflow.register_model(f"runs:/{run.run_id}/model", name).version
+        client.set_registered_model_alias(name, CHOSEN_ALIAS, version)
+    except mlflow.exceptions.MlflowException as exc:
+        raise CompareError(f"the comparison is written, but the model of run {run.run_id} (chosen on val) could not be "
+                           f"registered as {name}: {first_line(exc, 300)}") from None
+    return str(version), new

@@ -646,3 +646,85 @@ def test_a_class_some_runs_have_no_test_faces_of_averages_over_the_runs_that_do(
     row = group_table(runs, PER_CLASS).iloc[0]
     assert cell(row, "Disgust") == "25.00 (1 of 2 runs)" and cell(row, "Fear") == "n/a"
     assert cell(row, "Happy") == "50.00 ± 0.00 [50.0, 50.0]"
+
+
+def test_val_chooses_the_group_and_the_model_with_the_best_val_score_as_the_model_predicts():
+    """The score of a run's model on val: with the TTA it predicts with where the run measured it (tta: auto),
+    else best_val; evaluations choose nothing; a loss is best low; runs selecting on other metrics: no choice."""
+    from fer_exp.compare import RunInfo, chosen_on_val, val_score
+
+    def run(name, group, best_val, select="val_accuracy", tta=None, **metrics):
+        tags = {"select_metric": select, **({"test_tta": tta} if tta else {})}
+        return RunInfo(name * 32, name, group, "1", {"best_val": best_val, **metrics}, {"config.seed": name}, tags)
+
+    plain = run("a", "recipe", 0.64)
+    auto = run("b", "best", 0.63, tta="flip", val_accuracy_tta_flip=0.66, val_accuracy_tta_none=0.63)
+    other = run("c", "best", 0.60, tta="none", val_accuracy_tta_none=0.60)
+    evaluation = RunInfo("d" * 32, "ensemble", "cnn+cnn", "1", {"test_accuracy": 0.9}, {}, {"fer_exp.role": "evaluation"})
+    assert (val_score(plain), val_score(auto), val_score(other), val_score(evaluation)) == (0.64, 0.66, 0.60, None)
+    choice, notes = chosen_on_val([plain, auto, other, evaluation])
+    # the best model is in the group whose mean is lower (0.63 against 0.64): both are said
+    assert notes == [] and choice.run.run_id == "b" * 32 and choice.group == "recipe"
+    assert choice.table.set_index("group").loc["best", "Val"] == pytest.approx(0.63) and choice.tied == 0
+    choice, _ = chosen_on_val([run("a", "x", 0.9, "val_loss"), run("b", "y", 0.7, "val_loss")])
+    assert choice.run.run_id == "b" * 32 and choice.group == "y" and choice.lower_is_better
+    choice, _ = chosen_on_val([run("a", "x", 0.5), run("b", "y", 0.5)])
+    assert choice.run.run_id == "a" * 32 and choice.tied == 1  # the first in the tables' order, said tied
+    choice, notes = chosen_on_val([run("a", "x", 0.5), run("b", "y", 0.7, "val_loss")])
+    assert choice is None and "select on different val metrics (val_accuracy, val_loss)" in notes[0]
+    assert chosen_on_val([evaluation]) == (None, [])
+
+
+@pytest.mark.slow  # the four tracked runs
+def test_the_comparison_says_which_model_val_chooses(tracked, by_model):
+    output, folder = by_model
+    client = tracked["client"]
+    best_val = {run_id: client.get_run(run_id).data.metrics["best_val"] for run_id in tracked["runs"].values()}
+    chosen = max(best_val, key=lambda run_id: (best_val[run_id], -list(best_val).index(run_id)))
+    runs = pd.read_csv(folder / "runs.csv").set_index("run_id")
+    assert runs["val_score"].to_dict() == pytest.approx(best_val)  # tta none: the selected epoch's val
+    assert "## Chosen on val (val_accuracy at each run's selected epoch" in output
+    assert f"| cnn | 2 | {100 * np.mean([best_val[tracked['runs'][('cnn', s)]] for s in (1, 2)]):.2f} ± " in output
+    assert f"fer-exp predict --model runs:/{chosen}/model IMAGES" in output or "tied with" in output
+    experiment = client.get_experiment_by_name("cmp").experiment_id
+    comparison = client.search_runs([experiment], "tags.fer_exp.role = 'comparison' and tags.group_by = 'model'")[0]
+    assert best_val[comparison.data.tags["chosen_on_val"]] == max(best_val.values())
+    assert "Chosen on val" in (folder / "report.html").read_text()
+
+
+@pytest.mark.slow  # trains and logs a model
+def test_compare_registers_the_model_val_chooses_once_and_predict_loads_it(store):
+    from fer_exp.experiment import run_experiment
+    from fer_exp.inference import load_model
+
+    ids = []
+    for lr in (1e-3, 3e-3):
+        cfg = load_config(overrides={**TINY, "epochs": 1, "lr": lr, "output_dir": str(store / "out")})
+        ids.append(run_experiment(cfg, progress=False).run_id)
+    bad = CliRunner().invoke(main, ["compare", "--experiment", "cmp", "--register", "a/b"])
+    assert bad.exit_code == 2 and "not a valid registered model name" in bad.output
+    assert not (store / "reports").exists()  # refused before anything is compared or written
+    client = mlflow.MlflowClient()
+    best_val = {run_id: client.get_run(run_id).data.metrics["best_val"] for run_id in ids}
+    for attempt in (1, 2):
+        result = CliRunner().invoke(main, ["compare", "--experiment", "cmp", "--group-by", "lr", "--register", "fer-best",
+                                           "--output", str(store / f"report{attempt}")])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        assert "is fer-best version 1" in result.output and ("(registered before)" in result.output) == (attempt == 2)
+    versions = client.search_model_versions("name = 'fer-best'")
+    assert len(versions) == 1  # comparing again registers nothing twice
+    chosen = client.get_model_version_by_alias("fer-best", "best").run_id
+    assert best_val[chosen] == max(best_val.values())
+    assert load_model("models:/fer-best@best", device="cpu").run_id == chosen
+    comparison = client.search_runs([client.get_experiment_by_name("cmp").experiment_id],
+                                    "tags.fer_exp.role = 'comparison'", order_by=["attributes.start_time DESC"])[0]
+    assert comparison.data.tags["registered_model"] == "fer-best/1" and comparison.data.tags["chosen_on_val"] == chosen
+
+
+@pytest.mark.slow  # the four tracked runs
+def test_register_refuses_a_chosen_run_with_no_logged_model_before_writing(tracked):
+    folder = tracked["tmp"] / "never"
+    result = invoke(tracked, "--register", "fer-best", "--output", str(folder))
+    assert result.exit_code == 2 and "which val chooses, logged no model to register" in result.output
+    assert "checkpoints/best.pt" in result.output and not folder.exists()
+    assert tracked["client"].search_registered_models("name = 'fer-best'") == []
