@@ -5,7 +5,8 @@ Input, any of:
   - a DataFrame with an ``image`` column of encoded image files (PNG, JPEG, ...) as base64 text or
     bytes: what ``mlflow models serve`` receives as ``{"dataframe_split": {"columns": ["image"], ...}}``;
   - a list of such base64 texts: ``{"inputs": ["<base64>", ...]}`` (or ``"instances"``);
-  - an array of pixels 0-255, (N, H, W), (N, 1, H, W), (N, H, W, 3), or one colour image (H, W, 3):
+  - an array of pixels 0-255, (N, H, W), (N, 1, H, W), (N, H, W, 1), (N, H, W, 3), or one image (H, W),
+    (H, W, 1) or (H, W, 3):
     ``{"inputs": [...]}``. Values outside 0-255, or floats all within 0-1 (scaled images), are refused.
 Any size and colour: images are made 48x48 grayscale exactly as training data is
 (:mod:`fer_exp.data.images`). Output: a DataFrame with ``emotion`` and ``prob_<class>`` columns.
@@ -78,17 +79,19 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     if scaled and array.size and 0 < array.max() <= 1:
         raise ServingInputError("an array input must be pixels 0-255; these all lie within 0-1 (images scaled to "
                                 "0-1?): multiply them by 255")
-    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[1] > 4:  # one colour image (H, W, 3): a batch of it
-        array = array[None]
+    if array.ndim == 3 and (array.shape[-1] == 1 or (array.shape[-1] in (3, 4) and array.shape[1] > 4)):
+        array = array[None]  # one image with its channels last, (H, W, 1) or (H, W, 3): a batch of it
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
+    elif array.ndim == 4 and array.shape[-1] == 1:  # gray, channels last
+        array = array[..., 0]
     elif array.ndim == 4 and array.shape[-1] in (3, 4):  # RGB(A), channels last: PIL's luma ("L") weights
         array = array[..., 0] * 0.299 + array[..., 1] * 0.587 + array[..., 2] * 0.114
     elif array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
-        raise ServingInputError(f"an array input must have shape (N, H, W), (N, 1, H, W) or (N, H, W, 3), "
-                                f"got {tuple(array.shape)}")
+        raise ServingInputError(f"an array input must be images of shape (N, H, W), (N, 1, H, W), (N, H, W, 1) or "
+                                f"(N, H, W, 3), or one image (H, W), (H, W, 1) or (H, W, 3); got {tuple(array.shape)}")
     pixels = np.clip(np.rint(array), 0, 255).astype(np.uint8)
     if pixels.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
         return pixels
@@ -103,15 +106,22 @@ def images_from_input(model_input) -> torch.Tensor:
         elif len(model_input.columns) == 1 and not pd.api.types.is_numeric_dtype(model_input.dtypes.iloc[0]):
             cells = model_input.iloc[:, 0].tolist()
         else:  # a DataFrame of numbers: one flattened image per row
+            needs = (f"a DataFrame input needs an {IMAGE_COLUMN!r} column of base64 images (or square images "
+                     f"flattened to rows of numbers); got columns {list(model_input.columns)[:5]}")
+            if not all(pd.api.types.is_numeric_dtype(dtype) for dtype in model_input.dtypes):
+                raise ServingInputError(needs)
             values = model_input.to_numpy(dtype=np.float32)
             side = int(round(np.sqrt(values.shape[1]))) if values.ndim == 2 else 0
             if side * side != values.shape[1]:
-                raise ServingInputError(f"a DataFrame input needs an {IMAGE_COLUMN!r} column of base64 images "
-                                        f"(or square images flattened to rows); got columns {list(model_input.columns)[:5]}")
+                raise ServingInputError(needs)
             return torch.from_numpy(_from_array(values.reshape(-1, side, side)))
         images = [_decode_cell(v, i) for i, v in enumerate(cells)]
         return torch.from_numpy(np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
-    if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+    if isinstance(model_input, dict):
+        if IMAGE_COLUMN not in model_input:  # a JSON body with a mistyped key ("input") arrives as it is
+            raise ServingInputError(f"got a mapping with the key(s) {', '.join(map(repr, list(model_input)[:5]))}; send "
+                                    '{"inputs": [...]} (base64 images, or pixels 0-255), {"instances": [...]}, or '
+                                    f'{{"dataframe_split": ...}} with an {IMAGE_COLUMN!r} column')
         return images_from_input(pd.DataFrame({IMAGE_COLUMN: list(np.atleast_1d(model_input[IMAGE_COLUMN]))}))
     if isinstance(model_input, (list, tuple)) and model_input and isinstance(model_input[0], (str, bytes)):
         return images_from_input(pd.DataFrame({IMAGE_COLUMN: list(model_input)}))

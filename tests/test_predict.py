@@ -544,6 +544,10 @@ def test_a_single_text_column_of_any_name_is_read_as_base64_images():
     assert images.shape == (1, 48, 48) and images.dtype == torch.uint8 and int(images[0, 0, 0]) == 200
     with pytest.raises(ServingInputError, match="row 0: the 'image' value is not base64 text"):
         images_from_input(pd.DataFrame({"img": ["aaa"]}))
+    with pytest.raises(ServingInputError, match=r"needs an 'image' column .* got columns \['a', 'b'\]"):
+        images_from_input(pd.DataFrame({"a": [frame["img"][0]], "b": ["x"]}))  # several columns, none 'image'
+    with pytest.raises(ServingInputError, match=r"the key\(s\) 'input'; send \{\"inputs\""):
+        images_from_input({"input": [1]})  # a mistyped JSON key arrives as a mapping
 
 
 def test_served_inputs_as_users_send_them():
@@ -563,6 +567,11 @@ def test_served_inputs_as_users_send_them():
     colour[..., 0] = 100  # red 100: luma 29.9
     one = images_from_input(colour)
     assert one.shape == (1, 48, 48) and (one == 30).all()
+    gray = np.arange(48 * 48).reshape(48, 48) % 256
+    for shaped in (gray, gray[..., None], gray[None], gray[None, ..., None], gray[None, None]):  # a gray face, any axes
+        assert torch.equal(images_from_input(shaped), torch.from_numpy(gray[None].astype(np.uint8))), shaped.shape
+    with pytest.raises(ServingInputError, match=r"\(H, W, 1\) or \(H, W, 3\); got \(1, 2, 48, 48, 1\)"):
+        images_from_input(np.zeros((1, 2, 48, 48, 1)))
     for bad, message in ((np.full((1, 48, 48), 0.5), "within 0-1"), (np.full((1, 48, 48), 300), "values from 300 to 300"),
                          (np.full((1, 48, 48), np.nan), "NaN")):
         with pytest.raises(ServingInputError, match=message):
