@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fer_exp.config import EVALUATION_SPLITS
-from fer_exp.data import load_data
+from fer_exp.data import DataError, load_data
 from fer_exp.errors import first_line
 from fer_exp.inference import LoadedModel, ensemble_probabilities
 from fer_exp.metrics import classification_metrics, uncopied_metrics
@@ -57,8 +58,17 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     experiment_id = evaluation_experiment(experiment_name or first.experiment_name) if log else None
     # the first model's split seed and val fraction: its own val hold-out, where the source has none; copies
     # counted at the members' lowest correlation (each member's copies are copies), whatever their order
-    data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.split_seed, val_fraction=first.val_fraction,
-                     duplicates=first.duplicates, copy_correlation=min(m.config.copy_correlation for m in models))
+    copy_correlation = min(m.config.copy_correlation for m in models)
+    try:
+        data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.split_seed,
+                         val_fraction=first.val_fraction, duplicates=first.duplicates, copy_correlation=copy_correlation)
+    except DataError as exc:
+        if data_source:
+            raise
+        raise EvaluateError(f"{exc}; that is the data {models[0].source} trained on, as its config names it (read "
+                            f"from {Path.cwd()}): run from the folder it trained in, or give --data") from None
+    if not data_source and copy_correlation == first.copy_correlation:
+        check_own_data(models[0], data, split)
     chosen = data.splits()[split]
     if len(chosen) == 0:
         raise EvaluateError(f"{data.source} has an empty {split} split ({data.split_rule})")
@@ -81,6 +91,28 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     if log:
         result.run_id, result.experiment_id = log_evaluation_run(models, data, split, used, result, chosen, experiment_id)
     return result
+
+
+def check_own_data(model: LoadedModel, data, split: str) -> None:
+    """Where no --data was given: the model's own data source, read again here, must hold the faces its run
+    was tested (or validated) on, by the digest of the split its run logged. A relative path that names
+    other faces from another folder would otherwise be scored, and logged, as the run's own test."""
+    if not model.run_id:
+        return
+    import mlflow
+
+    try:
+        inputs = mlflow.MlflowClient().get_run(model.run_id).inputs
+    except mlflow.exceptions.MlflowException:
+        return  # the run is gone from this store: nothing to check against
+    logged = next((d.dataset.digest for d in (inputs.dataset_inputs if inputs else [])
+                   if d.dataset.name == f"fer2013-{split}"), None)
+    here = data.splits()[split].digest()
+    if logged and logged != here:
+        raise EvaluateError(f"{data.source}, the data {model.source} trained on as its config names it (read from "
+                            f"{Path.cwd()}), holds other {split} faces than run {model.run_id} was evaluated on "
+                            f"(digest {here}, the run's {logged}): run from the folder it trained in, or give --data "
+                            "to evaluate on this source")
 
 
 def evaluation_experiment(name: str) -> str:

@@ -646,3 +646,30 @@ def test_a_file_named_twice_is_predicted_once(tmp_path):
 
     Image.new("L", (48, 48), 1).save(tmp_path / "a.png")
     assert list_images([str(tmp_path / "a.png"), str(tmp_path)]) == [tmp_path / "a.png"]
+
+
+@pytest.mark.slow  # the tracked runs
+def test_evaluate_without_data_refuses_other_faces_at_the_model_s_relative_path(trained, tmp_path, monkeypatch):
+    """A model's data as its config names it (a relative path) read from another folder: where that holds other
+    faces than its run logged, or nothing, evaluate says so and names --data, rather than score them as its test."""
+    import dataclasses
+
+    from fer_exp.data import load_data
+    from fer_exp.evaluate import EvaluateError, evaluate
+    from fer_exp.inference import load_model as load
+
+    model = load(f"runs:/{trained['runs'][1].run_id}/model")
+    moved = dataclasses.replace(model, config=dataclasses.replace(model.config, data="faces.csv"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EvaluateError, match=r"that is the data runs:/\w+/model trained on, as its config names it .*give --data"):
+        evaluate([moved], log=False, progress=False)
+    other = load_data("synthetic:96,24,40", seed=7)  # other faces where the model's relative path points
+    lines = ["emotion,pixels,Usage"] + [f"{label},{' '.join(map(str, image.flatten().tolist()))},{usage}"
+                                         for split, usage in ((other.train, "Training"), (other.test, "PrivateTest"))
+                                         for image, label in zip(split.images, split.labels.tolist())]
+    (tmp_path / "faces.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(EvaluateError, match=r"faces.csv, the data .* holds other test faces than run \w+ was evaluated on"):
+        evaluate([moved], log=False, progress=False)
+    assert evaluate([moved], "faces.csv", log=False, progress=False).metrics["test_accuracy"] >= 0  # --data: as asked
+    assert evaluate([model], log=False, progress=False).metrics["test_accuracy"] == pytest.approx(
+        trained["client"].get_run(model.run_id).data.metrics["test_accuracy"])  # its own data: its own test
