@@ -462,8 +462,7 @@ def predict(images, model_uris, detect_faces, tta, output, show_dir, device, bat
 
     try:
         check_paths(list(images))
-        if output:
-            check_output(output)
+        check_output(output or None, show_dir or None)
         models = [load_model(uri, device, batch_size) for uri in model_uris]
         result = predict_images(models, list(images), detect_faces=detect_faces, tta=tta, show_dir=show_dir or None)
         written = write_predictions(result.frame, output) if output else None

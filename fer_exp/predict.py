@@ -5,6 +5,7 @@ models (averaged) and optional test-time augmentation. Images are prepared exact
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,27 +102,38 @@ def predict_images(models: list[LoadedModel], paths: list[str], *, detect_faces:
     return result
 
 
-def check_output(output: str) -> None:
-    """A wrong ``--output`` stops the command before any model is loaded or image predicted."""
+def check_output(output: str | None, show_dir: str | None = None) -> None:
+    """A wrong ``--output`` or ``--show`` stops the command before any model is loaded or image predicted."""
     from fer_exp.experiment import check_output_dir
 
-    if Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
-        raise PredictError(f"--output {output}: write a .csv or a .json file")
-    check_output_dir(Path(output).parent, "the predictions", "--output")
+    if output:
+        if Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
+            raise PredictError(f"--output {output}: write a .csv or a .json file")
+        if Path(output).is_dir():
+            raise PredictError(f"--output {output}: is a folder; name a .csv or .json file (in it, say)")
+        check_output_dir(Path(output).parent, "the predictions", "--output")
+    if show_dir:
+        check_output_dir(Path(show_dir), "the drawn images", "--show")
 
 
 def write_predictions(frame: pd.DataFrame, output: str) -> Path:
+    """The predictions as CSV or JSON, written beside ``output`` and moved onto it: a full disk or a Ctrl-C
+    leaves an earlier file there whole, never half of this one."""
     path = Path(output)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise PredictError(f"--output {output}: write a .csv or a .json file")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".csv":
-            frame.to_csv(path, index=False)
+            frame.to_csv(partial, index=False)
         else:  # (pandas' own JSON writes paths as "photos\/a.jpg")
-            path.write_text(json.dumps(json.loads(frame.to_json(orient="records")), indent=2) + "\n")
+            partial.write_text(json.dumps(json.loads(frame.to_json(orient="records")), indent=2) + "\n")
+        os.replace(partial, path)
     except OSError as exc:
         raise PredictError(f"--output {output}: cannot be written ({exc.strerror or exc})") from None
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -591,6 +591,11 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     blocked = invoke("predict", "--model", "runs:/0123456789abcdef/model", image, "--output", tmp_path / "blocker" / "p.csv")
     assert blocked.exit_code == 2 and "the predictions cannot be written there" in blocked.output, blocked.output
     assert f"{tmp_path / 'blocker'} is a file, not a folder" in blocked.output
+    (tmp_path / "a-folder.csv").mkdir()
+    for option, place, said in (("--output", tmp_path / "a-folder.csv", "is a folder; name a .csv or .json file"),
+                                ("--show", tmp_path / "blocker", "the drawn images cannot be written there")):
+        refused = invoke("predict", "--model", "runs:/0123456789abcdef/model", image, option, place)  # before loading
+        assert refused.exit_code == 2 and said in refused.output, refused.output
     for sub in ("a", "b"):
         (tmp_path / "models" / sub).mkdir(parents=True)
         save_weights(build_model("cnn"), load_config(), tmp_path / "models" / sub / "model.safetensors")
@@ -606,6 +611,15 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     images = [image, tmp_path / "y0.png", tmp_path / "y1.png"]
     default, small = (predict_rows(invoke("predict", "--model", one, *images, *extra)) for extra in ((), ("--batch-size", "2")))
     assert len(default) == 3 and default == small and batches == [1024, 2]  # the config's eval_batch_size, then 2
+    (tmp_path / "p.json").write_text("an earlier file")
+    from fer_exp import predict as predict_module
+
+    real_dumps = predict_module.json.dumps
+    monkeypatch.setattr(predict_module.json, "dumps", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    full = invoke("predict", "--model", one, image, "--output", tmp_path / "p.json")  # the disk fills while writing
+    assert full.exit_code == 2 and "cannot be written (No space left on device)" in full.output, full.output
+    assert (tmp_path / "p.json").read_text() == "an earlier file" and [f.name for f in tmp_path.glob(".p.json*")] == []
+    monkeypatch.setattr(predict_module.json, "dumps", real_dumps)
     as_json = invoke("predict", "--model", one, image, "--output", tmp_path / "p.json")
     assert as_json.exit_code == 0 and "\\/" not in (tmp_path / "p.json").read_text()
     assert json.loads((tmp_path / "p.json").read_text())[0]["source"] == str(image)
