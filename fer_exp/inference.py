@@ -272,10 +272,20 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
 
     from fer_exp.tracking import DEFAULT_TRACKING_URI, tracking_uri  # (also quiets MLflow's download bars)
 
-    if tracking_uri() == DEFAULT_TRACKING_URI and not Path("mlflow.db").is_file():  # opening it would make an empty one
+    from fer_exp.experiment import TrackingError, check_tracking_store, sqlite_file
+
+    store = tracking_uri()
+    if store == DEFAULT_TRACKING_URI and not Path("mlflow.db").is_file():  # opening it would make an empty one
         raise ModelLoadError(f"{uri}: no MLflow store here ({Path.cwd() / 'mlflow.db'} does not exist); run from the "
                              "folder that holds mlflow.db, or set MLFLOW_TRACKING_URI (e.g. sqlite:////path/to/mlflow.db)")
-    mlflow.set_tracking_uri(tracking_uri())
+    if store.startswith("sqlite:") and sqlite_file(store) is not None and not sqlite_file(store).is_file():
+        raise ModelLoadError(f"{uri}: MLFLOW_TRACKING_URI names no MLflow store ({sqlite_file(store).absolute()} does not "
+                             "exist; opening it would make an empty one): check the path (sqlite:////absolute/path/mlflow.db)")
+    try:  # a server that does not answer: said in seconds, not after MLflow's minutes of retries
+        check_tracking_store(store, write=False)
+    except TrackingError as exc:
+        raise ModelLoadError(f"{uri}: {exc}") from None
+    mlflow.set_tracking_uri(store)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))

@@ -578,10 +578,10 @@ def test_served_inputs_as_users_send_them():
             images_from_input(bad)
 
 
-def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predicting(tmp_path, monkeypatch):
+def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predicting(tmp_path, monkeypatch, free_port):
     """A bad --output is refused before the model loads; a folder holding several models is not guessed
-    from; a runs:/ URI where no store is leaves no empty mlflow.db behind; --batch-size changes nothing
-    but memory."""
+    from; a runs:/ URI where no store is (or a mistyped sqlite path) leaves no empty mlflow.db behind, and a
+    tracking server that does not answer is said in seconds; --batch-size changes nothing but memory."""
     from fer_exp.inference import save_weights
     from fer_exp.models import build_model
 
@@ -635,6 +635,15 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     evaluated = invoke("evaluate", "--model", "runs:/0123456789abcdef/model", "--data", "synthetic:16,8,8")
     assert evaluated.exit_code == 2 and "no MLflow store here" in evaluated.output, evaluated.output
     assert not (tmp_path / "mlflow.db").exists()
+    mistyped = tmp_path / "no-such-folder" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mistyped}")
+    typo = invoke("predict", "--model", "models:/fer-cnn/1", image)
+    assert typo.exit_code == 2 and f"names no MLflow store ({mistyped} does not exist" in typo.output, typo.output
+    assert not mistyped.parent.exists()  # no empty store made where the path was mistyped
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    down = invoke("predict", "--model", "models:/fer-cnn/1", image)
+    assert down.exit_code == 2 and "does not answer" in down.output and time.monotonic() - started < 30, down.output
 
 
 def test_show_draws_a_16_bit_image_as_the_model_sees_it(tmp_path):
