@@ -152,20 +152,20 @@ def own_tta(cfg: Config, recorded: str | None = None) -> str:
 
 
 def build_inference_model(cfg: Config, state_dict: dict, device: str | torch.device = "auto",
-                          evaluated_in: dict | None = None) -> LoadedModel:
+                          evaluated_in: dict | None = None, source: str = "the file") -> LoadedModel:
     """The model on ``device``, predicting in the precision its run evaluated in where that was measured
-    (``evaluated_in``: see :func:`fer_exp.device.inference_amp`)."""
+    (``evaluated_in``: see :func:`fer_exp.device.inference_amp`); ``source`` names the file in errors."""
     target = resolve_device(device) if isinstance(device, str) else device
     try:
         model = build_model(cfg.model, input_size=cfg.input_size or None, freeze_depth=0, pretrained="none",
                             dropout=cfg.dropout)
     except ValueError as exc:  # a hand-edited config: a model or size fer-exp does not build
-        raise ModelLoadError(f"its config names a model fer-exp cannot build ({exc})") from None
+        raise ModelLoadError(f"{source}: its config names a model fer-exp cannot build ({exc})") from None
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:  # the first line is only "Error(s) in loading state_dict for ...": say which keys
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:300]
-        raise ModelLoadError(f"the weights do not fit a {cfg.model} at {cfg.input_size or 'its default'} px: "
+        raise ModelLoadError(f"{source}: the weights do not fit a {cfg.model} at {cfg.input_size or 'its default'} px: "
                              f"{detail or str(exc)[:300]}") from None
     loaded = LoadedModel(model, cfg, source="", device=target, amp_dtype=inference_amp(cfg.amp, target, evaluated_in),
                          tta=own_tta(cfg))
@@ -199,7 +199,7 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
     if "fer_exp_config" not in metadata:
         raise ModelLoadError(f"{path}: a safetensors file without fer-exp's config; it was not saved by fer-exp")
     loaded = build_inference_model(config_from_dict(json.loads(metadata["fer_exp_config"])), state, device,
-                                   json.loads(metadata.get("fer_exp_evaluated_in") or "{}"))
+                                   json.loads(metadata.get("fer_exp_evaluated_in") or "{}"), str(path))
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, metadata.get("fer_exp_tta")))
 
 
@@ -220,7 +220,8 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
         if isinstance(exc, pickle.UnpicklingError) and is_pickle(path):  # a checkpoint, but not of tensors only
             raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could "
                                  "run code); use a checkpoint written by fer-exp train") from None
-        reason = first_line(exc, 120)
+        # torch's own words only where the file is one of its kind (a zip or a pickle) gone wrong
+        reason = first_line(exc, 120) if is_pickle(path) else "a file of another kind"
         raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({reason}); give the best.pt or last.pt of a run, a "
                              "weights file (.safetensors) or an MLflow model URI (runs:/<run id>/model)") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -228,7 +229,7 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
     weights = state["model"]
     if "ema" in state:  # the run evaluated and logged its EMA weights: predict with those
         weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    loaded = build_inference_model(config_from_dict(state["config"]), weights, device, state.get("evaluated_in"))
+    loaded = build_inference_model(config_from_dict(state["config"]), weights, device, state.get("evaluated_in"), str(path))
     recorded = state["trained"].get("test_tta") if isinstance(state.get("trained"), dict) else None  # an export's
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, recorded))
 
@@ -286,6 +287,7 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
     except TrackingError as exc:
         raise ModelLoadError(f"{uri}: {exc}") from None
     mlflow.set_tracking_uri(store)
+    check_mlflow_uri_form(uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
@@ -294,13 +296,13 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
             raise ModelLoadError(f"{uri}: cannot be loaded from the tracking store {tracking_uri()} ({message}); "
                                  "check the URI and MLFLOW_TRACKING_URI") from None
         found = sorted(local.rglob(WEIGHTS_FILE)) if local.is_dir() else []
-        if found:
-            loaded = load_weights_file(found[0], device)
-        elif local.is_file():
-            loaded = load_model(str(local), device)
-        else:
+        if not found and not local.is_file():
             raise ModelLoadError(f"{uri}: holds no {WEIGHTS_FILE}; it was not logged by this fer-exp "
                                  "(give the run's checkpoint instead: runs:/<run id>/checkpoints/best.pt)")
+        try:
+            loaded = load_weights_file(found[0], device) if found else load_model(str(local), device)
+        except ModelLoadError as exc:  # named as the user named it, not by the download's passing path
+            raise ModelLoadError(str(exc).replace(str(found[0] if found else local), uri)) from None
     run_id = None
     if uri.startswith("runs:/"):
         run_id = uri[len("runs:/"):].split("/")[0]
@@ -313,6 +315,27 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
         except mlflow.exceptions.MlflowException:
             pass
     return dataclasses.replace(loaded, source=uri, run_id=run_id, tta=tta)
+
+
+def check_mlflow_uri_form(uri: str) -> None:
+    """A ``runs:/`` URI that names a whole run, or a ``models:/`` one that names no version, is said with the
+    form meant (MLflow would download every artifact of the run, or look for a logged model of that id)."""
+    import mlflow
+
+    if uri.startswith("runs:/") and not uri[len("runs:/"):].strip("/").partition("/")[2]:
+        run_id = uri[len("runs:/"):].strip("/")
+        raise ModelLoadError(f"{uri}: names a whole run, not its model; give runs:/{run_id}/model")
+    ref = uri[len("models:/"):] if uri.startswith("models:/") else None
+    if ref and not ref.startswith("m-") and "/" not in ref.strip("/") and "@" not in ref:
+        name = ref.strip("/")
+        try:
+            versions = sorted((int(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")),
+                              reverse=True)
+        except mlflow.exceptions.MlflowException:
+            versions = []
+        known = f" (its versions: {', '.join(map(str, versions[:5]))}{', ...' if len(versions) > 5 else ''})" if versions else ""
+        raise ModelLoadError(f"{uri}: names no version of the registered model {name}{known}; give "
+                             f"models:/{name}/<version> or models:/{name}@<alias>")
 
 
 def model_version_run_id(uri: str) -> str | None:
