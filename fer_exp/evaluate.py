@@ -61,7 +61,8 @@ def evaluate(models: list[LoadedModel], data_source: str | None = None, split: s
     copy_correlation = min(m.config.copy_correlation for m in models)
     try:
         data = load_data(data_source or first.data, on_bad=first.on_bad, seed=first.split_seed,
-                         val_fraction=first.val_fraction, duplicates=first.duplicates, copy_correlation=copy_correlation)
+                         val_fraction=first.val_fraction, duplicates=first.duplicates, copy_correlation=copy_correlation,
+                         train=split != "test")  # labelled faces of one's own, a test/ folder alone, will do
     except DataError as exc:
         if data_source:
             raise

@@ -319,7 +319,7 @@ def test_mlflow_uris_of_a_whole_run_or_no_version_name_the_form_meant(store):
 
     import mlflow
 
-    mlflow.MlflowClient().create_registered_model("fer-cnn")  # a store, with a registered model of no version yet
+    mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).create_registered_model("fer-cnn")  # a store; no version yet
     run_id = "0123456789abcdef0123456789abcdef"
     for uri, said in ((f"runs:/{run_id}/", f"names a whole run, not its model; give runs:/{run_id}/model"),
                       (f"runs:/{run_id}", f"give runs:/{run_id}/model"),

@@ -698,3 +698,25 @@ def test_evaluate_without_data_refuses_other_faces_at_the_model_s_relative_path(
     assert evaluate([moved], "faces.csv", log=False, progress=False).metrics["test_accuracy"] >= 0  # --data: as asked
     assert evaluate([model], log=False, progress=False).metrics["test_accuracy"] == pytest.approx(
         trained["client"].get_run(model.run_id).data.metrics["test_accuracy"])  # its own data: its own test
+
+
+@pytest.mark.slow  # the tracked runs
+def test_evaluate_scores_labelled_faces_of_one_s_own_with_no_train_faces(trained, tmp_path):
+    """A test/ folder alone (or a CSV of test rows alone) is faces to evaluate on: evaluate reads it with no
+    train or val split; training on it says what it lacks."""
+    model = f"runs:/{trained['runs'][1].run_id}/model"
+    rng = np.random.default_rng(0)
+    for emotion in ("happy", "sad"):
+        (tmp_path / "own" / "test" / emotion).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (48, 48)).astype(np.uint8)).save(tmp_path / "own" / "test" / emotion / f"{i}.png")
+    evaluated = invoke("evaluate", "--model", model, "--data", tmp_path / "own", "--no-log")
+    assert evaluated.exit_code == 0 and "6 test images" in evaluated.output and "angry n/a" in evaluated.output, evaluated.output
+    rows = [f"{CLASS_NAMES.index('happy')},{' '.join(['7'] * 48 * 48)},PrivateTest"] * 2
+    (tmp_path / "rows.csv").write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    from_csv = invoke("evaluate", "--model", model, "--data", tmp_path / "rows.csv", "--no-log")
+    assert from_csv.exit_code == 0 and "2 test images" in from_csv.output, from_csv.output
+    training = invoke("train", "--data", tmp_path / "own", "--epochs", "1")
+    assert training.exit_code == 2 and "A test/ folder alone is faces to evaluate on" in training.output, training.output
+    on_val = invoke("evaluate", "--model", model, "--data", tmp_path / "own", "--split", "val", "--no-log")
+    assert on_val.exit_code == 2 and "unknown layout" in on_val.output

@@ -207,8 +207,8 @@ def _read_folders(root: Path, on_bad: str) -> tuple[dict[str, Split], DecodeRepo
     train_dir = find_split_dir(root, ("train",))
     test_dir = find_split_dir(root, ("test",))
     val_dir = find_split_dir(root, VAL_FOLDER_NAMES)
-    assert train_dir is not None, "read_folders needs a train/ folder; detect_format checks this"
-    listed: dict[str, list[tuple[Path, int]]] = {"train": list_folder_split(train_dir, root, bad)}
+    assert train_dir is not None or test_dir is not None, "read_folders needs train/ or test/; detect_format checks this"
+    listed: dict[str, list[tuple[Path, int]]] = {"train": list_folder_split(train_dir, root, bad)} if train_dir else {}
     if val_dir is not None:
         listed["val"] = list_folder_split(val_dir, root, bad)
     for name in list(listed):  # a test face among the faces trained or selected on: the protocol's leak

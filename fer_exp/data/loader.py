@@ -25,8 +25,9 @@ LAYOUT_HELP = (
 )
 
 
-def detect_format(source: str) -> tuple[str, Path | None]:
-    """('synthetic', None), ('csv', file) or ('folder', root); raises DataError otherwise."""
+def detect_format(source: str, train: bool = True) -> tuple[str, Path | None]:
+    """('synthetic', None), ('csv', file) or ('folder', root); raises DataError otherwise. ``train`` False: a
+    folder with test/ alone will do (faces to evaluate on, none to train on)."""
     if source == "synthetic" or source.startswith("synthetic:"):
         return "synthetic", None
     path = Path(source).expanduser()
@@ -38,14 +39,16 @@ def detect_format(source: str) -> tuple[str, Path | None]:
         return "csv", path
     if not path.is_dir():  # a device, a socket, a FIFO
         raise DataError(f"{source}: is neither a regular file nor a folder. {LAYOUT_HELP}")
-    if find_split_dir(path, ("train",)) is not None:
+    if find_split_dir(path, ("train",)) is not None or (not train and find_split_dir(path, ("test",)) is not None):
         return "folder", path
     csvs = sorted(path.glob("*.csv"))
     named = [c for c in csvs if c.name.lower() == "fer2013.csv"]
     if named or len(csvs) == 1:
         return "csv", (named or csvs)[0]
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-    raise DataError(f"{source}: unknown layout (found {found}). {LAYOUT_HELP}")
+    alone = (" A test/ folder alone is faces to evaluate on: fer-exp evaluate --data reads it (on test); training needs train/."
+             if find_split_dir(path, ("test",)) is not None else "")
+    raise DataError(f"{source}: unknown layout (found {found}). {LAYOUT_HELP}{alone}")
 
 
 def _stratified_or_plain_split(labels, fraction: float, seed: int):
@@ -99,8 +102,16 @@ def _sklearn_version() -> str:
 
 
 def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed: int,
-                   use_cache: bool = True) -> tuple[dict[str, Split], str]:
-    """Turn the source's groups into train/val/test and say which rule did it."""
+                   use_cache: bool = True, train: bool = True) -> tuple[dict[str, Split], str]:
+    """Turn the source's groups into train/val/test and say which rule did it. ``train`` False: a source
+    without train faces is test alone (train and val empty), to evaluate on."""
+    if "train" not in groups and not train and "val" not in groups:
+        tests = [groups[g] for g in ("public", "private", "test") if g in groups]
+        if not tests:
+            raise DataError(f"no images to evaluate on: no {'PublicTest/PrivateTest rows' if fmt == 'csv' else 'test/ folder'}. {LAYOUT_HELP}")
+        where = "the PublicTest/PrivateTest rows" if fmt == "csv" else "test/"
+        return ({"train": Split.empty(), "val": Split.empty(), "test": Split.concat(tests)},
+                f"test = {where} (no train faces: a source to evaluate on)")
     if "train" not in groups:
         where = "Training rows" if fmt == "csv" else "train/ folder"
         raise DataError(f"the train split is empty: no images in the {where}. {LAYOUT_HELP}")
@@ -136,13 +147,16 @@ def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed
 
 
 def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction: float = 0.1,
-              use_cache: bool = True, duplicates: str = "report", copy_correlation: float = 1.0) -> FerData:
+              use_cache: bool = True, duplicates: str = "report", copy_correlation: float = 1.0,
+              train: bool = True) -> FerData:
     """Load a FER2013 source (a CSV, the Kaggle folders, or ``synthetic[:TRAIN,VAL,TEST]``).
 
     Decoding happens once per source; later loads read the cache unless the source changed.
     ``duplicates="drop"``: without the faces copied across splits (:meth:`FerData.without_duplicates`).
     ``copy_correlation``: below 1, faces whose pixels correlate at least that much with a face of an
     earlier split count as its copies too (counted, scored apart, and dropped by ``duplicates="drop"``).
+    ``train`` False (evaluation): a source of test faces alone (a test/ folder, a CSV of test rows) is read
+    with empty train and val splits.
     """
     if on_bad not in ON_BAD_CHOICES:
         raise DataError(f"--on-bad must be one of {', '.join(ON_BAD_CHOICES)}, got {on_bad!r}")
@@ -157,12 +171,12 @@ def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction
         raise DataError(f"seed must be an integer from 0 to 2**32 - 1, got {seed}")
     start = time.perf_counter()
     try:
-        data = _load(source, on_bad, seed, val_fraction, use_cache, start)
+        data = _load(source, on_bad, seed, val_fraction, use_cache, start, train)
         data.copy_correlation = float(copy_correlation)
         if copy_correlation < 1:  # every pair of faces correlated now, so the load's time says it
             for split in ("val", "test"):
                 data.copied(split)
-        if duplicates == "drop":
+        if duplicates == "drop" and len(data.train):  # (test alone: nothing trained on to drop)
             data = data.without_duplicates()
         if duplicates == "drop" or copy_correlation < 1:
             data.load_seconds = time.perf_counter() - start
@@ -171,8 +185,9 @@ def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction
         raise DataError(f"{exc.filename}: cannot be read (permission denied); fix its permissions") from None
 
 
-def _load(source: str, on_bad: str, seed: int, val_fraction: float, use_cache: bool, start: float) -> FerData:
-    fmt, path = detect_format(source)
+def _load(source: str, on_bad: str, seed: int, val_fraction: float, use_cache: bool, start: float,
+          train: bool = True) -> FerData:
+    fmt, path = detect_format(source, train)
     if fmt == "synthetic":
         try:
             sizes = parse_synthetic_spec(source)
@@ -191,6 +206,6 @@ def _load(source: str, on_bad: str, seed: int, val_fraction: float, use_cache: b
         groups, report = read_csv(path, on_bad) if fmt == "csv" else read_folders(path, on_bad)
         if key:
             cache.save(key, groups, report)
-    splits, rule = resolve_splits(groups, fmt, val_fraction, seed, use_cache)
+    splits, rule = resolve_splits(groups, fmt, val_fraction, seed, use_cache, train)
     return FerData(**splits, source=str(path), format=fmt, split_rule=rule, report=report,
                    from_cache=cached is not None, load_seconds=time.perf_counter() - start)
