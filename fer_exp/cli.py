@@ -318,6 +318,8 @@ def compare(experiments, filter_string, run_ids, group_by, output, log, register
     try:
         check_tracking_store(tracking_uri(), write=log or bool(register))  # --no-log alone only reads the store
         run_ids = _split_ids(run_ids)
+        if run_ids and filter_string:
+            raise CompareError("--runs names the runs to compare and --filter searches for them: give one or the other")
         result = run_compare(experiments, filter_string, run_ids, group_by or ("run" if run_ids else "model"),
                              output or None, log, register)
     except (CompareError, TrackingError) as exc:

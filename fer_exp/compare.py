@@ -242,6 +242,10 @@ def select_runs(client, experiments: list[str], filter_string: str = "", run_ids
         if missing:
             known = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise CompareError(f"no experiment named {', '.join(missing)} in {client.tracking_uri} (experiments: {known})")
+        deleted = [e for e in found if e.lifecycle_stage != "active"]
+        if deleted:
+            raise CompareError(f"experiment {deleted[0].name} is deleted: restore it (`mlflow experiments restore "
+                               f"--experiment-id {deleted[0].experiment_id}`) to compare its runs")
         try:
             runs = search_all_runs(client, [e.experiment_id for e in found], filter_string)
         except Exception as exc:

@@ -168,6 +168,13 @@ COMMON_NAMES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size",
                 "mixup": "mixup_alpha", "ema": "ema_decay", "precision": "amp", "n_jobs": "workers"}
 
 
+def did_you_mean(name: str, fields) -> str:
+    """' Did you mean lr?' for a name that is another tool's (learning_rate) or a misspelling of a field; else ''."""
+    close = [COMMON_NAMES[name]] if COMMON_NAMES.get(name) in fields else \
+        difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
 def coerce(name: str, value, origin: str, schema: type = Config):
     """Check and convert one value to the field's type; ``origin`` says where it came from.
     ``schema`` is the dataclass the field belongs to (:class:`Config` or :class:`StudyConfig`)."""
@@ -175,10 +182,7 @@ def coerce(name: str, value, origin: str, schema: type = Config):
     if not isinstance(name, str):
         raise ConfigError(f"{origin}: {what}s must be names, got {name!r} (quote it in YAML)")
     if name not in fields:
-        close = [COMMON_NAMES[name]] if COMMON_NAMES.get(name) in fields else \
-            difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"{origin}: unknown {what} {name!r}.{hint} Valid {what}s: {', '.join(fields)}")
+        raise ConfigError(f"{origin}: unknown {what} {name!r}.{did_you_mean(name, fields)} Valid {what}s: {', '.join(fields)}")
     kind = types[name]
     try:
         if kind is bool:
@@ -348,6 +352,9 @@ def read_experiment(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[di
     if path.resolve() in _chain:
         raise ConfigError(f"{path}: `base:` files form a cycle ({' -> '.join(str(p) for p in (*_chain, path.resolve()))})")
     raw = read_yaml(path)
+    if "arms" in raw:  # experiments/reference.yaml given to train or tune
+        raise ConfigError(f"{path}: a study file of arms and seeds, not an experiment file: run it with "
+                          f"`fer-exp study {path}`")
     sections = {name: raw.pop(name) for name in STUDY_SECTIONS if name in raw}
     values: dict = {}
     base = raw.pop("base", None)

@@ -319,9 +319,10 @@ def load_run_data(cfg: Config) -> FerData:
     return data
 
 
-def resume_config(run_id: str, overrides: dict | None = None) -> Config:
+def resume_config(run_id: str, overrides: dict | None = None, trial: bool = False) -> Config:
     """The config a run was made with (its ``config.yaml``), with command-line ``overrides`` that may
-    only change how it runs (device, output folder, ...): a resumed run must train what it trained."""
+    only change how it runs (device, output folder, ...): a resumed run must train what it trained. A
+    tuning trial's run is resumed by its study only (``trial``): resumed as a run, it would be tested."""
     import mlflow
 
     from fer_exp.config import EXECUTION_FIELDS, build_config, load_config
@@ -335,6 +336,11 @@ def resume_config(run_id: str, overrides: dict | None = None) -> Config:
         raise TrackingError(f"no run {run_id} in the tracking store {tracking_uri()}; check MLFLOW_TRACKING_URI") from None
     if run.info.status == "FINISHED":
         raise TrackingError(f"run {run_id} is FINISHED: there is nothing to resume")
+    if run.data.tags.get("fer_exp.role") == "trial" and not trial:
+        study = run.data.tags.get("study", "?")
+        raise TrackingError(f"run {run_id} is trial {run.data.tags.get('trial', '?')} of the tuning study {study}: "
+                            "a trial is resumed by its study (it selects on val and is never tested): run the same "
+                            f"fer-exp tune command again (--study-name {study}), which goes on with it from its last epoch")
     recorded = run.data.tags.get("checkpoint_dir")
     if recorded and Path(recorded).is_dir():
         with run_lock(recorded):  # a run still training here is refused now, before its data is loaded
@@ -354,7 +360,7 @@ def resume_config(run_id: str, overrides: dict | None = None) -> Config:
     return cfg
 
 
-def resume_experiment(run_id: str, like: Config, **kwargs) -> RunSummary:
+def resume_experiment(run_id: str, like: Config, trial: bool = False, **kwargs) -> RunSummary:
     """Run ``run_id`` resumed from its last epoch with its own config, run where and how ``like`` runs
     (device, output folder, ...); ``kwargs`` as for :func:`run_experiment`. Before any training a run
     that cannot resume (no checkpoint, another config, still training elsewhere) is a TrackingError or
@@ -362,7 +368,7 @@ def resume_experiment(run_id: str, like: Config, **kwargs) -> RunSummary:
     from fer_exp.config import EXECUTION_FIELDS
 
     where = {k: getattr(like, k) for k in EXECUTION_FIELDS if k not in ("run_name", "experiment_name")}
-    return run_experiment(resume_config(run_id, where), resume_run_id=run_id, **kwargs)
+    return run_experiment(resume_config(run_id, where, trial), resume_run_id=run_id, **kwargs)
 
 
 def find_last_checkpoint(run_id: str, cfg: Config) -> Path:

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fer_exp.config import EXECUTION_FIELDS, FIELDS, TYPES, Config, ConfigError, coerce, validate
+from fer_exp.config import EXECUTION_FIELDS, FIELDS, TYPES, Config, ConfigError, coerce, did_you_mean, validate
 
 PARAM_TYPES = ("float", "int", "categorical")
 # what a trial may not change, and why: the study's identity and data, its objective (each trial's value
@@ -54,8 +54,13 @@ class Param:
         return self.low <= value <= self.high
 
     def corners(self) -> list:
-        """The values that must all be valid configs: both bounds, or every choice."""
-        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+        """The values that must all be valid configs: every choice, every integer of an int range (a field that
+        takes listed values, input_size say, rejects those between them; up to 10,000 checked), else both bounds."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int" and (self.high - self.low) // (self.step or 1) < 10_000:  # the bounds first
+            return [self.low, self.high, *range(int(self.low) + int(self.step or 1), int(self.high), int(self.step or 1))]
+        return [self.low, self.high]
 
     def describe(self) -> str:
         if self.type == "categorical":
@@ -91,11 +96,7 @@ def _number(name: str, key: str, value, kind: str, origin: str):
 
 def parse_param(name, spec, origin: str) -> Param:
     if not isinstance(name, str) or name not in FIELDS:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), FIELDS, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"{origin}: search_space: unknown config field {name!r}.{hint}")
+        raise ConfigError(f"{origin}: search_space: unknown config field {name!r}.{did_you_mean(str(name), FIELDS)}")
     if name in NOT_SEARCHABLE:
         raise ConfigError(f"{origin}: search_space.{name}: {name} is fixed for a whole study ({NOT_SEARCHABLE[name]}), not searched "
                           f"(searchable: {', '.join(f for f in FIELDS if f not in NOT_SEARCHABLE)})")
@@ -137,6 +138,10 @@ def parse_param(name, spec, origin: str) -> Param:
         raise ConfigError(f"{origin}: search_space.{name}: a log range needs low > 0, got {low}")
     if step is not None and (step <= 0 or log):
         raise ConfigError(f"{origin}: search_space.{name}: step must be positive and cannot go with log")
+    if step is not None and not math.isclose((high - low) / step, round((high - low) / step), abs_tol=1e-9):
+        last = low + math.floor((high - low) / step + 1e-9) * step
+        raise ConfigError(f"{origin}: search_space.{name}: step {step:g} does not divide the range {low:g}..{high:g}, "
+                          f"so {high:g} would never be tried; make high {last:g} or choose another step")
     return Param(name, kind, low, high, log, step)
 
 
@@ -151,8 +156,10 @@ def parse_space(block, origin: str, base: Config) -> tuple[Param, ...]:
             try:
                 validate(dataclasses.replace(base, **{param.name: coerce(param.name, value, "")}))
             except ConfigError as exc:
+                listed = " (it takes listed values: search them with type: categorical, choices: [...])" \
+                    if param.type != "categorical" and value not in (param.low, param.high) else ""
                 raise ConfigError(f"{origin}: search_space.{param.name}: the value {value!r} is not valid for this "
-                                  f"study's {base.model} config: {str(exc).lstrip(': ')}") from None
+                                  f"study's {base.model} config: {str(exc).lstrip(': ')}{listed}") from None
     return params
 
 

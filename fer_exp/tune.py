@@ -487,7 +487,7 @@ class Worker:
         try:
             if resume_run_id is not None:
                 try:
-                    return resume_experiment(resume_run_id, cfg, callbacks=[pruning], **options).result
+                    return resume_experiment(resume_run_id, cfg, trial=True, callbacks=[pruning], **options).result
                 except Exception as exc:  # not reopened (another machine, a deleted run, a broken last.pt)
                     if run_ids:
                         raise
@@ -611,8 +611,9 @@ class TuneResult:
     retrain_test: dict | None = None
 
 
-def open_study(plan: StudyPlan, storage_url: str):
-    """Create the study, or load it and check it is the same study (config and space)."""
+def open_study(plan: StudyPlan, storage_url: str, data_members: dict | None = None):
+    """Create the study, or load it and check it is the same study (config and space, and the same faces:
+    ``data_members``, the digests of the splits' members, where the study recorded them)."""
     optuna = _optuna()
     storage = make_storage(storage_url, plan.study.heartbeat)
     name = plan.study.study_name
@@ -626,6 +627,8 @@ def open_study(plan: StudyPlan, storage_url: str):
         study = optuna.create_study(study_name=name, storage=storage, direction=plan.direction, load_if_exists=True)
         if "definition" not in study.user_attrs:
             study.set_user_attr("definition", definition)
+            if data_members:
+                study.set_user_attr("data_members", data_members)
             for params in plan.enqueued:
                 study.enqueue_trial(params)
         return study, False
@@ -641,17 +644,23 @@ def open_study(plan: StudyPlan, storage_url: str):
                                else "search_space" for k in changed)
             raise StudyError(f"study {name!r} in {mask_url(storage_url)} was made with another configuration "
                              f"({detail}); its trials would not compare. Resume it unchanged, or use a new --study-name.")
+    made_on = study.user_attrs.get("data_members")  # (studies made before it was recorded: not checked)
+    if made_on and data_members and made_on != data_members:
+        other = ", ".join(split for split in made_on if made_on[split] != data_members.get(split))
+        raise StudyError(f"study {name!r} in {mask_url(storage_url)} was made on other faces than --data "
+                         f"{plan.config.data} holds (its {other} split(s) differ: other images or labels); its trials "
+                         "would not compare. Resume it on the data it was made on, or use a new --study-name.")
     return study, True
 
 
-def join_study(plan: StudyPlan, storage_url: str):
+def join_study(plan: StudyPlan, storage_url: str, data_members: dict | None = None):
     """The study, whether it was resumed, and its parent MLflow run (None without tracking), under the
     storage's :func:`~fer_exp.experiment.database_lock`: of commands starting one study together (on one
     machine or several), one makes the study and its parent run, the others find them."""
     from fer_exp.experiment import database_lock
 
     with database_lock(storage_url):
-        study, resumed = open_study(plan, storage_url)
+        study, resumed = open_study(plan, storage_url, data_members)
         return study, resumed, ParentRun(plan, study, storage_url) if plan.study.tracking else None
 
 
@@ -672,7 +681,12 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
                            "sqlite:///optuna.db, or a database URL")
     data = load_run_data(plan.config)  # bad data fails here, once, and the decode cache is warm for the workers
     check_output_dir(plan.config.output_dir)
-    study, resumed, parent = join_study(plan, storage_url)
+    if sc.retrain_best and not sc.n_trials and not sc.total_trials:  # only retraining: the study must be there
+        names = _optuna().get_all_study_names(make_storage(storage_url, sc.heartbeat))
+        if sc.study_name not in names:
+            raise StudyError(f"--n-trials 0 --retrain-best: no study {sc.study_name!r} in {mask_url(storage_url)} to retrain "
+                             f"the best trial of (studies there: {', '.join(names) or 'none'}); give its --study-name")
+    study, resumed, parent = join_study(plan, storage_url, data.fingerprint()["members"])
     finished_before = count_states(study, FINISHED)
     target = sc.total_trials or finished_before + sc.n_trials
     print(f"study {sc.study_name} ({'resumed, ' + str(finished_before) + ' finished trials' if resumed else 'new'}) "
@@ -748,7 +762,10 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
                 parent.summarise("KILLED")
             raise
     elif sc.retrain_best:
-        print("--retrain-best: no complete trial to retrain", file=sys.stderr)
+        if parent:
+            parent.summarise("FINISHED")
+        raise StudyError(f"--retrain-best: study {sc.study_name} has no complete trial to retrain "
+                         f"({count_states(study, FINISHED)} finished, all pruned); run more trials (--n-trials N)")
     if parent:
         parent.summarise("FINISHED", retrain=(result.retrain_run_id, result.retrain_test))
     return result

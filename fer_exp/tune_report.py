@@ -54,6 +54,15 @@ class ParentRun:
                     f"study {plan.study.study_name!r} keeps its runs under parent run {known}, which the tracking "
                     f"store {mask_url(self.uri)} does not have. Point MLFLOW_TRACKING_URI at the store the study "
                     "started with, or use a new --study-name.") from None
+            experiment = self.client.get_experiment(run.info.experiment_id)
+            if run.info.lifecycle_stage != "active" or experiment.lifecycle_stage != "active":
+                where = (f"run {known}" if run.info.lifecycle_stage != "active" else
+                         f"experiment {experiment.name} ({experiment.experiment_id})")
+                restore = (f"mlflow runs restore --run-id {known}" if run.info.lifecycle_stage != "active" else
+                           f"mlflow experiments restore --experiment-id {experiment.experiment_id}")
+                raise StudyError(f"study {plan.study.study_name!r} keeps its runs under parent run {known}, and its "
+                                 f"{where} is deleted in {mask_url(self.uri)}: restore it (`{restore}`, or the MLflow "
+                                 "UI's deleted runs) to resume the study, or use a new --study-name.")
             self.run_id, self.experiment_id = known, run.info.experiment_id
             self.client.update_run(known, status="RUNNING")
             if launch and launch != known:  # keep the launch as a small record under the study's run

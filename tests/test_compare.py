@@ -728,3 +728,16 @@ def test_register_refuses_a_chosen_run_with_no_logged_model_before_writing(track
     assert result.exit_code == 2 and "which val chooses, logged no model to register" in result.output
     assert "checkpoints/best.pt" in result.output and not folder.exists()
     assert tracked["client"].search_registered_models("name = 'fer-best'") == []
+
+
+@pytest.mark.slow  # the four tracked runs
+def test_runs_with_a_filter_and_a_deleted_experiment_are_refused_saying_why(tracked):
+    run = tracked["runs"][("cnn", 1)]
+    both = invoke(tracked, "--runs", run, "--filter", "tags.model = 'resnet18'", "--no-log")
+    assert both.exit_code == 2 and "give one or the other" in both.output, both.output
+    client = tracked["client"]
+    gone = client.create_experiment("gone-cmp")
+    client.delete_experiment(gone)
+    result = CliRunner().invoke(main, ["compare", "--experiment", "gone-cmp", "--no-log"])
+    assert result.exit_code == 2 and "experiment gone-cmp is deleted" in result.output, result.output
+    assert f"mlflow experiments restore --experiment-id {gone}" in result.output

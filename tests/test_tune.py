@@ -101,6 +101,10 @@ def test_command_line_fixes_a_field_for_all_trials_and_takes_it_out_of_the_space
     "space, pieces",
     [
         ("  lrr: {type: float, low: 0.1, high: 0.2}", ["unknown config field 'lrr'", "Did you mean lr"]),
+        ("  learning_rate: {type: float, low: 0.1, high: 0.2}", ["unknown config field 'learning_rate'", "Did you mean lr"]),
+        ("  input_size: {type: int, low: 48, high: 96}", ["value 49 is not valid", "search them with type: categorical"]),
+        ("  dropout: {type: float, low: 0.1, high: 0.5, step: 0.3}", ["step 0.3 does not divide the range 0.1..0.5",
+                                                                     "make high 0.4"]),
         ("  lr: {type: float, low: 0.01, high: 0.001}", ["search_space.lr", "empty range"]),
         ("  lr: {type: float, low: 0, high: 0.1, log: true}", ["log range needs low > 0"]),
         ("  lr: {type: float, low: -1, high: 0.1}", ["value -1.0 is not valid", "lr must be positive"]),
@@ -149,6 +153,24 @@ def test_bad_study_options_exit_2(tmp_path, store, args, piece):
     path.write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
     result = CliRunner().invoke(main, ["tune", "--config", str(path), *args])
     assert result.exit_code == 2 and piece in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_study_file_of_arms_given_to_tune_or_train_points_to_fer_exp_study(store):
+    for command in ("tune", "train"):
+        result = CliRunner().invoke(main, [command, "--config", str(REPO / "experiments" / "reference.yaml")])
+        assert result.exit_code == 2 and "a study file of arms and seeds" in result.output, result.output
+        assert "fer-exp study" in result.output
+
+
+def test_retraining_the_best_of_a_study_that_is_not_there_exits_2_and_names_those_there(tmp_path, store):
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
+    result = CliRunner().invoke(main, ["tune", "--config", str(path), "--n-trials", "0", "--retrain-best",
+                                       "--study-name", "mistyped"])
+    assert result.exit_code == 2 and "no study 'mistyped'" in result.output and "studies there: none" in result.output
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_experiment_by_name("fer2013") is None  # no parent run made (nor an empty study)
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}") == []
 
 
 def test_no_study_file_for_the_model_says_how_to_give_one(tmp_path, store, monkeypatch):
@@ -407,6 +429,44 @@ def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
     assert result.exit_code == 2 and "made with another configuration (batch_size: 32 -> 16)" in result.output
     assert "--study-name" in result.output
     assert len(load_study(tmp, "tune_small").trials) == 4
+
+
+@pytest.mark.slow
+def test_a_study_resumed_on_other_faces_or_with_its_parent_run_deleted_is_refused(study, monkeypatch):
+    """--data is resumable (the same faces at another path), but not other faces: their trials would not
+    compare. A parent run deleted in the UI is said, with how to restore it."""
+    tmp = study["tmp"]
+    monkeypatch.chdir(tmp)
+    for name, value in env_for(tmp).items():
+        monkeypatch.setenv(name, value)
+    other = CliRunner().invoke(main, ["tune", "--config", str(tmp / "tune_small.yaml"), "--n-trials", "1",
+                                      "--data", "synthetic:800,100,21"])
+    assert other.exit_code == 2 and "was made on other faces than --data synthetic:800,100,21" in other.output, other.output
+    assert "its test split(s) differ" in other.output
+    parent = study["study"].user_attrs["mlflow_parent_run_id"]
+    client = study["client"]
+    client.delete_run(parent)
+    try:
+        deleted = CliRunner().invoke(main, ["tune", "--config", str(tmp / "tune_small.yaml"), "--n-trials", "0"])
+        assert deleted.exit_code == 2 and f"its run {parent} is deleted" in deleted.output, deleted.output
+        assert f"mlflow runs restore --run-id {parent}" in deleted.output and "Traceback" not in deleted.output
+    finally:
+        client.restore_run(parent)
+    assert len(load_study(tmp, "tune_small").trials) == 4
+
+
+@pytest.mark.slow
+def test_a_trial_s_run_is_not_resumed_as_a_training_run(study, monkeypatch):
+    """It would be tested and log a model: trials select on val only; its study resumes it."""
+    tmp = study["tmp"]
+    monkeypatch.chdir(tmp)
+    for name, value in env_for(tmp).items():
+        monkeypatch.setenv(name, value)
+    trial = next(r for r in by_role(study["runs"], "trial") if r.info.status == "KILLED")  # the pruned one
+    result = CliRunner().invoke(main, ["train", "--resume", trial.info.run_id])
+    assert result.exit_code == 2 and "of the tuning study tune_small" in result.output, result.output
+    assert "run the same fer-exp tune command again" in result.output
+    assert study["client"].get_run(trial.info.run_id).info.status == "KILLED"
 
 
 def test_a_study_recorded_before_a_config_field_existed_resumes(study, monkeypatch):
