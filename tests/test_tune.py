@@ -49,6 +49,13 @@ def env_for(tmp: Path) -> dict:
     return env
 
 
+def enter(tmp: Path, monkeypatch) -> None:
+    """This test's process works in ``tmp`` with its store and cache, as :func:`fer_exp`'s processes do."""
+    monkeypatch.chdir(tmp)
+    for name, value in env_for(tmp).items():
+        monkeypatch.setenv(name, value)
+
+
 def fer_exp(tmp: Path, *args, timeout=600) -> subprocess.CompletedProcess:
     """`fer-exp ARGS` in a fresh process, in ``tmp``, with its own MLflow store and cache."""
     return subprocess.run([sys.executable, "-m", "fer_exp.cli", *args], cwd=tmp, env=env_for(tmp),
@@ -422,9 +429,7 @@ def test_a_stop_as_the_last_trial_finishes_starts_no_retraining(store, monkeypat
 @pytest.mark.slow
 def test_a_changed_study_is_refused_on_resume(study, monkeypatch):
     tmp = study["tmp"]
-    monkeypatch.chdir(tmp)
-    for name, value in env_for(tmp).items():
-        monkeypatch.setenv(name, value)
+    enter(tmp, monkeypatch)
     result = CliRunner().invoke(main, ["tune", "--config", str(tmp / "tune_small.yaml"), "--batch-size", "16"])
     assert result.exit_code == 2 and "made with another configuration (batch_size: 32 -> 16)" in result.output
     assert "--study-name" in result.output
@@ -436,9 +441,7 @@ def test_a_study_resumed_on_other_faces_or_with_its_parent_run_deleted_is_refuse
     """--data is resumable (the same faces at another path), but not other faces: their trials would not
     compare. A parent run deleted in the UI is said, with how to restore it."""
     tmp = study["tmp"]
-    monkeypatch.chdir(tmp)
-    for name, value in env_for(tmp).items():
-        monkeypatch.setenv(name, value)
+    enter(tmp, monkeypatch)
     other = CliRunner().invoke(main, ["tune", "--config", str(tmp / "tune_small.yaml"), "--n-trials", "1",
                                       "--data", "synthetic:800,100,21"])
     assert other.exit_code == 2 and "was made on other faces than --data synthetic:800,100,21" in other.output, other.output
@@ -459,9 +462,7 @@ def test_a_study_resumed_on_other_faces_or_with_its_parent_run_deleted_is_refuse
 def test_a_trial_s_run_is_not_resumed_as_a_training_run(study, monkeypatch):
     """It would be tested and log a model: trials select on val only; its study resumes it."""
     tmp = study["tmp"]
-    monkeypatch.chdir(tmp)
-    for name, value in env_for(tmp).items():
-        monkeypatch.setenv(name, value)
+    enter(tmp, monkeypatch)
     trial = next(r for r in by_role(study["runs"], "trial") if r.info.status == "KILLED")  # the pruned one
     result = CliRunner().invoke(main, ["train", "--resume", trial.info.run_id])
     assert result.exit_code == 2 and "of the tuning study tune_small" in result.output, result.output
@@ -473,9 +474,7 @@ def test_a_study_recorded_before_a_config_field_existed_resumes(study, monkeypat
     """A study whose stored definition lacks a field added since (tta) was made with its default: the
     same command resumes it."""
     tmp = study["tmp"]
-    monkeypatch.chdir(tmp)
-    for name, value in env_for(tmp).items():
-        monkeypatch.setenv(name, value)
+    enter(tmp, monkeypatch)
     stored = load_study(tmp, "tune_small")
     definition = stored.user_attrs["definition"]
     stored.set_user_attr("definition", {**definition, "config": {k: v for k, v in definition["config"].items()
