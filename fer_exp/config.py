@@ -361,6 +361,9 @@ def read_experiment(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[di
     if base is not None:
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: base must be the path of another experiment file, got {base!r}")
+        if not (path.parent / base).is_file():
+            raise ConfigError(f"{path}: its base {base} is not found ({path.parent / base}: a base is named relative to "
+                              "the file that names it)")
         values, base_sections = read_experiment(path.parent / base, (*_chain, path.resolve()))
         if base_sections:
             raise ConfigError(f"{path}: its base {base} is a study file ({', '.join(base_sections)}); "

@@ -749,6 +749,9 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
               f"{done} of {target} trials finished)", file=sys.stderr)
         raise KeyboardInterrupt
     finished = count_states(study, FINISHED)
+    if finished < target and deadline and time.time() >= deadline:
+        print(f"--timeout {sc.timeout:g} s: no trial was started after it, {finished} of {target} trials finished; "
+              f"the same command{'' if sc.total_trials else f' with --total-trials {target}'} runs the rest", file=sys.stderr)
     if finished < target and not (deadline and time.time() >= deadline):
         if parent:
             parent.summarise("FAILED")

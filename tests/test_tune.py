@@ -180,6 +180,15 @@ def test_retraining_the_best_of_a_study_that_is_not_there_exits_2_and_names_thos
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}") == []
 
 
+def test_a_study_cut_short_by_its_timeout_says_so(tmp_path, store):
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
+    result = CliRunner().invoke(main, ["tune", "--config", str(path), "--n-trials", "2", "--timeout", "0.001"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "--timeout 0.001 s: no trial was started after it, 0 of 2 trials finished" in result.output
+    assert "with --total-trials 2 runs the rest" in result.output
+
+
 def test_no_study_file_for_the_model_says_how_to_give_one(tmp_path, store, monkeypatch):
     monkeypatch.setattr("fer_exp.tune.REPO_EXPERIMENTS", tmp_path / "nowhere")
     result = CliRunner().invoke(main, ["tune", "--model", "resnet18"])
