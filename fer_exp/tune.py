@@ -362,6 +362,7 @@ class Worker:
         deadline passed). Waits while the remaining trials run elsewhere: one may still fail."""
         optuna = _optuna()
         poll = min(self.plan.study.heartbeat, 5)
+        waiting_on = None  # the running trials this worker said it waits for
         while True:
             if self.spec.deadline is not None and time.time() >= self.spec.deadline:
                 return None
@@ -388,6 +389,12 @@ class Worker:
                     trial.set_user_attr("surplus", True)
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     continue
+                running = [t.number for t in trials if t.state.name == "RUNNING"]
+            if running and running != waiting_on:  # (silence here could last a lost worker's heartbeats)
+                waiting_on = running
+                self.say(f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (one whose "
+                         f"worker is gone is failed and run again after {STALE_AFTER} missed heartbeats, "
+                         f"{STALE_AFTER * self.plan.study.heartbeat} s)")
             time.sleep(poll)
             raise_if_stop_requested()
 
