@@ -1226,3 +1226,31 @@ def test_compiled_step_captures_augmentation_forward_and_loss_and_matches_eager(
     one_image = 1 / len(eager.splits["val"][1])  # a prediction whose two top logits are within float noise
     assert runs[1].history[0]["val_accuracy"] == pytest.approx(runs[0].history[0]["val_accuracy"], abs=one_image + 1e-9)
     assert not any(k.startswith("_orig_mod") for k in load_checkpoint(runs[1].last_checkpoint)["model"])
+
+
+def test_a_stop_asked_while_the_data_loads_makes_no_run(store, capsys):
+    """Ctrl-C or SIGTERM while the data decodes: the command stops before a run is made (it made one, then
+    marked it KILLED); the first signal is acknowledged at once, with what a second one does."""
+    import os
+    import signal
+
+    import mlflow
+
+    from fer_exp import train
+    from fer_exp.experiment import run_experiment
+
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    train.stop_on_signals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: asks to stop, says so
+        assert "SIGTERM: stopping at the next safe point" in capsys.readouterr().err
+        cfg = load_config(overrides={"data": "synthetic:32,8,8", "epochs": 1, "device": "cpu", "system_metrics": False,
+                                     "output_dir": str(store / "out")})
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, progress=False)
+    finally:
+        train._stop_requested.clear()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
