@@ -512,7 +512,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             mlflow.set_tag("stop_reason", "interrupted (Ctrl-C or SIGTERM)")
             mlflow.end_run(status="KILLED")
             resumable = evaluate_test and (trainer.checkpoint_dir / "last.pt").is_file()  # trials are not resumed
-            print(f"\ninterrupted: run {run.info.run_id} marked KILLED after {trainer.epoch - 1} complete epoch(s)"
+            print(f"\ninterrupted: run {run.info.run_id} marked KILLED after {len(trainer.history)} complete epoch(s)"
                   + (f"; checkpoints in {trainer.checkpoint_dir}\nresume it with: fer-exp train --resume {run.info.run_id}"
                      if resumable else "; no epoch finished to resume from" if evaluate_test else ""),
                   file=sys.stderr)
