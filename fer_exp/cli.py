@@ -327,6 +327,8 @@ def compare(experiments, filter_string, run_ids, group_by, output, log, register
     except KeyboardInterrupt:
         _interrupted("the comparison; --output keeps the comparison it held before, whole")
     _print_comparison(result)
+    if result.register_error:
+        raise UserError(result.register_error)
 
 
 def _interrupt_on_sigterm() -> None:

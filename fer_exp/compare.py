@@ -400,6 +400,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     overall_metrics: dict = field(default_factory=lambda: dict(OVERALL))  # the overall table's columns
     chosen: ValChoice | None = None  # the group and the model val prefers
+    register: str = ""  # the name --register registers the chosen model under ("": not asked)
 
     @property
     def groups(self) -> list[str]:
@@ -485,8 +486,10 @@ def val_choice_text(comparison: Comparison) -> list[str]:
              + (f", tied with {choice.tied} other run(s): the first in the tables' order" if choice.tied else "")
              + "; its test accuracy, reported once, "
              f"{100 * run.metrics['test_accuracy']:.2f}%). Predict with it: "
-             f"`fer-exp predict --model runs:/{run.run_id}/model IMAGES`, or register it with `--register NAME` on this "
-             f"command (then `--model models:/NAME@{CHOSEN_ALIAS}`)."]
+             f"`fer-exp predict --model runs:/{run.run_id}/model IMAGES`"
+             + (f", or, as this command registers it, `--model models:/{comparison.register}@{CHOSEN_ALIAS}`."
+                if comparison.register else
+                f", or register it with `--register NAME` on this command (then `--model models:/NAME@{CHOSEN_ALIAS}`).")]
     if choice.own_val_splits:
         lines.append("Each run chose on its own val split (a seed's hold-out of train, unless the runs share "
                      "--data-seed), so their val scores differ by the split as well as by the model.")
@@ -774,6 +777,7 @@ class CompareResult:
     run_id: str | None = None
     experiment_id: str | None = None
     registered: tuple[str, str, bool] | None = None  # (name, version, new) of the model --register registered
+    register_error: str | None = None  # why --register could not register it (the comparison is written)
 
 
 def check_output(folder: Path) -> None:
@@ -835,6 +839,7 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
             with contextlib.suppress(OSError):
                 output.rmdir()
         raise CompareError(refusal)
+    comparison.register = register
     markdown = markdown_tables(comparison)
     # written aside, then moved in: a comparison interrupted half-way leaves the folder's last one whole,
     # and files of an earlier comparison (its paired tests, say) are not left beside this one's
@@ -894,7 +899,11 @@ def compare(experiments: list[str], filter_string: str = "", run_ids: list[str] 
                 mlflow.log_artifact(str(output / name))
         result.run_id, result.experiment_id = run.info.run_id, run.info.experiment_id
     if register:
-        version, new = register_chosen(comparison.chosen.run, register)
+        try:
+            version, new = register_chosen(comparison.chosen.run, register)
+        except CompareError as exc:  # the comparison stands: printed, then this said
+            result.register_error = str(exc)
+            return result
         result.registered = (register, version, new)
         if result.run_id:
             mlflow.MlflowClient().set_tag(result.run_id, "registered_model", f"{register}/{version}")
@@ -918,7 +927,12 @@ def register_refusal(client, comparison: Comparison, register: str) -> str | Non
 
 def has_logged_model(client, run: RunInfo) -> bool:
     """Whether the run logged its model as ``model`` (an MLflow 3 logged model; before, an artifact folder)."""
-    found = client.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}' and name = 'model'")
+    import mlflow
+
+    try:
+        found = client.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}' and name = 'model'")
+    except mlflow.exceptions.MlflowException:  # a server of MLflow 2, which has no logged models
+        found = []
     return bool(found) or any(f.path == "model/MLmodel" for f in client.list_artifacts(run.run_id, "model"))
 
 
@@ -932,8 +946,8 @@ def register_chosen(run: RunInfo, name: str) -> tuple[str, bool]:
 
     client = mlflow.MlflowClient()
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
-        version = next((v.version for v in versions if v.run_id == run.run_id), None)
+        versions = client.search_model_versions(f"run_id = '{run.run_id}'")  # (a name may hold quotes)
+        version = next((v.version for v in versions if v.name == name), None)
         new = version is None
         if new:
             version = mlflow.register_model(f"runs:/{run.run_id}/model", name).version

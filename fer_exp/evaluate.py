@@ -4,6 +4,7 @@ confusion matrix and predictions as a training run, so ``fer-exp compare`` sets 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,14 +107,19 @@ def check_own_data(model: LoadedModel, data, split: str) -> None:
         inputs = mlflow.MlflowClient().get_run(model.run_id).inputs
     except mlflow.exceptions.MlflowException:
         return  # the run is gone from this store: nothing to check against
-    logged = next((d.dataset.digest for d in (inputs.dataset_inputs if inputs else [])
-                   if d.dataset.name == f"fer2013-{split}"), None)
-    here = data.splits()[split].digest()
-    if logged and logged != here:
-        raise EvaluateError(f"{data.source}, the data {model.source} trained on as its config names it (read from "
-                            f"{Path.cwd()}), holds other {split} faces than run {model.run_id} was evaluated on "
-                            f"(digest {here}, the run's {logged}): run from the folder it trained in, or give --data "
+    logged = next((d for d in (inputs.dataset_inputs if inputs else []) if d.dataset.name == f"fer2013-{split}"), None)
+    if logged is None:
+        return
+    members = {t.key: t.value for t in logged.tags}.get("members")
+    chosen = data.splits()[split]
+    where = (f"{data.source}, the data {model.source} trained on as its config names it (read from {Path.cwd()}), "
+             f"holds other {split} faces than run {model.run_id} was evaluated on")
+    if members is not None and members != chosen.members_digest():  # which faces, which labels
+        raise EvaluateError(f"{where} (other images or labels): run from the folder it trained in, or give --data "
                             "to evaluate on this source")
+    if members is None and logged.dataset.digest != chosen.digest():  # a run logged before members were: pixels,
+        print(f"warning: {where}, or decoded them to other pixels (another image library here); give --data to "
+              "say which source is meant", file=sys.stderr)  # which another decoder may change: said, not refused
 
 
 def evaluation_experiment(name: str) -> str:

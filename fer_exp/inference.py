@@ -210,7 +210,8 @@ def is_pickle(path: Path) -> bool:
         if zipfile.is_zipfile(handle):
             return True
         handle.seek(0)
-        return handle.read(1) == b"\x80"
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # (a zip cut short: the start of one)
 
 
 def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
@@ -221,7 +222,14 @@ def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> Loa
             raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could "
                                  "run code); use a checkpoint written by fer-exp train") from None
         # torch's own words only where the file is one of its kind (a zip or a pickle) gone wrong
-        reason = first_line(exc, 120) if is_pickle(path) else "a file of another kind"
+        with open(path, "rb") as handle:
+            cut_short = handle.read(2) == b"PK" and not zipfile.is_zipfile(handle)  # the start of a zip only
+        if not is_pickle(path):
+            reason = "a file of another kind"
+        elif cut_short:
+            reason = "damaged or cut short: a checkpoint written only in part, by a full disk or a copy stopped half-way"
+        else:
+            reason = first_line(exc, 120)
         raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({reason}); give the best.pt or last.pt of a run, a "
                              "weights file (.safetensors) or an MLflow model URI (runs:/<run id>/model)") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

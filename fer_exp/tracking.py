@@ -92,7 +92,8 @@ def log_data_inputs(data) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(), source=source,
                                              name=f"fer2013-{name}", digest=split.digest())
-        log_input_retrying(dataset, context=contexts[name], tags={"split_rule": data.split_rule[:250], "size": str(len(split))})
+        log_input_retrying(dataset, context=contexts[name], tags={"split_rule": data.split_rule[:250], "size": str(len(split)),
+                                                                  "members": split.members_digest()})
 
 
 def log_input_retrying(dataset, attempts: int = 5, **options) -> None:

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -71,11 +70,13 @@ def stop_on_signals(second_stops_at_once: bool = True) -> None:
     def handler(signum, frame):
         if _stop_requested.is_set() and second_stops_at_once:
             raise KeyboardInterrupt
-        if not _stop_requested.is_set() and second_stops_at_once:  # (a tuning worker's parent says it)
-            print(f"\n{signal.Signals(signum).name}: stopping at the next safe point (a training step; a run whose "
-                  "training is done first finishes its test evaluation and logging); again to stop at once",
-                  file=sys.stderr, flush=True)
+        first = not _stop_requested.is_set()
         _stop_requested.set()
+        if first and second_stops_at_once:  # (a tuning worker's parent says it); a write that fails loses no stop
+            with contextlib.suppress(OSError):
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping at the next safe point (a training step; a run "
+                            "whose training is done first finishes its test evaluation and logging); again to stop at "
+                            "once\n".encode())
 
     for name in ("SIGINT", "SIGTERM"):
         signal.signal(getattr(signal, name), handler)

@@ -651,9 +651,12 @@ def open_study(plan: StudyPlan, storage_url: str, data_members: dict | None = No
                                else "search_space" for k in changed)
             raise StudyError(f"study {name!r} in {mask_url(storage_url)} was made with another configuration "
                              f"({detail}); its trials would not compare. Resume it unchanged, or use a new --study-name.")
-    made_on = study.user_attrs.get("data_members")  # (studies made before it was recorded: not checked)
-    if made_on and data_members and made_on != data_members:
-        other = ", ".join(split for split in made_on if made_on[split] != data_members.get(split))
+    made_on = study.user_attrs.get("data_members")
+    if data_members and not made_on:  # a study made before they were kept: from now on
+        study.set_user_attr("data_members", data_members)
+    seen = ("train", "val")  # what trials train and select on (test is the retraining's, not the trials')
+    if made_on and data_members and any(made_on.get(k) != data_members.get(k) for k in seen):
+        other = ", ".join(split for split in seen if made_on.get(split) != data_members.get(split))
         raise StudyError(f"study {name!r} in {mask_url(storage_url)} was made on other faces than --data "
                          f"{plan.config.data} holds (its {other} split(s) differ: other images or labels); its trials "
                          "would not compare. Resume it on the data it was made on, or use a new --study-name.")
@@ -775,8 +778,9 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
     elif sc.retrain_best:
         if parent:
             parent.summarise("FINISHED")
+        done = count_states(study, FINISHED)
         raise StudyError(f"--retrain-best: study {sc.study_name} has no complete trial to retrain "
-                         f"({count_states(study, FINISHED)} finished, all pruned); run more trials (--n-trials N)")
+                         f"({f'{done} finished, all pruned' if done else 'no trial finished'}); run more trials (--n-trials N)")
     if parent:
         parent.summarise("FINISHED", retrain=(result.retrain_run_id, result.retrain_test))
     return result

@@ -314,6 +314,19 @@ def test_a_file_that_is_no_checkpoint_is_refused_as_a_model(tmp_path, content):
         load_model(str(path), "cpu")  # (not torch's words about weights_only, which point at another cause)
 
 
+def test_a_checkpoint_cut_short_is_said_to_be_damaged(tmp_path):
+    import torch
+
+    from fer_exp.inference import ModelLoadError, load_model
+    from fer_exp.models import build_model
+
+    path = tmp_path / "best.pt"
+    torch.save({"model": build_model("cnn").state_dict(), "config": Config().to_dict()}, path)
+    path.write_bytes(path.read_bytes()[:100_000])  # a full disk, a copy stopped half-way
+    with pytest.raises(ModelLoadError, match=r"best\.pt: not a PyTorch checkpoint \(damaged or cut short"):
+        load_model(str(path), "cpu")
+
+
 def test_mlflow_uris_of_a_whole_run_or_no_version_name_the_form_meant(store):
     from fer_exp.inference import ModelLoadError, load_model
 

@@ -719,6 +719,11 @@ def test_compare_registers_the_model_val_chooses_once_and_predict_loads_it(store
     comparison = client.search_runs([client.get_experiment_by_name("cmp").experiment_id],
                                     "tags.fer_exp.role = 'comparison'", order_by=["attributes.start_time DESC"])[0]
     assert comparison.data.tags["registered_model"] == "fer-best/1" and comparison.data.tags["chosen_on_val"] == chosen
+    # a name with a quote (which MLflow's registry takes)
+    quoted = CliRunner().invoke(main, ["compare", "--experiment", "cmp", "--group-by", "lr", "--register", "fer's best",
+                                       "--output", str(store / "report3")])
+    assert quoted.exit_code == 0 and "is fer's best version 1" in quoted.output, quoted.output
+    assert "as this command registers it, `--model models:/fer's best@best`" in quoted.output
 
 
 @pytest.mark.slow  # the four tracked runs

@@ -616,12 +616,17 @@ def test_predict_refuses_a_bad_output_or_an_ambiguous_model_folder_before_predic
     (tmp_path / "p.json").write_text("an earlier file")
     from fer_exp import predict as predict_module
 
-    real_dumps = predict_module.json.dumps
-    monkeypatch.setattr(predict_module.json, "dumps", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    full = invoke("predict", "--model", one, image, "--output", tmp_path / "p.json")  # the disk fills while writing
+    real_replace, written = os.replace, []
+
+    def full_disk(source, target):  # the partial file is written, then the disk is full
+        written.append(Path(source).read_text())
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(predict_module.os, "replace", full_disk)
+    full = invoke("predict", "--model", one, image, "--output", tmp_path / "p.json")
     assert full.exit_code == 2 and "cannot be written (No space left on device)" in full.output, full.output
+    assert json.loads(written[0])[0]["source"] == str(image)  # (it had been written whole, aside)
     assert (tmp_path / "p.json").read_text() == "an earlier file" and [f.name for f in tmp_path.glob(".p.json*")] == []
-    monkeypatch.setattr(predict_module.json, "dumps", real_dumps)
+    monkeypatch.setattr(predict_module.os, "replace", real_replace)
     as_json = invoke("predict", "--model", one, image, "--output", tmp_path / "p.json")
     assert as_json.exit_code == 0 and "\\/" not in (tmp_path / "p.json").read_text()
     assert json.loads((tmp_path / "p.json").read_text())[0]["source"] == str(image)

@@ -46,7 +46,7 @@ def detect_format(source: str, train: bool = True) -> tuple[str, Path | None]:
     if named or len(csvs) == 1:
         return "csv", (named or csvs)[0]
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-    alone = (" A test/ folder alone is faces to evaluate on: fer-exp evaluate --data reads it (on test); training needs train/."
+    alone = (" A test/ folder alone is faces to evaluate on: fer-exp evaluate --data reads it (with --split test, the default); training needs train/."
              if find_split_dir(path, ("test",)) is not None else "")
     raise DataError(f"{source}: unknown layout (found {found}). {LAYOUT_HELP}{alone}")
 
@@ -105,7 +105,7 @@ def resolve_splits(groups: dict[str, Split], fmt: str, val_fraction: float, seed
                    use_cache: bool = True, train: bool = True) -> tuple[dict[str, Split], str]:
     """Turn the source's groups into train/val/test and say which rule did it. ``train`` False: a source
     without train faces is test alone (train and val empty), to evaluate on."""
-    if "train" not in groups and not train and "val" not in groups:
+    if "train" not in groups and not train:
         tests = [groups[g] for g in ("public", "private", "test") if g in groups]
         if not tests:
             raise DataError(f"no images to evaluate on: no {'PublicTest/PrivateTest rows' if fmt == 'csv' else 'test/ folder'}. {LAYOUT_HELP}")
