@@ -466,8 +466,7 @@ def val_section(comparison: Comparison) -> list[str]:
     choice = comparison.chosen
     if choice is None:
         return []
-    run, percent = choice.run, choice.metric != "val_loss"
-    shown = (lambda v: f"{100 * v:.2f}") if percent else (lambda v: f"{v:.4f}")
+    percent = choice.metric != "val_loss"
     lines = [f"## Chosen on val ({choice.metric} at each run's selected epoch, with the TTA its model predicts with "
              f"where the run measured it on val{', %' if percent else ''})", "",
              f"| {group_title(comparison)} | Runs | Val |", "|---|---|---|"]
