@@ -1228,7 +1228,7 @@ def test_compiled_step_captures_augmentation_forward_and_loss_and_matches_eager(
     assert not any(k.startswith("_orig_mod") for k in load_checkpoint(runs[1].last_checkpoint)["model"])
 
 
-def test_a_stop_asked_while_the_data_loads_makes_no_run(store, capsys):
+def test_a_stop_asked_while_the_data_loads_makes_no_run(store, capfd):
     """Ctrl-C or SIGTERM while the data decodes: the command stops before a run is made (it made one, then
     marked it KILLED); the first signal is acknowledged at once, with what a second one does."""
     import os
@@ -1243,7 +1243,7 @@ def test_a_stop_asked_while_the_data_loads_makes_no_run(store, capsys):
     train.stop_on_signals()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # handled: asks to stop, says so
-        assert "SIGTERM: stopping at the next safe point" in capsys.readouterr().err
+        assert "SIGTERM: stopping at the next safe point" in capfd.readouterr().err  # (written to fd 2)
         cfg = load_config(overrides={"data": "synthetic:32,8,8", "epochs": 1, "device": "cpu", "system_metrics": False,
                                      "output_dir": str(store / "out")})
         with pytest.raises(KeyboardInterrupt):
