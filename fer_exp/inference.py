@@ -203,33 +203,30 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, metadata.get("fer_exp_tta")))
 
 
-def is_pickle(path: Path) -> bool:
-    """Whether the file is a PyTorch checkpoint (a zip) or a bare pickle (its PROTO opcode first), rather
-    than some other file that the unpickler also chokes on."""
+def checkpoint_kind(path: Path) -> str:
+    """What the file holds, by its first bytes: "zip" (what torch.save writes), "cut zip" (the start of one,
+    written only in part), "pickle" (an older torch.save: its PROTO opcode first), or "other" (a text file,
+    an image: what the unpickler also chokes on)."""
     with open(path, "rb") as handle:
         if zipfile.is_zipfile(handle):
-            return True
+            return "zip"
         handle.seek(0)
         head = handle.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # (a zip cut short: the start of one)
+    return "cut zip" if head.startswith(b"PK\x03\x04") else "pickle" if head[:1] == b"\x80" else "other"
 
 
 def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a text file, an image, an empty file: torch's errors vary by content
-        if isinstance(exc, pickle.UnpicklingError) and is_pickle(path):  # a checkpoint, but not of tensors only
+        kind = checkpoint_kind(path)
+        if isinstance(exc, pickle.UnpicklingError) and kind in ("zip", "pickle"):  # a checkpoint, not of tensors only
             raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could "
                                  "run code); use a checkpoint written by fer-exp train") from None
-        # torch's own words only where the file is one of its kind (a zip or a pickle) gone wrong
-        with open(path, "rb") as handle:
-            cut_short = handle.read(2) == b"PK" and not zipfile.is_zipfile(handle)  # the start of a zip only
-        if not is_pickle(path):
-            reason = "a file of another kind"
-        elif cut_short:
-            reason = "damaged or cut short: a checkpoint written only in part, by a full disk or a copy stopped half-way"
-        else:
-            reason = first_line(exc, 120)
+        # torch's own words only where the file is one of its kind gone wrong
+        reason = {"other": "a file of another kind",
+                  "cut zip": "damaged or cut short: a checkpoint written only in part, by a full disk or a copy "
+                             "stopped half-way"}.get(kind) or first_line(exc, 120)
         raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({reason}); give the best.pt or last.pt of a run, a "
                              "weights file (.safetensors) or an MLflow model URI (runs:/<run id>/model)") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

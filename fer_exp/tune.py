@@ -697,7 +697,7 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
             raise StudyError(f"--n-trials 0 --retrain-best: no study {sc.study_name!r} in {mask_url(storage_url)} to retrain "
                              f"the best trial of (studies there: {', '.join(names) or 'none'}); give its --study-name")
     raise_if_stop_requested()  # a Ctrl-C while the data loaded: no study or parent run is made
-    study, resumed, parent = join_study(plan, storage_url, data.fingerprint()["members"])
+    study, resumed, parent = join_study(plan, storage_url, data.members())
     finished_before = count_states(study, FINISHED)
     target = sc.total_trials or finished_before + sc.n_trials
     print(f"study {sc.study_name} ({'resumed, ' + str(finished_before) + ' finished trials' if resumed else 'new'}) "

@@ -112,8 +112,11 @@ class FerData:
 
     def fingerprint(self) -> dict[str, dict[str, str]]:
         """Per split, the digest of its members (which faces, which labels) and of its pixels."""
-        return {"members": {name: split.members_digest() for name, split in self.splits().items()},
-                "pixels": {name: split.digest() for name, split in self.splits().items()}}
+        return {"members": self.members(), "pixels": {name: split.digest() for name, split in self.splits().items()}}
+
+    def members(self) -> dict[str, str]:
+        """Per split, the digest of its members alone (no pass over the pixels)."""
+        return {name: split.members_digest() for name, split in self.splits().items()}
 
     def duplicates_across_splits(self) -> dict[str, dict]:
         """Faces of a later split (val, test) whose pixels are identical to a face of an earlier one (train,
