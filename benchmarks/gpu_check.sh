@@ -104,6 +104,8 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 # back packed: results.tar.gz (JSON and logs), runs.tar.gz.part* (the accuracy step's finished runs)
 RESULTS="$(mktemp -d)"
 RUNS="$(mktemp -d)"
+TEMPS=("$RESULTS" "$RUNS")  # removed on exit: what they held is packed in $OUT
+trap 'rm -rf "${TEMPS[@]}"' EXIT
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 EPOCHS="${FER_GPU_EPOCHS:-60}"
@@ -124,6 +126,7 @@ if [[ -n "${FER_GPU_DATA:-}" ]]; then
     DATA="$FER_GPU_DATA"
 elif [[ -f "${FER_GPU_TAR:-.gpu/fer2013.tar.gz}" ]]; then
     unpacked="$(mktemp -d)"
+    TEMPS+=("$unpacked")
     tar -xzf "${FER_GPU_TAR:-.gpu/fer2013.tar.gz}" -C "$unpacked" || exit 1
     DATA="$unpacked/fer2013"
 else
@@ -185,6 +188,7 @@ parallel_full() {  # step name, seconds allowed, then "json_name|full_training.p
     parts="$(mktemp -d)"  # packed aside, then swapped in: a kill meanwhile leaves the previous parts whole
     tar -czf - -C "$RUNS" . | split -b 15M -d - "$parts/runs.tar.gz.part" &&
         rm -f "$OUT"/runs.tar.gz.part* && mv "$parts"/runs.tar.gz.part* "$OUT"/
+    rm -rf "$parts"
 }
 
 for s in "${steps[@]}"; do

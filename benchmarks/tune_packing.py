@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,18 +68,21 @@ def main(argv=None) -> int:
     args.config = str(Path(args.config).resolve())  # the studies run in a folder of their own
     if Path(args.data).exists():
         args.data = str(Path(args.data).resolve())
-    workdir = Path(tempfile.mkdtemp(prefix="fer-packing-"))
+    workdir = Path(tempfile.mkdtemp(prefix="fer-packing-"))  # the studies' outputs; removed at the end
     storage = args.storage or f"sqlite:///{workdir / 'optuna.db'}"
     results = {"config": args.config, "data": args.data, "seconds": args.seconds, "set": args.set, "runs": []}
-    for workers in args.workers:
-        results["runs"].append(run_study(workers, args, storage, workdir))
-        first = results["runs"][0].get("trials_per_hour")
-        for run in results["runs"]:
-            if first and run.get("trials_per_hour"):
-                run["speedup"] = round(run["trials_per_hour"] / first, 2)
-        print(json.dumps(results["runs"][-1]), file=sys.stderr, flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        for workers in args.workers:
+            results["runs"].append(run_study(workers, args, storage, workdir))
+            first = results["runs"][0].get("trials_per_hour")
+            for run in results["runs"]:
+                if first and run.get("trials_per_hour"):
+                    run["speedup"] = round(run["trials_per_hour"] / first, 2)
+            print(json.dumps(results["runs"][-1]), file=sys.stderr, flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # a failed study's log tail is in its result
     print(json.dumps(results, indent=2))
     return 0 if all("error" not in r for r in results["runs"]) else 1
 

@@ -115,7 +115,9 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
     # the one prepared script a GPU session runs; here on the CPU with tiny sizes, so a GPU session
     # never spends its device minutes on a broken script
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+    temp = tmp_path / "temp"  # the script's and the benchmarks' temporary folders: none may be left behind
+    temp.mkdir()
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"), TMPDIR=str(temp),
                FER_GPU_DATA="synthetic:64,16,16", FER_GPU_EPOCHS="1", FER_GPU_RESNET_EPOCHS="1", FER_GPU_BATCHES="1",
                FER_GPU_WORKERS="0", FER_GPU_SET="batch_size=16 eval_batch_size=16", FER_GPU_COMPILE="",
                FER_GPU_THROUGHPUT_COMPILE="", FER_GPU_PROFILE_ARGS="--steps 1 --warmup 1 --top 3",
@@ -158,6 +160,7 @@ def test_gpu_check_script_runs_every_step_on_a_tiny_set(tmp_path):
                  "1 worker(s): ", "profile cnn (auto: off (not CUDA)", "fer-exp/compute bound"):
         assert line in proc.stdout
     assert "exit 0" in log and "exit 1" not in proc.stdout
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 @pytest.mark.slow
@@ -280,7 +283,9 @@ def test_gpu_check_copies_step_trains_best_cnn_with_and_without_the_copies(tmp_p
     """The copies measurement, on the CPU with one seed: best_cnn.yaml with duplicates report, drop, and drop
     at copy_correlation 0.95, in parallel, each an export that experiments/copies_cnn.yaml's arms match."""
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+    temp = tmp_path / "temp"  # the script's and the benchmarks' temporary folders: none may be left behind
+    temp.mkdir()
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"), TMPDIR=str(temp),
                FER_GPU_DATA="synthetic:64,16,16", FER_GPU_SET="batch_size=16 eval_batch_size=16",
                FER_GPU_COPIES_SEEDS="7", FER_GPU_BEST_SETS="--set epochs=1")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run", "copies"], cwd=tmp_path,
@@ -305,7 +310,9 @@ def test_gpu_check_copies_step_trains_best_cnn_with_and_without_the_copies(tmp_p
 def test_gpu_check_accuracy_step_runs_its_arms_in_parallel_with_tta(tmp_path):
     """The accuracy issue's device measurement, on the CPU with two arms and one seed of best_cnn.yaml."""
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"),
+    temp = tmp_path / "temp"  # the script's and the benchmarks' temporary folders: none may be left behind
+    temp.mkdir()
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FER_EXP_CACHE_DIR=str(tmp_path / "cache"), TMPDIR=str(temp),
                FER_GPU_DATA="synthetic:64,16,16", FER_GPU_EPOCHS="1", FER_GPU_SET="batch_size=16 eval_batch_size=16",
                FER_GPU_ABLATIONS="recipe: ema-shift:ema_decay=0.9,aug_shift=0.1", FER_GPU_BEST_SEEDS="7",
                FER_GPU_BEST_SETS="--set epochs=1")
