@@ -307,6 +307,25 @@ def import_study_runs(study: StudyFile, paths: list[str], client, dry_run: bool 
     return imported
 
 
+def check_pretrained_weights(runs: list[PlannedRun]) -> None:
+    """Loads once each pretrained source the new runs start from (ImageNet weights through timm's hub or
+    cache, a local file), so weights that cannot be had (offline, a wrong path) stop the study before its
+    first run, not after hours of other arms' training at the first run that needs them."""
+    from fer_exp.models import PretrainedWeightsError, build_model
+
+    checked = set()
+    for planned in runs:
+        cfg = planned.config
+        if cfg.model != "resnet18" or cfg.pretrained.strip().lower() == "none" or cfg.pretrained in checked:
+            continue
+        checked.add(cfg.pretrained)
+        try:
+            build_model(cfg.model, pretrained=cfg.pretrained)
+        except PretrainedWeightsError as exc:
+            raise PretrainedWeightsError(f"arm {planned.arm} starts from pretrained={cfg.pretrained}, which cannot be "
+                                         f"loaded, so no run was started: {exc}") from None
+
+
 def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
               imports: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Make the runs the store lacks; returns (all run ids of the study, the ids made now). With
@@ -336,6 +355,7 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
         if imports and todo and not dry_run:
             print(f"{len(todo)} run(s) still to make: the same command without --import makes them", flush=True)
         return [made for _, made in plan if made], new
+    check_pretrained_weights([p for p in todo if interrupted.get(id(p)) is None])  # (a resumed run has its weights)
     data_cache: dict = {}
     ids, new = [], []
     for index, (planned, made) in enumerate(plan):

@@ -549,6 +549,24 @@ def test_study_commands_started_together_make_each_run_once(store):
     assert {r.data.tags["fer_exp.host"] for r in runs} == {socket.gethostname()}  # where each was trained
 
 
+def test_a_study_whose_later_arm_cannot_load_its_pretrained_weights_stops_before_its_first_run(store):
+    """The reference study offline: its ResNet18 arm's weights cannot be had. That was said at the arm's
+    first run, after the CNN arms had trained; now before any run is started."""
+    (store / "base.yaml").write_text("model: cnn\nepochs: 1\nbatch_size: 32\nsystem_metrics: false\n")
+    (store / "s.yaml").write_text(
+        "experiment_name: weights\nseeds: [5]\narms:\n  cnn: {config: base.yaml}\n"
+        "  resnet: {config: base.yaml, set: {model: resnet18, pretrained: missing.safetensors}}\n")
+    result = CliRunner().invoke(main, ["study", str(store / "s.yaml"), "--data", "synthetic:64,16,24",
+                                       "--output-dir", str(store / "out"), "--output", str(store / "report")])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "arm resnet starts from pretrained=" in result.output and "no run was started" in result.output
+    assert "missing.safetensors" in result.output and "[1/2]" not in result.output, result.output
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("weights")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
+    assert not (store / "report").exists()
+
+
 @pytest.mark.parametrize(
     "text, piece",
     [
