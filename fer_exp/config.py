@@ -128,7 +128,7 @@ class StudyConfig:
     pruner_warmup_epochs: int = _f(1, "median: epochs a trial always runs before it may be pruned.")
     workers: int = _f(1, "Worker processes on this machine on the study (several share one GPU well).")
     heartbeat: int = _f(30, "Seconds between a running trial's heartbeats; a trial silent for 3 times this (its worker killed) is failed and retried.")
-    enqueue: str = _f("", "Trials to run first when the study is new, as 'lr=0.001,weight_decay=0.0001; lr=0.003' (e.g. the known recipe).")
+    enqueue: str = _f("", "Trials to run first, as 'lr=0.001,weight_decay=0.0001; lr=0.003' (e.g. the known recipe); a resumed study queues those it holds no trial of.")
     retrain_best: bool = _f(False, "After the trials, train the best configuration for retrain_epochs, test it once and log the model.")
     retrain_epochs: int = _f(0, "Epochs of the --retrain-best run (0: as many as a trial).")
     tracking: bool = _f(True, "Track the study and its trials in MLflow (false: the Optuna storage only, e.g. where MLflow is not installed).")

@@ -660,7 +660,25 @@ def open_study(plan: StudyPlan, storage_url: str, data_members: dict | None = No
         raise StudyError(f"study {name!r} in {mask_url(storage_url)} was made on other faces than --data "
                          f"{plan.config.data} holds (its {other} split(s) differ: other images or labels); its trials "
                          "would not compare. Resume it on the data it was made on, or use a new --study-name.")
+    enqueue_missing(study, plan.enqueued)
     return study, True
+
+
+def enqueue_missing(study, enqueued: tuple[dict, ...]) -> None:
+    """A resumed study's enqueue: the parameter sets it holds no trial of yet are queued to run first, those
+    it holds (the study file's recipe, run when the study was new) are not run twice; both are said. Called
+    under the storage's lock, so commands resuming together queue each once."""
+    waiting = (_optuna().trial.TrialState.WAITING,)
+    queued, held = [], []
+    for params in enqueued:
+        before = len(study.get_trials(deepcopy=False, states=waiting))
+        study.enqueue_trial(params, skip_if_exists=True)
+        (queued if len(study.get_trials(deepcopy=False, states=waiting)) > before else held).append(params)
+    if queued:
+        print("enqueue: queued to run first: " + "; ".join(format_params(p) for p in queued), flush=True)
+    if held:
+        print("enqueue: already trials of the study, not queued again: " + "; ".join(format_params(p) for p in held),
+              flush=True)
 
 
 def join_study(plan: StudyPlan, storage_url: str, data_members: dict | None = None):

@@ -189,6 +189,22 @@ def test_a_study_cut_short_by_its_timeout_says_so(tmp_path, store):
     assert "with --total-trials 2 runs the rest" in result.output
 
 
+def test_a_resumed_study_queues_the_enqueued_parameters_it_has_not_tried(tmp_path, store):
+    """--enqueue on a resumed study was ignored without a word; now the new sets run first, those the
+    study holds are not run twice, and both are said."""
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1))
+    args = ["tune", "--config", str(path), "--tracking", "false"]
+    first = CliRunner().invoke(main, [*args, "--n-trials", "1", "--enqueue", "lr=0.003"])
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    resumed = CliRunner().invoke(main, [*args, "--n-trials", "1", "--enqueue", "lr=0.003; lr=0.0005"])
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    assert "enqueue: queued to run first: lr=0.0005" in resumed.output, resumed.output
+    assert "enqueue: already trials of the study, not queued again: lr=0.003" in resumed.output
+    trials = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert [t.params["lr"] for t in trials] == [0.003, 0.0005] and [t.state.name for t in trials] == ["COMPLETE"] * 2
+
+
 def test_no_study_file_for_the_model_says_how_to_give_one(tmp_path, store, monkeypatch):
     monkeypatch.setattr("fer_exp.tune.REPO_EXPERIMENTS", tmp_path / "nowhere")
     result = CliRunner().invoke(main, ["tune", "--model", "resnet18"])
