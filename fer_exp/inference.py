@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -313,12 +314,18 @@ def load_mlflow_model(uri: str, device: str | torch.device = "auto") -> LoadedMo
         run_id = uri[len("runs:/"):].split("/")[0]
     elif uri.startswith("models:/"):
         run_id = model_version_run_id(uri)
-    tta = loaded.tta
-    if run_id and loaded.config.tta == "auto" and tta == "none":  # a checkpoint of a tta-auto run: its run knows the choice
+    run = None
+    if run_id:
         try:
-            tta = own_tta(loaded.config, mlflow.MlflowClient().get_run(run_id).data.tags.get("test_tta"))
+            run = mlflow.MlflowClient().get_run(run_id)
         except mlflow.exceptions.MlflowException:
             pass
+    if run is not None and run.info.lifecycle_stage == "deleted":  # its artifacts stay until `mlflow gc`
+        print(f"warning: {uri}: run {run_id} is deleted; its model loads until `mlflow gc` removes its artifacts. "
+              f"Restore it with: mlflow runs restore --run-id {run_id}", file=sys.stderr, flush=True)
+    tta = loaded.tta
+    if run is not None and loaded.config.tta == "auto" and tta == "none":  # a checkpoint of a tta-auto run: its run knows the choice
+        tta = own_tta(loaded.config, run.data.tags.get("test_tta"))
     return dataclasses.replace(loaded, source=uri, run_id=run_id, tta=tta)
 
 

@@ -238,6 +238,22 @@ def test_unreadable_files_are_reported_and_skipped(trained, tmp_path):
     assert only_bad.exit_code == 2 and "none of the images could be read" in only_bad.output
 
 
+@pytest.mark.slow  # the tracked runs
+def test_a_deleted_run_s_model_loads_with_a_warning_that_says_how_to_restore_it(trained):
+    run_id = trained["runs"][1].run_id
+    image = next(trained["images"].iterdir())
+    trained["client"].delete_run(run_id)
+    try:
+        for uri in (f"runs:/{run_id}/model", "models:/fer-test/1"):
+            result = invoke("predict", "--model", uri, image)
+            assert result.exit_code == 0, result.output + repr(result.exception)
+            assert f"warning: {uri}: run {run_id} is deleted" in result.output, result.output
+            assert f"mlflow runs restore --run-id {run_id}" in result.output
+    finally:
+        trained["client"].restore_run(run_id)
+    assert "is deleted" not in invoke("predict", "--model", f"runs:/{run_id}/model", image).output
+
+
 @pytest.mark.parametrize("case", ["missing run", "missing file", "pickled", "bad output"])
 def test_bad_model_or_output_exits_2(case, tmp_path, store):
     image = tmp_path / "x.png"
