@@ -260,8 +260,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name} must be between 0 and 0.5, got {getattr(cfg, name)}")
     if not 0.0 < cfg.copy_correlation <= 1.0:
         raise ConfigError(f"copy_correlation must be above 0 and at most 1 (1: identical pixels only), got {cfg.copy_correlation}")
-    if cfg.data_seed < -1:
-        raise ConfigError(f"data_seed must be -1 (the run's seed) or a seed from 0, got {cfg.data_seed}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's and scikit-learn's seeds (torch's stop at 2**64)
+        raise ConfigError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed}")
+    if not -1 <= cfg.data_seed < 2**32:
+        raise ConfigError(f"data_seed must be -1 (the run's seed) or a seed from 0 to 2**32 - 1, got {cfg.data_seed}")
     if cfg.mixup_alpha < 0:
         raise ConfigError(f"mixup_alpha must not be negative, got {cfg.mixup_alpha}")
     if cfg.register and not valid_registered_name(cfg.register):  # checked before training, not after it

@@ -381,7 +381,10 @@ def find_last_checkpoint(run_id: str, cfg: Config) -> Path:
             return Path(folder) / "last.pt"
     local = Path(cfg.output_dir) / run_id / "checkpoints" / "last.pt"
     try:
-        return Path(mlflow.MlflowClient().download_artifacts(run_id, "checkpoints/last.pt", str(local.parent.parent)))
+        last = Path(mlflow.MlflowClient().download_artifacts(run_id, "checkpoints/last.pt", str(local.parent.parent)))
+        with contextlib.suppress(Exception):  # the best epoch's, which the test evaluates (restore says if it is missing)
+            mlflow.MlflowClient().download_artifacts(run_id, "checkpoints/best.pt", str(local.parent.parent))
+        return last
     except Exception:
         epochs = len(mlflow.MlflowClient().get_metric_history(run_id, "val_loss"))
         if epochs:  # it trained: its checkpoints were moved or deleted, not never written

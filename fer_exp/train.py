@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -576,17 +577,28 @@ class Trainer:
                 "data_members": self.data_members}
 
     def save(self, name: str, also: str | None = None) -> Path:
-        """The state as ``<name>.pt`` (and, the same state, ``<also>.pt``: a link or copy made before either
-        replaces its old version, so a failure leaves both as they were: never a ``last.pt`` that names a
-        best epoch ``best.pt`` does not hold)."""
+        """The state as ``<name>.pt`` (and, the same state, ``<also>.pt``: a link or copy made aside before
+        either replaces its old version, so a failure leaves both as they were). ``<name>.pt`` is renamed
+        into place first: a stop between the two renames leaves ``best.pt`` behind a ``last.pt`` that is
+        the best state, which :meth:`restore` brings level, never ``best.pt`` ahead of ``last.pt`` (an
+        epoch that a resumed run, redoing it, may not select, yet whose weights would be tested)."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"{name}.pt"
+        other = self.checkpoint_dir / f"{also}.pt" if also is not None else None
+        other_partial = other.with_suffix(".pt.partial") if other is not None else None
 
-        def same_state_as(partial: Path) -> None:
-            write_atomically(self.checkpoint_dir / f"{also}.pt", lambda other: link_or_copy(partial, other))
+        def same_state_aside(partial: Path) -> None:
+            try:
+                link_or_copy(partial, other_partial)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    other_partial.unlink(missing_ok=True)
+                raise
 
         write_atomically(path, lambda partial: torch.save(self.state(), partial),
-                         before_replace=same_state_as if also is not None else None)
+                         before_replace=same_state_aside if other is not None else None)
+        if other is not None:
+            os.replace(other_partial, other)
         return path
 
     def restore(self, path: str | Path) -> None:
@@ -606,11 +618,28 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["rng"].to("cpu") if self.device.type != "cuda" else state["rng"].cpu())
+        rng = state["rng"].cpu()
+        if rng.numel() == self.generator.get_state().numel():
+            self.generator.set_state(rng)
+        else:  # written on another kind of device (a run begun on a GPU, resumed on a CPU): its stream does not fit
+            self.generator.manual_seed((self.cfg.seed + 1) * 1_000_003 + state["epoch"])
+            print(f"warning: {path} was written on another kind of device than {self.device.type}: its shuffling and "
+                  "augmentation stream cannot go on here, so it is seeded again (from the seed and the epoch) and the "
+                  "resumed run will not end exactly as an uninterrupted one would", file=sys.stderr, flush=True)
         set_global_rng_state(state["global_rng"])
         self.epoch, self.history = state["epoch"], list(state["history"])
         self.best_value, self.best_epoch, self.stale = state["best_value"], state["best_epoch"], state["stale"]
         self.resumed_from = Path(path)
+        best = self.resumed_from.parent / "best.pt"  # where fit() goes on saving and tests from
+        if self.best_epoch and self.best_epoch == self.epoch:
+            # this state is the best: best.pt is made from it (a stop between the two renames of its save,
+            # or a last.pt downloaded alone, left best.pt behind or missing)
+            best.with_suffix(".pt.partial").unlink(missing_ok=True)
+            write_atomically(best, lambda other: link_or_copy(self.resumed_from, other))
+        elif self.best_epoch and not best.is_file():
+            raise ValueError(f"the best epoch's checkpoint ({best}, epoch {self.best_epoch}) is missing beside it: "
+                             "the run's test would have no model to evaluate; put best.pt back there (e.g. "
+                             "from the run's artifacts, checkpoints/best.pt), or start a new run")
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self, evaluate_test: bool = True) -> FitResult:
@@ -632,6 +661,7 @@ class Trainer:
                 break  # resumed after the epoch that stopped it early
             self.epoch = epoch + 1
             epoch_start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # the LR the epoch starts with (per-step schedules move it)
             metrics = self.train_epoch()
             step_seconds += metrics["epoch_seconds"]
             val_metrics, _ = self.evaluate("val")
@@ -641,7 +671,7 @@ class Trainer:
                     kept = f"; the checkpoints of epoch {self.epoch - 1} are kept in {self.checkpoint_dir}" if self.epoch > 1 else ""
                     raise TrainingDiverged(f"the {name.replace('_', ' ')} is {metrics[name]} at epoch {self.epoch}: "
                                            f"training diverged (a lower --lr, or --amp off, may help){kept}")
-            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            metrics["lr"] = lr
             value = metrics[cfg.select_metric]
             if self.schedule_unit == "epoch":
                 self.scheduler.step(value)

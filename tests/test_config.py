@@ -257,6 +257,9 @@ def test_invalid_yaml(tmp_path, text):
         ({"aug_brightness": 1.0}, "aug_brightness must be in [0, 1)"),
         ({"aug_contrast": -0.2}, "aug_contrast must be in [0, 1)"),
         ({"data_seed": -2}, "data_seed must be -1 (the run's seed) or a seed from 0"),
+        ({"data_seed": 2**32}, "data_seed must be -1 (the run's seed) or a seed from 0 to 2**32 - 1"),
+        ({"seed": -1}, "seed must be an integer from 0 to 2**32 - 1"),
+        ({"seed": 2**64 - 1, "data_seed": 0}, "seed must be an integer from 0 to 2**32 - 1"),  # (was a traceback)
         ({"copy_correlation": 0}, "copy_correlation must be above 0 and at most 1"),
         ({"copy_correlation": 1.5}, "copy_correlation must be above 0 and at most 1"),
     ],

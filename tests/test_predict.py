@@ -239,6 +239,23 @@ def test_unreadable_files_are_reported_and_skipped(trained, tmp_path):
 
 
 @pytest.mark.slow  # the tracked runs
+def test_a_resume_whose_checkpoint_folder_is_gone_downloads_last_pt_with_its_best_pt(trained, tmp_path):
+    """The test at the end of a resumed run needs best.pt; only last.pt was downloaded."""
+    from fer_exp.experiment import find_last_checkpoint
+
+    run_id = trained["runs"][1].run_id
+    recorded = Path(trained["client"].get_run(run_id).data.tags["checkpoint_dir"])
+    moved = recorded.with_name("moved-away")
+    recorded.rename(moved)
+    try:
+        last = find_last_checkpoint(run_id, load_config(overrides={**TINY, "output_dir": str(tmp_path)}))
+        assert last.name == "last.pt" and last.is_file() and tmp_path / run_id in last.parents
+        assert (last.parent / "best.pt").is_file()  # beside it, where the resumed run tests from
+    finally:
+        moved.rename(recorded)
+
+
+@pytest.mark.slow  # the tracked runs
 def test_a_deleted_run_s_model_loads_with_a_warning_that_says_how_to_restore_it(trained):
     run_id = trained["runs"][1].run_id
     image = next(trained["images"].iterdir())

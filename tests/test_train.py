@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,9 +401,10 @@ def test_slow_work_around_the_steps_shows_in_the_overhead(small, tmp_path):
 def test_fit_lr_follows_the_schedule(fitted):
     cfg, trainer, result, _, _ = fitted
     assert trainer.steps_per_epoch == 3
-    # the LR after each epoch: warmup (1 epoch) ends at lr, cosine ends at 1% of lr
-    assert result.history[0]["lr"] == pytest.approx(cfg.lr)
-    assert result.history[1]["lr"] == pytest.approx(0.01 * cfg.lr)
+    # the LR each epoch starts with (its first step's, as for the plateau schedule, which moves between
+    # epochs): warmup (1 epoch) starts at 1% of lr, cosine at lr
+    assert result.history[0]["lr"] == pytest.approx(0.01 * cfg.lr)
+    assert result.history[1]["lr"] == pytest.approx(cfg.lr)
 
 
 def test_fit_best_epoch_is_first_max_of_val_accuracy(fitted):
@@ -479,6 +483,71 @@ def test_a_resumed_run_keeps_its_best_epoch_and_early_stopping_count(small, tmp_
                      tmp_path / "other", script, early_stopping=2)
     with pytest.raises(ValueError, match="its train split.s. held other faces or labels when it was interrupted"):
         other.restore(tmp_path / "cut" / "last.pt")
+
+
+def test_a_stop_between_an_improving_epoch_s_two_renames_never_leaves_best_pt_ahead_of_last_pt(small, tmp_path,
+                                                                                                 monkeypatch):
+    """Epoch 2 improves: last.pt and best.pt are both replaced. A stop between the two renames used to
+    leave best.pt at epoch 2 and last.pt at epoch 1; a resumed run that (on a non-deterministic GPU)
+    no longer improved at epoch 2 kept best.pt's discarded weights and tested them."""
+    script = [{"acc": 0.5}, {"acc": 0.6}, {"acc": 0.4}]
+    real_replace, renames = os.replace, []
+
+    def stop_at_the_second_rename_of_epoch_2(source, target):
+        if Path(target).name in ("last.pt", "best.pt") and cut.epoch == 2:
+            renames.append(Path(target).name)
+            if len(renames) == 2:
+                raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    cut = scripted(small, tmp_path / "cut", script)
+    monkeypatch.setattr(os, "replace", stop_at_the_second_rename_of_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert renames == ["last.pt", "best.pt"]  # last.pt first: it may run ahead of best.pt, not behind it
+    trainer = scripted(small, tmp_path / "cut", script)
+    trainer.restore(tmp_path / "cut" / "last.pt")
+    assert load_checkpoint(tmp_path / "cut" / "best.pt")["epoch"] == trainer.best_epoch == trainer.epoch == 2
+    assert not (tmp_path / "cut" / "best.pt.partial").exists()
+    result = trainer.fit()
+    assert result.best_epoch == 2 and load_checkpoint(tmp_path / "cut" / "best.pt")["epoch"] == 2
+
+
+def test_a_last_pt_alone_resumes_where_it_is_the_best_epoch_and_says_so_where_best_pt_is_missing(small, tmp_path):
+    """A last.pt downloaded from the run's artifacts without its best.pt: the test at the end failed
+    with FileNotFoundError, after the resume had started."""
+    for script, best_is_last in (([{"acc": 0.5}, {"acc": 0.6}], True), ([{"acc": 0.6}, {"acc": 0.5}], False)):
+        folder, alone = tmp_path / f"full{best_is_last}", tmp_path / f"alone{best_is_last}"
+        scripted(small, folder, script).fit()
+        alone.mkdir()
+        shutil.copyfile(folder / "last.pt", alone / "last.pt")
+        trainer = scripted(small, alone, script)
+        if best_is_last:
+            trainer.restore(alone / "last.pt")
+            result = trainer.fit()
+            assert result.best_epoch == 2 and result.test_metrics and (alone / "best.pt").is_file()
+        else:
+            with pytest.raises(ValueError, match=r"best epoch's checkpoint \(.*best.pt, epoch 1\) is missing"):
+                trainer.restore(alone / "last.pt")
+
+
+def test_a_checkpoint_written_on_another_kind_of_device_resumes_with_its_stream_seeded_again(small, tmp_path, capsys):
+    """A CUDA generator's state is 16 bytes (seed and offset), a CPU one's 5056: a run begun on a GPU could
+    not be resumed on a CPU (set_state refused it). Now it resumes, and says it is not exact."""
+    script = [{"acc": 0.5}, {"acc": 0.6}, {"acc": 0.7}]
+    with pytest.raises(KeyboardInterrupt):
+        scripted(small, tmp_path, script, callbacks=[StopAfter(2)]).fit()
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["rng"] = torch.tensor([42, 0, 0, 0, 0, 0, 0, 0, 128, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)  # CUDA's form
+    torch.save(state, tmp_path / "last.pt")
+    trainer = scripted(small, tmp_path, script)
+    trainer.restore(tmp_path / "last.pt")
+    assert "written on another kind of device than cpu" in capsys.readouterr().err
+    again = scripted(small, tmp_path, script)
+    again.restore(tmp_path / "last.pt")
+    assert torch.equal(trainer.generator.get_state(), again.generator.get_state())  # seeded again, reproducibly
+    assert trainer.fit().best_epoch == 3
 
 
 def test_test_metrics_and_probabilities(fitted, data):
