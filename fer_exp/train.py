@@ -182,7 +182,8 @@ def global_rng_state() -> dict:
     """The global random streams (torch CPU and CUDA, numpy, Python) as checkpoint-safe values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # (only where this process uses CUDA: asking would start a context on every GPU of a CPU run's host)
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate()}
 
