@@ -311,16 +311,16 @@ def check_pretrained_weights(runs: list[PlannedRun]) -> None:
     """Loads once each pretrained source the new runs start from (ImageNet weights through timm's hub or
     cache, a local file), so weights that cannot be had (offline, a wrong path) stop the study before its
     first run, not after hours of other arms' training at the first run that needs them."""
-    from fer_exp.models import PretrainedWeightsError, build_model
+    from fer_exp.models import PretrainedWeightsError, check_pretrained
 
     checked = set()
     for planned in runs:
         cfg = planned.config
-        if cfg.model != "resnet18" or cfg.pretrained.strip().lower() == "none" or cfg.pretrained in checked:
+        if (cfg.model, cfg.pretrained) in checked:
             continue
-        checked.add(cfg.pretrained)
+        checked.add((cfg.model, cfg.pretrained))
         try:
-            build_model(cfg.model, pretrained=cfg.pretrained)
+            check_pretrained(cfg.model, cfg.pretrained)
         except PretrainedWeightsError as exc:
             raise PretrainedWeightsError(f"arm {planned.arm} starts from pretrained={cfg.pretrained}, which cannot be "
                                          f"loaded, so no run was started: {exc}") from None

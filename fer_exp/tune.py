@@ -49,6 +49,7 @@ from fer_exp.config import (
     validate,
 )
 from fer_exp.errors import counted, first_line
+from fer_exp.models import PretrainedWeightsError, check_pretrained
 from fer_exp.search_space import Param, parse_enqueue, parse_space, space_spec
 from fer_exp.train import Callback, StopTraining, raise_if_stop_requested, stop_on_signals, stop_requested
 from fer_exp.tune_report import ParentRun, StudyError, format_params, format_table, mask_url, study_summary
@@ -714,6 +715,11 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
         if sc.study_name not in names:
             raise StudyError(f"--n-trials 0 --retrain-best: no study {sc.study_name!r} in {mask_url(storage_url)} to retrain "
                              f"the best trial of (studies there: {', '.join(names) or 'none'}); give its --study-name")
+    if not any(p.name in ("model", "pretrained") for p in plan.space):  # (else each trial's run loads its own)
+        try:  # weights that cannot be had (offline, a wrong path) stop the study before any trial fails on them
+            check_pretrained(plan.config.model, plan.config.pretrained)
+        except PretrainedWeightsError as exc:
+            raise PretrainedWeightsError(f"{exc} No study or trial was started.") from None
     raise_if_stop_requested()  # a Ctrl-C while the data loaded: no study or parent run is made
     study, resumed, parent = join_study(plan, storage_url, data.members())
     finished_before = count_states(study, FINISHED)

@@ -189,6 +189,17 @@ def test_a_study_cut_short_by_its_timeout_says_so(tmp_path, store):
     assert "with --total-trials 2 runs the rest" in result.output
 
 
+def test_pretrained_weights_that_cannot_be_had_stop_the_study_before_any_trial(tmp_path, store):
+    """Each trial failed on them; the worker gave up after three failed trials."""
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY_FILE.format(data="synthetic:32,16,16", epochs=1).replace("model: cnn", "model: resnet18"))
+    result = CliRunner().invoke(main, ["tune", "--config", str(path), "--n-trials", "2", "--tracking", "false",
+                                       "--pretrained", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 2 and "missing.safetensors" in result.output, result.output
+    assert "No study or trial was started" in result.output and "FAIL" not in result.output
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}") == []
+
+
 def test_a_resumed_study_queues_the_enqueued_parameters_it_has_not_tried(tmp_path, store):
     """--enqueue on a resumed study was ignored without a word; now the new sets run first, those the
     study holds are not run twice, and both are said."""

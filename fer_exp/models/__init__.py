@@ -11,7 +11,8 @@ from fer_exp.models.resnet import PretrainedWeightsError, TimmResNet18
 
 MODEL_NAMES = ("cnn", "resnet18")
 
-__all__ = ["MODEL_NAMES", "FerCNN", "PretrainedWeightsError", "TimmResNet18", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "FerCNN", "PretrainedWeightsError", "TimmResNet18", "build_model", "check_pretrained",
+           "count_parameters"]
 
 
 def build_model(
@@ -38,6 +39,14 @@ def build_model(
             dropout=dropout,
         )
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def check_pretrained(name: str, pretrained: str) -> None:
+    """Loads the pretrained weights a run of ``name`` starts from once (ImageNet weights through timm's hub
+    or cache, or a local file), so commands that start many runs (studies) can stop before the first one
+    when they cannot be had; :class:`PretrainedWeightsError` says why."""
+    if name == "resnet18" and (pretrained or "none").strip().lower() != "none":
+        build_model(name, pretrained=pretrained)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
