@@ -203,7 +203,8 @@ def study_options(command):
 @click.option("--config", "config_path", default=None, help="Experiment YAML (e.g. experiments/cnn.yaml); CLI options override it.")
 @click.option("--resume", default=None, type=_Optional("RUN_ID"),
               help="Continue this interrupted run from its last.pt, in the same MLflow run and with its config "
-                   "(options may change only how it runs: device, output dir, eval batch size).")
+                   "(options may change only how it runs: device, output dir, eval batch size, run name, register; "
+                   "--data may name its faces at another path).")
 @config_options
 def train(config_path: str | None, resume: str | None, **options) -> None:
     """Train a model and track the run in MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
@@ -229,7 +230,11 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
     stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
     try:
         summary = run_experiment(cfg, resume_run_id=resume)
-    except (DataError, PretrainedWeightsError, ConfigError, TrackingError) as exc:
+    except DataError as exc:
+        moved = resume and not cfg.data.startswith("synthetic") and not Path(cfg.data).exists()
+        raise UserError(f"{exc}\nrun {resume} trained on {cfg.data}: if its data moved, resume with --data NEW_PATH "
+                        "(the same faces are checked)" if moved else str(exc)) from None
+    except (PretrainedWeightsError, ConfigError, TrackingError) as exc:
         raise UserError(str(exc)) from None
     except RunFailed as exc:  # diverged, or a checkpoint could not be written
         raise click.ClickException(f"{exc} (run marked FAILED)") from None

@@ -141,6 +141,9 @@ class StudyConfig:
 # differ only in these count as the same.
 EXECUTION_FIELDS = ("device", "output_dir", "run_name", "experiment_name", "eval_batch_size", "channels_last",
                     "system_metrics", "register", "compile")
+# What a resumed run or study may change: how it runs, and where its data is (the same faces at another
+# path: a folder moved; the faces themselves are checked by their member digests)
+RESUMABLE_FIELDS = (*EXECUTION_FIELDS, "data")
 
 
 def recorded_config(values: dict) -> dict:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fer_exp.config import Config, ConfigError
@@ -325,7 +325,7 @@ def resume_config(run_id: str, overrides: dict | None = None, trial: bool = Fals
     tuning trial's run is resumed by its study only (``trial``): resumed as a run, it would be tested."""
     import mlflow
 
-    from fer_exp.config import EXECUTION_FIELDS, build_config, load_config
+    from fer_exp.config import RESUMABLE_FIELDS, build_config, load_config
     from fer_exp.tracking import tracking_uri
 
     check_tracking_store(tracking_uri())
@@ -353,11 +353,15 @@ def resume_config(run_id: str, overrides: dict | None = None, trial: bool = Fals
         original = load_config(path)
     cfg = build_config(original.to_dict(), overrides)
     changed = [f"{k}: {getattr(original, k)!r} -> {getattr(cfg, k)!r}" for k in original.to_dict()
-               if k not in EXECUTION_FIELDS and getattr(original, k) != getattr(cfg, k)]
+               if k not in RESUMABLE_FIELDS and getattr(original, k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"run {run_id} cannot resume with another config ({'; '.join(changed)}): MLflow keeps its "
                           "params and the schedules are sized by them. Resume it unchanged, or start a new run.")
-    return cfg
+    experiment = client.get_experiment(run.info.experiment_id).name
+    if (overrides or {}).get("experiment_name") not in (None, experiment):
+        raise ConfigError(f"run {run_id} is in experiment {experiment!r}: a run cannot move to another experiment "
+                          "(leave out --experiment-name, or start a new run there)")
+    return replace(cfg, experiment_name=experiment)
 
 
 def resume_experiment(run_id: str, like: Config, trial: bool = False, **kwargs) -> RunSummary:
@@ -486,6 +490,8 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
             else:  # why it stopped before is no longer so: a resumed run that finishes is not "interrupted"
                 with contextlib.suppress(mlflow.exceptions.MlflowException):
                     mlflow.delete_tag("stop_reason")
+                if cfg.run_name and cfg.run_name != run.info.run_name:  # --run-name on a resume renames the run
+                    mlflow.set_tag("mlflow.runName", cfg.run_name)
             if on_run_start is not None:
                 on_run_start(run.info.run_id)
             result = trainer.fit(evaluate_test=evaluate_test)

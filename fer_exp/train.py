@@ -156,16 +156,21 @@ def write_atomically(path: Path, write, before_replace=None) -> None:
             partial.unlink(missing_ok=True)
         if isinstance(exc, CheckpointWriteError) or not isinstance(exc, (OSError, RuntimeError)):
             raise  # said already (the second file); Ctrl-C and the like: the caller's to handle
-        try:
-            free = shutil.disk_usage(path.parent).free
-        except OSError:
-            free = None
-        reason = getattr(exc, "strerror", None) or first_line(exc)
-        if free is not None and free < 64 * 2**20:
-            reason = f"{reason}; {free / 2**20:.1f} MiB free there"
-        refused = getattr(exc, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM)  # not a full disk
-        raise CheckpointWriteError(f"{path} could not be written ({reason}); "
-                                   + ("make the folder writable again" if refused else "free space there")) from exc
+        raise write_error(path, exc) from exc
+
+
+def write_error(path: Path, exc: BaseException) -> CheckpointWriteError:
+    """What failed writing ``path`` (a full disk, with the space left; a folder that cannot be written)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    reason = getattr(exc, "strerror", None) or first_line(exc)
+    if free is not None and free < 64 * 2**20:
+        reason = f"{reason}; {free / 2**20:.1f} MiB free there"
+    refused = getattr(exc, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM)  # not a full disk
+    return CheckpointWriteError(f"{path} could not be written ({reason}); "
+                                + ("make the folder writable again" if refused else "free space there"))
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -591,9 +596,11 @@ class Trainer:
         def same_state_aside(partial: Path) -> None:
             try:
                 link_or_copy(partial, other_partial)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     other_partial.unlink(missing_ok=True)
+                if isinstance(exc, (OSError, RuntimeError)):
+                    raise write_error(other, exc) from exc
                 raise
 
         write_atomically(path, lambda partial: torch.save(self.state(), partial),

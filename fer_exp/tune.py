@@ -38,7 +38,7 @@ from pathlib import Path
 
 from fer_exp.config import (
     CHOICES,
-    EXECUTION_FIELDS,
+    RESUMABLE_FIELDS,
     Config,
     ConfigError,
     StudyConfig,
@@ -61,7 +61,6 @@ CLAIMED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 ACTIVE = ("COMPLETE", "PRUNED", "RUNNING")
 # config fields that may differ when a study is resumed: how it runs, and the data's path (the same
 # data sits at different paths on different machines)
-RESUMABLE_DIFFERENCES = (*EXECUTION_FIELDS, "data")
 REPO_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -643,7 +642,7 @@ def open_study(plan: StudyPlan, storage_url: str, data_members: dict | None = No
     known = study.user_attrs.get("definition")
     if known:
         known = {**known, "config": recorded_config(known["config"])}  # fields added since: their defaults
-        changed = [k for k in definition["config"] if k not in RESUMABLE_DIFFERENCES
+        changed = [k for k in definition["config"] if k not in RESUMABLE_FIELDS
                    and known["config"].get(k) != definition["config"][k]]
         if known["search_space"] != definition["search_space"]:
             changed.append("search_space")

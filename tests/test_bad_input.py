@@ -488,6 +488,44 @@ def test_a_store_that_fills_up_mid_run_ends_the_run_with_a_resume_hint(store, mo
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
 
 
+def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_another_experiment(store, monkeypatch):
+    """The data folder moved since the run was interrupted: the resume's hint (--data) was refused as
+    another config. And --run-name did nothing, --experiment-name was silently ignored."""
+    import mlflow
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for name in CLASS_NAMES:
+            (store / "faces" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(store / "faces" / split / name / f"{i}.png")
+    real_log_metrics = mlflow.log_metrics
+
+    def interrupted_at_epoch_2(metrics, *args, **kwargs):
+        if kwargs.get("step") == 2:
+            raise KeyboardInterrupt
+        return real_log_metrics(metrics, *args, **kwargs)
+    monkeypatch.setattr(mlflow, "log_metrics", interrupted_at_epoch_2)
+    first = CliRunner().invoke(main, ["train", "--data", "faces", "--epochs", "3", "--batch-size", "16",
+                                      "--system-metrics", "false"])
+    assert first.exit_code == 130, first.output
+    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    [run] = _runs(store)
+    (store / "moved").mkdir()
+    (store / "faces").rename(store / "moved" / "faces")
+    lost = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
+    assert lost.exit_code == 2 and "trained on faces: if its data moved, resume with --data" in lost.output, lost.output
+    elsewhere = CliRunner().invoke(main, ["train", "--resume", run.info.run_id, "--data", "moved/faces",
+                                         "--experiment-name", "other"])
+    assert elsewhere.exit_code == 2 and "a run cannot move to another experiment" in elsewhere.output, elsewhere.output
+    resumed = CliRunner().invoke(main, ["train", "--resume", run.info.run_id, "--data", "moved/faces",
+                                        "--run-name", "renamed"])
+    assert resumed.exit_code == 0, resumed.output
+    done = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert done.info.status == "FINISHED" and done.info.run_name == "renamed"
+    assert done.data.metrics["best_epoch"] >= 1 and "test_accuracy" in done.data.metrics
+
+
 def test_a_best_pt_that_cannot_be_made_leaves_last_pt_as_it_was(tmp_path, monkeypatch):
     """last.pt never names a best epoch that best.pt does not hold: both are replaced, or neither."""
     import torch
