@@ -58,6 +58,7 @@ def check_tracking_store(uri: str, timeout: float = 10.0, write: bool = True) ->
         check_sqlite_store(uri, write=write)
         if write or sqlite_file(uri).exists():
             open_sqlite_store(uri)
+    check_database_answers(uri, timeout)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -73,6 +74,32 @@ def check_tracking_store(uri: str, timeout: float = 10.0, write: bool = True) ->
         reason = getattr(exc, "reason", exc)
         raise TrackingError(f"the tracking server {mask_url(uri)} does not answer ({reason}); start it "
                             "(mlflow server ...) or point MLFLOW_TRACKING_URI at a reachable one") from None
+
+
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # their servers' default ports
+
+
+def check_database_answers(uri: str, timeout: float = 10.0, what: str = "the tracking store",
+                           fix: str = "point MLFLOW_TRACKING_URI at a reachable one") -> None:
+    """A database server (PostgreSQL, MySQL, SQL Server) at ``uri`` that does not take connections is said in
+    seconds: SQLAlchemy under MLflow retried for about two minutes, then printed a traceback. A URL
+    without a host (a local socket) or of another kind is left to the store to open."""
+    from fer_exp.tune_report import mask_url
+
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(uri)
+        port = url.port or DATABASE_PORTS.get(url.get_backend_name())
+    except Exception:  # not a database URL (a file, http): not this check's to say
+        return
+    if not url.host or port is None:
+        return
+    try:
+        socket.create_connection((url.host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise TrackingError(f"{what} {mask_url(uri)} does not answer ({exc.strerror or exc}); start its database "
+                            f"server or {fix}") from None
 
 
 def check_sqlite_store(uri: str, what: str = "the tracking store",

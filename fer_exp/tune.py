@@ -155,7 +155,12 @@ def make_storage(url: str, heartbeat: int, on_stale=None):
     """An Optuna RDB storage with heartbeats, so killed workers' trials are failed and retried."""
     optuna = _optuna()
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    from fer_exp.experiment import database_url
+    from fer_exp.experiment import TrackingError, check_database_answers, database_url
+
+    try:
+        check_database_answers(url, what="the Optuna storage", fix="pass --storage a reachable one")
+    except TrackingError as exc:
+        raise StudyError(str(exc)) from None
 
     try:
         return optuna.storages.RDBStorage(database_url(url), engine_kwargs=engine, heartbeat_interval=heartbeat,

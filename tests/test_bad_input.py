@@ -242,13 +242,16 @@ def test_study_import_refuses_what_is_not_an_export_of_this_data(store):
 # ================================================================== stores, folders and files that cannot serve
 
 
-@pytest.mark.parametrize("case", ["not a database", "under a file", "in memory", "a folder"])
+@pytest.mark.parametrize("case", ["not a database", "under a file", "in memory", "a folder", "a database server down"])
 @pytest.mark.parametrize("command", ["train", "resume", "compare", "tune", "study"])
-def test_a_tracking_store_that_cannot_keep_runs_is_refused_before_anything_runs(store, monkeypatch, case, command):
+def test_a_tracking_store_that_cannot_keep_runs_is_refused_before_anything_runs(store, monkeypatch, case, command,
+                                                                                free_port):
     (store / "notes.txt").write_text("hello, not sqlite")
     (store / "folder.db").mkdir()
     uri = {"not a database": f"sqlite:///{store / 'notes.txt'}", "under a file": f"sqlite:///{store / 'notes.txt' / 'x.db'}",
-           "in memory": "sqlite://", "a folder": f"sqlite:///{store / 'folder.db'}"}[case]
+           "in memory": "sqlite://", "a folder": f"sqlite:///{store / 'folder.db'}",
+           # (SQLAlchemy under MLflow retried for two minutes, then printed a traceback)
+           "a database server down": f"postgresql://fer:secret@127.0.0.1:{free_port()}/mlflow"}[case]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     experiments = Path(__file__).parents[1] / "experiments"
     args = {"train": ["train", "--data", "synthetic:32,8,8", "--epochs", "1"],
@@ -259,17 +262,22 @@ def test_a_tracking_store_that_cannot_keep_runs_is_refused_before_anything_runs(
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and short_error(result.output), result.output
     message = {"not a database": "is not an SQLite database", "under a file": "is a file, not a folder",
-               "in memory": "is in memory", "a folder": "names a folder"}[case]
+               "in memory": "is in memory", "a folder": "names a folder", "a database server down": "does not answer"}[case]
     assert message in result.output and "MLFLOW_TRACKING_URI" in result.output, result.output
     assert (store / "notes.txt").read_text() == "hello, not sqlite" and not list(store.glob("outputs/*"))
 
 
-def test_an_optuna_storage_that_cannot_be_made_is_refused(store):
+def test_an_optuna_storage_that_cannot_be_made_is_refused(store, free_port):
     (store / "notes.txt").write_text("x")
     result = CliRunner().invoke(main, ["tune", "--model", "cnn", "--data", "synthetic:32,8,8", "--n-trials", "1",
                                        "--storage", f"sqlite:///{store / 'notes.txt' / 'optuna.db'}"])
     assert result.exit_code == 2 and short_error(result.output), result.output
     assert "the Optuna storage" in result.output and "is a file, not a folder" in result.output
+    down = CliRunner().invoke(main, ["tune", "--model", "cnn", "--data", "synthetic:32,8,8", "--n-trials", "1",
+                                     "--storage", f"postgresql://fer:secret@127.0.0.1:{free_port()}/optuna"])
+    assert down.exit_code == 2 and short_error(down.output), down.output
+    assert "the Optuna storage postgresql://fer:***@127.0.0.1" in down.output and "does not answer" in down.output
+    assert "secret" not in down.output
 
 
 def test_a_comparison_folder_that_cannot_be_written_or_an_unknown_group_is_refused(store):
