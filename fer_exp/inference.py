@@ -14,7 +14,6 @@ import json
 import pickle
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from fer_exp.augment import to_float
 from fer_exp.classes import CLASS_NAMES, NUM_CLASSES
 from fer_exp.config import FIELDS, TTA_CHOICES, TTA_OPTIONS, Config
 from fer_exp.device import autocast, inference_amp, memory_format_for, resolve_device
-from fer_exp.errors import first_line
+from fer_exp.errors import NOT_A_TORCH_FILE, first_line, torch_file_kind
 from fer_exp.models import build_model
 
 TENCROP_FRACTION = 0.875  # ten-crop: 4 corners and the centre at 42 of 48 px, resized back, and their mirrors
@@ -204,30 +203,15 @@ def load_weights_file(path: Path, device: str | torch.device = "auto") -> Loaded
     return dataclasses.replace(loaded, source=str(path), tta=own_tta(loaded.config, metadata.get("fer_exp_tta")))
 
 
-def checkpoint_kind(path: Path) -> str:
-    """What the file holds, by its first bytes: "zip" (what torch.save writes), "cut zip" (the start of one,
-    written only in part), "pickle" (an older torch.save: its PROTO opcode first), or "other" (a text file,
-    an image: what the unpickler also chokes on)."""
-    with open(path, "rb") as handle:
-        if zipfile.is_zipfile(handle):
-            return "zip"
-        handle.seek(0)
-        head = handle.read(4)
-    return "cut zip" if head.startswith(b"PK\x03\x04") else "pickle" if head[:1] == b"\x80" else "other"
-
-
 def load_checkpoint_file(path: Path, device: str | torch.device = "auto") -> LoadedModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a text file, an image, an empty file: torch's errors vary by content
-        kind = checkpoint_kind(path)
+        kind = torch_file_kind(path)
         if isinstance(exc, pickle.UnpicklingError) and kind in ("zip", "pickle"):  # a checkpoint, not of tensors only
             raise ModelLoadError(f"{path}: refused, the file holds pickled objects beyond tensors (loading it could "
                                  "run code); use a checkpoint written by fer-exp train") from None
-        # torch's own words only where the file is one of its kind gone wrong
-        reason = {"other": "a file of another kind",
-                  "cut zip": "damaged or cut short: a checkpoint written only in part, by a full disk or a copy "
-                             "stopped half-way"}.get(kind) or first_line(exc, 120)
+        reason = NOT_A_TORCH_FILE.get(kind) or first_line(exc, 120)  # torch's words where it is one gone wrong
         raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({reason}); give the best.pt or last.pt of a run, a "
                              "weights file (.safetensors) or an MLflow model URI (runs:/<run id>/model)") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

@@ -267,3 +267,14 @@ def test_a_weights_file_with_pickled_objects_is_refused_without_running_them(tmp
     with pytest.raises(PretrainedWeightsError, match="refused: besides tensors it holds pickled Python objects"):
         build_model("resnet18", pretrained=str(path))
     assert "this ran while loading" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"<!DOCTYPE html><html>404 Not Found</html>", bytes(range(256)) * 8],
+                         ids=["html page", "random bytes"])
+def test_a_weights_file_that_is_no_torch_file_is_said_to_be_one_of_another_kind(tmp_path, content):
+    """Was: "refused: besides tensors it holds pickled Python objects" (the unpickler's error for any bytes)."""
+    path = tmp_path / "resnet18.pth"
+    path.write_bytes(content)
+    with pytest.raises(PretrainedWeightsError, match=r"is not a PyTorch weights file \(a file of another kind") as info:
+        build_model("resnet18", pretrained=str(path))
+    assert "pickled" not in str(info.value) and "--pretrained none" in str(info.value)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_exp.classes import NUM_CLASSES
+from fer_exp.errors import NOT_A_TORCH_FILE, torch_file_kind
 
 # Grayscale ImageNet statistics: the means of the RGB ImageNet means (0.485, 0.456, 0.406)
 # and stds (0.229, 0.224, 0.225).
@@ -130,6 +131,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        kind = torch_file_kind(path)
+        if kind not in ("zip", "pickle"):  # not a torch file at all: not an unsafe one
+            raise PretrainedWeightsError(f"{path} is not a PyTorch weights file ({NOT_A_TORCH_FILE[kind]}); "
+                                         f"{ALTERNATIVES}") from None
         raise PretrainedWeightsError(
             f"{path} was refused: besides tensors it holds pickled Python objects, which could run code when "
             "loaded. fer-exp loads weights with torch.load(weights_only=True); save a plain state dict "
