@@ -482,6 +482,13 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                 client.set_tag(launch, "fer_exp.role", "launch")
                 client.set_tag(launch, "mlflow.runName", f"resume of {cfg.run_name or describe_run(cfg)}")
                 client.set_tag(launch, "mlflow.note.content", f"Resumed run {resume_run_id}; its metrics are there.")
+                resumed_in = client.get_run(resume_run_id).info.experiment_id
+                launched_in = client.get_run(launch).info.experiment_id
+                if launched_in != resumed_in:  # mlflow run chose the experiment before fer-exp knew the run
+                    name = client.get_experiment(resumed_in).name
+                    print(f"note: mlflow run made its own run {launch} in experiment "
+                          f"{client.get_experiment(launched_in).name!r}, not beside the resumed run in {name!r}; "
+                          f"pass --experiment-name {name} to mlflow run to keep them together", file=sys.stderr)
         try:
             if experiment_id is None and parent_run_id is not None:  # a child lives where its parent does
                 experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id

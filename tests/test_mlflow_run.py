@@ -226,8 +226,9 @@ def test_sigkill_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     resume = [sys.executable, "-m", "fer_exp.cli", "train", "--resume", run.info.run_id]
     changed = subprocess.run([*resume, "--lr", "0.5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert changed.returncode == 2 and "cannot resume with another config (lr: 0.001 -> 0.5)" in changed.stderr
-    # as `mlflow run . -P resume=ID` does: MLflow makes a run of its own (named at random) for the launch
-    launch = client.create_run(run.info.experiment_id, run_name="skillful-lark-557").info.run_id
+    # as `mlflow run . -P resume=ID` does: MLflow makes a run of its own (named at random) for the launch,
+    # without --experiment-name in the Default experiment, not beside the resumed run: that is said
+    launch = client.create_run("0", run_name="skillful-lark-557").info.run_id
     done = subprocess.run(resume, cwd=tmp_path, env={**env, "MLFLOW_RUN_ID": launch}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -235,6 +236,8 @@ def test_sigkill_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     assert record["mlflow.parentRunId"] == run.info.run_id and record["fer_exp.role"] == "launch"
     assert record["mlflow.runName"] == f"resume of {run.info.run_name}"
     assert f"resuming run {run.info.run_id} after epoch" in done.stderr
+    assert (f"note: mlflow run made its own run {launch} in experiment 'Default', not beside the resumed run in "
+            "'resume'; pass --experiment-name resume to mlflow run") in done.stderr
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3, 4]
