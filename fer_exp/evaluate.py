@@ -165,7 +165,7 @@ def log_evaluation_run(models: list[LoadedModel], data, split: str, tta: str, re
         for i, m in enumerate(models):  # each member's config, so runs filter on them like training runs
             prefix = "config." if len(models) == 1 else f"model{i}.config."
             mlflow.log_params({f"{prefix}{k}": v for k, v in m.config.to_dict().items()})
-        log_data_inputs(data)
+        log_data_inputs(data, splits=(split,))  # what it evaluated, not the training run's other splits
         log_evaluation(chosen.labels.numpy(), result.probabilities, chosen.sources, result.metrics,
                        title=f"{result.name} {split}", split=split, copied=data.copied(split),
                        copy_correlation=data.copy_correlation)

@@ -363,6 +363,9 @@ def resume_config(run_id: str, overrides: dict | None = None, trial: bool = Fals
         raise TrackingError(f"no run {run_id} in the tracking store {tracking_uri()}; check MLFLOW_TRACKING_URI") from None
     if run.info.status == "FINISHED":
         raise TrackingError(f"run {run_id} is FINISHED: there is nothing to resume")
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"run {run_id} is deleted; restore it first (mlflow runs restore --run-id {run_id}), "
+                            "then resume it")
     if run.data.tags.get("fer_exp.role") == "trial" and not trial:
         study = run.data.tags.get("study", "?")
         raise TrackingError(f"run {run_id} is trial {run.data.tags.get('trial', '?')} of the tuning study {study}: "
@@ -463,7 +466,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
         say_once(("frozen at random", cfg.freeze_depth), f"note: freeze_depth {cfg.freeze_depth} with pretrained none "
                  "freezes randomly initialised layers for the whole run; --freeze-depth 0 trains them")
     trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=progress,
-                      callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints), *callbacks])
+                      callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints, tested=evaluate_test), *callbacks])
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     lock = contextlib.ExitStack()
@@ -547,7 +550,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
                 mlflow.end_run(status="FAILED")
             kept = trainer.checkpoint_dir / "last.pt"
             raise TrackingFailed(
-                f"run {run.info.run_id} could not be tracked after {max(trainer.epoch - 1, 0)} complete epoch(s): {reason}"
+                f"run {run.info.run_id} could not be tracked after {len(trainer.history)} complete epoch(s): {reason}"
                 + (f"; its checkpoints are in {trainer.checkpoint_dir}: once the store can be written again (free "
                    f"space there), resume it with: fer-exp train --resume {run.info.run_id}" if kept.is_file() else "")
             ) from exc

@@ -80,12 +80,15 @@ def log_config_params(cfg) -> None:
     mlflow.log_params({f"config.{k}": v for k, v in cfg.to_dict().items()})
 
 
-def log_data_inputs(data) -> None:
-    """The three splits as MLflow dataset inputs (the UI's Datasets panel): source, digest, shape."""
+def log_data_inputs(data, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """The ``splits`` (a training run's three; an evaluation's one) as MLflow dataset inputs (the UI's
+    Datasets panel): source, digest, shape."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
     contexts = {"train": "training", "val": "validation", "test": "test"}
     for name, split in data.splits().items():
+        if name not in splits:
+            continue
         source = CodeDatasetSource({"generator": "fer_exp.data.synthetic", "spec": data.source}) \
             if data.format == "synthetic" else data.source
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all the same one)
@@ -114,22 +117,23 @@ def log_input_retrying(dataset, attempts: int = 5, **options) -> None:
             time.sleep(0.1 * (attempt + 1))  # the other insert has committed by then: found, linked
 
 
-def run_description(cfg, data, trainable: int, total: int) -> str:
+def run_description(cfg, data, trainable: int, total: int, tested: bool = True) -> str:
     what = {"cnn": "Custom CNN (4 conv blocks, GAP + FC)", "resnet18": "timm ResNet18"}[cfg.model]
     return (f"{what}, {total:,} parameters ({trainable:,} trainable), on {data.source} ({data.format}; "
             f"{data.split_rule}). {cfg.epochs} epochs of AdamW (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
             f"{cfg.scheduler} schedule), {cfg.class_weights} class weights, seed {cfg.seed}. The epoch with the best "
-            f"{cfg.select_metric} is selected on val (metric `{SELECTED_METRIC}`); test is evaluated once, on it"
-            + {"none": ".", "auto": ", with the test-time augmentation that scores best on val (tag `test_tta`)."}.get(
-                cfg.tta, f", with {cfg.tta} test-time augmentation."))
+            f"{cfg.select_metric} is selected on val (metric `{SELECTED_METRIC}`)"
+            + ("; test is not evaluated (a tuning trial: it selects on val)." if not tested else "; test is evaluated once, on it"
+               + {"none": ".", "auto": ", with the test-time augmentation that scores best on val (tag `test_tta`)."}.get(
+                   cfg.tta, f", with {cfg.tta} test-time augmentation.")))
 
 
 class MLflowCallback(Callback):
     """Logs a :class:`~fer_exp.train.Trainer` run to the active MLflow run: the test evaluation's
     metrics, figure and tables when the fit made one, the checkpoints and the model when asked."""
 
-    def __init__(self, log_model: bool = True, log_checkpoints: bool = True):
-        self.log_model, self.log_checkpoints = log_model, log_checkpoints
+    def __init__(self, log_model: bool = True, log_checkpoints: bool = True, tested: bool = True):
+        self.log_model, self.log_checkpoints, self.tested = log_model, log_checkpoints, tested  # tested: not a trial
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.resumed_from is not None:  # params, inputs and config stay as first logged; how often and where it resumed is kept
@@ -147,8 +151,7 @@ class MLflowCallback(Callback):
                 if row["epoch"] not in logged:
                     self.on_epoch_end(trainer, row["epoch"], row)
 
-    @staticmethod
-    def log_run_description(trainer: Trainer) -> None:
+    def log_run_description(self, trainer: Trainer) -> None:
         """A new run's config (params and config.yaml), tags, data inputs and description."""
         cfg, data = trainer.cfg, trainer.data
         trainable, total = count_parameters(trainer.model)
@@ -164,7 +167,7 @@ class MLflowCallback(Callback):
             "compile_choice": trainer.compile_report,
         })
         if "mlflow.note.content" not in mlflow.get_run(mlflow.active_run().info.run_id).data.tags:
-            mlflow.set_tag("mlflow.note.content", run_description(cfg, data, trainable, total))
+            mlflow.set_tag("mlflow.note.content", run_description(cfg, data, trainable, total, self.tested))
         log_data_inputs(data)
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
         summary = data.summary()

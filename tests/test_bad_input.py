@@ -481,7 +481,7 @@ def test_a_store_that_fills_up_mid_run_ends_the_run_with_a_resume_hint(store, mo
                                        "--system-metrics", "false"])
     assert result.exit_code == 1 and short_error(result.output) and "Traceback" not in result.output, result.output
     [run] = _runs(store)
-    assert (f"run {run.info.run_id} could not be tracked after 1 complete epoch(s): (sqlite3.OperationalError) "
+    assert (f"run {run.info.run_id} could not be tracked after 2 complete epoch(s): (sqlite3.OperationalError) "
             "database or disk is full; its checkpoints are in") in result.output
     assert f"resume it with: fer-exp train --resume {run.info.run_id} (run marked FAILED)" in result.output
     assert run.info.status == "FAILED" and run.data.tags["stop_reason"].startswith("tracking failed: ")
@@ -491,9 +491,15 @@ def test_a_store_that_fills_up_mid_run_ends_the_run_with_a_resume_hint(store, mo
     lost = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
     assert lost.exit_code == 2 and f"run {run.info.run_id} logged 1 epoch(s) but its last.pt is not in" in lost.output
     assert "pass the folder that now holds" in lost.output and "start a new run" in lost.output, lost.output
+    client = mlflow.MlflowClient()
+    client.delete_run(run.info.run_id)  # (MLflow refused it at start_run, with a traceback, after the data loaded)
+    deleted = CliRunner().invoke(main, ["train", "--resume", run.info.run_id, "--output-dir", str(store / "moved")])
+    assert deleted.exit_code == 2 and f"mlflow runs restore --run-id {run.info.run_id}" in deleted.output, deleted.output
+    client.restore_run(run.info.run_id)
     resumed = CliRunner().invoke(main, ["train", "--resume", run.info.run_id, "--output-dir", str(store / "moved")])
     assert resumed.exit_code == 0, resumed.output
-    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
 
 
 def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_another_experiment(store, monkeypatch):

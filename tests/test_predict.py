@@ -376,6 +376,9 @@ def test_evaluate_an_ensemble_with_tta_logs_a_comparable_run(trained):
     assert run.info.status == "FINISHED"
     assert run.data.tags["model"] == "cnn+cnn+tta:flip" and run.data.tags["fer_exp.role"] == "evaluation"
     assert {run.data.tags["source_run_0"], run.data.tags["source_run_1"]} == {runs[1].run_id, runs[2].run_id}
+    # the one split it evaluated is its dataset input (not the training run's train and val as well)
+    assert [(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+            for d in run.inputs.dataset_inputs] == [("fer2013-test", "test")]
     artifacts = {f.path for f in client.list_artifacts(run_id)}
     assert {"confusion_matrix.png", "test_predictions.csv", "per_class_metrics.json"} <= artifacts
     # the ensemble is the mean of its members' flip-TTA probabilities

@@ -321,6 +321,7 @@ def test_children_are_full_training_runs_that_never_touch_test(study):
         epochs = study["study"].trials[int(run.data.tags["trial"])].user_attrs["epochs_run"]
         assert [m.step for m in history] == list(range(1, epochs + 1)) and epochs >= 1
         assert not any(k.startswith("test_") for k in run.data.metrics)
+        assert "test is not evaluated (a tuning trial" in run.data.tags["mlflow.note.content"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "checkpoints" not in artifacts and "test_predictions.csv" not in artifacts
     trial_ids = {r.info.run_id for r in by_role(study["runs"], "trial")}
