@@ -90,11 +90,11 @@ def check_database_answers(uri: str, timeout: float = 10.0, what: str = "the tra
         from sqlalchemy.engine import make_url
 
         url = make_url(uri)
-        port = url.port or DATABASE_PORTS.get(url.get_backend_name())
-    except Exception:  # not a database URL (a file, http): not this check's to say
+    except Exception:  # not a URL SQLAlchemy reads (a file): not this check's to say
         return
-    if not url.host or port is None:
+    if url.get_backend_name() not in DATABASE_PORTS or not url.host:  # http, sqlite; a local socket
         return
+    port = url.port or DATABASE_PORTS[url.get_backend_name()]
     try:
         socket.create_connection((url.host, port), timeout=timeout).close()
     except OSError as exc:

@@ -182,44 +182,76 @@ class MLflowCallback(Callback):
         mlflow.log_metrics({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=epoch)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
-        mlflow.log_metrics({"best_epoch": result.best_epoch, SELECTED_METRIC: result.best_value,
-                            "epochs_run": trainer.epoch, "fit_seconds": result.seconds,
-                            "overhead_fraction": result.overhead_fraction})
+        run = mlflow.get_run(mlflow.active_run().info.run_id)
+        # a run resumed after its training had ended (its end's logging failed or was interrupted) logs
+        # what that end logged once: the test's metrics, the whole fit's seconds (the resume's are ~0)
+        logged = set(run.data.metrics) if trainer.resumed_from is not None else set()
+
+        def new(metrics: dict) -> dict:
+            return {k: v for k, v in metrics.items() if k not in logged}
+        mlflow.log_metrics(new({"best_epoch": result.best_epoch, SELECTED_METRIC: result.best_value,
+                                "epochs_run": trainer.epoch, "fit_seconds": result.seconds,
+                                "overhead_fraction": result.overhead_fraction}))
         if result.tta_val:  # tta auto: what each candidate scored on val, which chose the test's
-            mlflow.log_metrics({f"{trainer.cfg.select_metric}_tta_{tta}": v for tta, v in result.tta_val.items()})
+            mlflow.log_metrics(new({f"{trainer.cfg.select_metric}_tta_{tta}": v for tta, v in result.tta_val.items()}))
         if result.test_metrics:
             mlflow.set_tag("test_tta", result.tta)
-            self.log_test_evaluation(trainer, result)
+            self.log_test_evaluation(trainer, result, skip=logged)
         if self.log_checkpoints:
             for checkpoint in (result.best_checkpoint, result.last_checkpoint):
                 if checkpoint is not None:
                     mlflow.log_artifact(str(checkpoint), "checkpoints")
         if self.log_model:
-            from fer_exp.serving import log_model
-
-            log_model(trainer.eval_model, trainer.cfg, registered_model_name=trainer.cfg.register or None, tta=result.tta,
-                      evaluated_in=trainer.evaluated_in)
+            self.log_run_model(trainer, result, run)
 
     @staticmethod
-    def log_test_evaluation(trainer: Trainer, result: FitResult) -> None:
+    def log_run_model(trainer: Trainer, result: FitResult, run) -> None:
+        """The run's model (registered as ``register``). A resumed run whose earlier end logged it keeps that
+        one (the same weights), registering it where that had not happened, and drops those whose upload
+        failed or was cut off (they would stand beside it as the run's models)."""
+        from mlflow.entities import LoggedModelStatus
+
+        from fer_exp.serving import log_model
+
+        client, name = mlflow.MlflowClient(), trainer.cfg.register
+        earlier = []
+        if trainer.resumed_from is not None:
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # (an MLflow 2 server has no logged models)
+                earlier = client.search_logged_models([run.info.experiment_id],
+                                                      filter_string=f"source_run_id = '{run.info.run_id}' and name = 'model'")
+        for model in earlier:
+            if model.status != LoggedModelStatus.READY:
+                client.delete_logged_model(model.model_id)
+        ready = [m for m in earlier if m.status == LoggedModelStatus.READY]
+        if not ready:
+            log_model(trainer.eval_model, trainer.cfg, registered_model_name=name or None, tta=result.tta,
+                      evaluated_in=trainer.evaluated_in)
+        elif name and not any(v.name == name for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")):
+            mlflow.register_model(f"models:/{ready[-1].model_id}", name)
+
+    @staticmethod
+    def log_test_evaluation(trainer: Trainer, result: FitResult, skip: set = frozenset()) -> None:
         test = trainer.data.test
         log_evaluation(test.labels.numpy(), result.test_probabilities, test.sources, result.test_metrics,
                        title=f"{trainer.cfg.model} test" + (f", TTA {result.tta}" if result.tta != "none" else ""),
-                       copied=trainer.data.copied("test"), copy_correlation=trainer.data.copy_correlation)
+                       copied=trainer.data.copied("test"), copy_correlation=trainer.data.copy_correlation, skip=skip)
 
 
 def log_evaluation(labels: np.ndarray, probabilities: np.ndarray, sources: list[str], metrics: dict[str, float],
-                   title: str, split: str = "test", copied: np.ndarray | None = None, copy_correlation: float = 1.0) -> None:
+                   title: str, split: str = "test", copied: np.ndarray | None = None, copy_correlation: float = 1.0,
+                   skip: set = frozenset()) -> None:
     """An evaluation on one split, into the active run: its metrics, the confusion-matrix figure, the
     per-class table, the classification report and every prediction (``<split>_predictions.csv``).
     ``copied``: per face, whether an earlier split of the source holds its pixels (the predictions' column
     ``copied``; the scores on the other faces are in ``metrics``, :func:`fer_exp.metrics.uncopied_metrics`), counted
-    at ``copy_correlation`` (1: identical pixels; the tag ``copy_correlation`` where some face is a copy)."""
+    at ``copy_correlation`` (1: identical pixels; the tag ``copy_correlation`` where some face is a copy).
+    Metrics named in ``skip`` (logged already) are not logged again."""
     import matplotlib.pyplot as plt
 
     predictions = probabilities.argmax(1)
     uncopied = {k: v for k, v in metrics.items() if k.endswith(UNCOPIED_SUFFIX)}
-    mlflow.log_metrics({k: metrics[k] for k in TEST_METRICS} | uncopied if split == "test" else metrics)
+    chosen = {k: metrics[k] for k in TEST_METRICS} | uncopied if split == "test" else metrics
+    mlflow.log_metrics({k: v for k, v in chosen.items() if k not in skip})
     figure = confusion_figure(labels, predictions, title=title)
     mlflow.log_figure(figure, "confusion_matrix.png")
     plt.close(figure)

@@ -365,6 +365,12 @@ class Trainer:
         # selection state, checkpointed so that a resumed run selects exactly as an uninterrupted one
         self.best_value, self.best_epoch, self.stale = None, 0, 0
         self.resumed_from: Path | None = None
+        # the wall time of fit, of its epoch loop and of its training steps in earlier parts of the run (a
+        # resume goes on from a checkpoint's), and the clocks of this part (see elapsed)
+        self.elapsed_before = {"fit": 0.0, "loop": 0.0, "step": 0.0}
+        self.fit_started: float | None = None
+        self.loop_started: float | None = None
+        self.step_seconds = 0.0
         self.should_stop = False  # a callback may set it to end training after the current epoch
         self.created, self.first_step_seconds = time.perf_counter(), None
 
@@ -580,7 +586,15 @@ class Trainer:
                 "epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
                 "stale": self.stale, "history": self.history, "config": self.cfg.to_dict(),
                 "rng": self.generator.get_state(), "global_rng": global_rng_state(), "evaluated_in": self.evaluated_in,
-                "data_members": self.data_members}
+                "data_members": self.data_members, "elapsed": self.elapsed()}
+
+    def elapsed(self) -> dict[str, float]:
+        """Seconds of fit, of its epoch loop and of its training steps over the whole run so far (the parts
+        before a resume included), so a resumed run reports its whole time, not its last part's."""
+        now = time.perf_counter()
+        return {"fit": self.elapsed_before["fit"] + (now - self.fit_started if self.fit_started else 0.0),
+                "loop": self.elapsed_before["loop"] + (now - self.loop_started if self.loop_started else 0.0),
+                "step": self.elapsed_before["step"] + self.step_seconds}
 
     def save(self, name: str, also: str | None = None) -> Path:
         """The state as ``<name>.pt`` (and, the same state, ``<also>.pt``: a link or copy made aside before
@@ -637,6 +651,7 @@ class Trainer:
         set_global_rng_state(state["global_rng"])
         self.epoch, self.history = state["epoch"], list(state["history"])
         self.best_value, self.best_epoch, self.stale = state["best_value"], state["best_epoch"], state["stale"]
+        self.elapsed_before = dict(state.get("elapsed") or self.elapsed_before)  # (none in older checkpoints)
         self.resumed_from = Path(path)
         best = self.resumed_from.parent / "best.pt"  # where fit() goes on saving and tests from
         if self.best_epoch and self.best_epoch == self.epoch:
@@ -657,13 +672,13 @@ class Trainer:
         cfg = self.cfg
         if self.resumed_from is None:
             seed_everything(cfg.seed)  # dropout draws from the global generator: same seed, same run
-        start = time.perf_counter()
+        self.fit_started, self.loop_started, self.step_seconds = time.perf_counter(), None, 0.0
         minimise = cfg.select_metric == "val_loss"
         best_path = self.checkpoint_dir / "best.pt" if self.best_epoch else None
         last_path = self.checkpoint_dir / "last.pt" if self.epoch else None
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        loop_start, step_seconds = time.perf_counter(), 0.0
+        self.loop_started = time.perf_counter()
         for epoch in range(self.epoch, cfg.epochs):
             if cfg.early_stopping and self.stale >= cfg.early_stopping:
                 break  # resumed after the epoch that stopped it early
@@ -671,7 +686,7 @@ class Trainer:
             epoch_start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # the LR the epoch starts with (per-step schedules move it)
             metrics = self.train_epoch()
-            step_seconds += metrics["epoch_seconds"]
+            self.step_seconds += metrics["epoch_seconds"]
             val_metrics, _ = self.evaluate("val")
             metrics |= {k: val_metrics[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")}
             for name in ("train_loss", "val_loss"):
@@ -710,14 +725,15 @@ class Trainer:
                 self.should_stop = True
             if self.should_stop:
                 break
-        loop_seconds = time.perf_counter() - loop_start
+        loop = self.elapsed()
+        self.elapsed_before["loop"], self.loop_started = loop["loop"], None  # the loop's clock stops here
         test_metrics, test_probabilities, tta, tta_val = {}, None, "none", {}
         if evaluate_test:  # the best epoch, evaluated once on test
             self.load_weights(torch.load(best_path, map_location=self.device, weights_only=True))
             test_metrics, test_probabilities, tta, tta_val = self.evaluate_selected()
         result = FitResult(self.best_epoch, self.best_value, self.history, test_metrics, test_probabilities, best_path,
-                           last_path, stopped_early=self.epoch < cfg.epochs, seconds=time.perf_counter() - start,
-                           loop_seconds=loop_seconds, step_seconds=step_seconds, tta=tta, tta_val=tta_val)
+                           last_path, stopped_early=self.epoch < cfg.epochs, seconds=self.elapsed()["fit"],
+                           loop_seconds=loop["loop"], step_seconds=loop["step"], tta=tta, tta_val=tta_val)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result

@@ -502,6 +502,39 @@ def test_a_store_that_fills_up_mid_run_ends_the_run_with_a_resume_hint(store, mo
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
 
 
+def test_a_run_whose_model_upload_failed_resumes_to_one_test_one_model_and_its_whole_time(store, monkeypatch):
+    """The store failed while the model uploaded (after training and test were logged): the resume tested
+    and logged everything again, a second test_accuracy, fit_seconds of the ~0 s resume over the first,
+    and the failed upload's model stood beside the new one."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    real_upload = mlflow.MlflowClient.log_model_artifacts
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mlflow.MlflowClient, "log_model_artifacts", disk_full)
+    first = CliRunner().invoke(main, ["train", "--data", "synthetic:32,8,8", "--epochs", "2", "--batch-size", "16",
+                                      "--system-metrics", "false", "--register", "fer-once"])
+    assert first.exit_code == 1 and "resume it with" in first.output, first.output
+    monkeypatch.setattr(mlflow.MlflowClient, "log_model_artifacts", real_upload)
+    [run] = _runs(store)
+    client = mlflow.MlflowClient()
+    assert run.info.status == "FAILED" and "test_accuracy" in run.data.metrics
+    seconds = run.data.metrics["fit_seconds"]
+    resumed = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
+    assert resumed.exit_code == 0, resumed.output
+    for metric in ("test_accuracy", "fit_seconds", "best_epoch", "best_val"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == 1, metric
+    assert client.get_run(run.info.run_id).data.metrics["fit_seconds"] == seconds
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.status for m in models] == [LoggedModelStatus.READY]
+    assert [str(v.version) for v in client.search_model_versions("name = 'fer-once'")] == ["1"]
+    from fer_exp.inference import load_model
+
+    assert load_model("models:/fer-once/1", "cpu").run_id == run.info.run_id
+
+
 def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_another_experiment(store, monkeypatch):
     """The data folder moved since the run was interrupted: the resume's hint (--data) was refused as
     another config. And --run-name did nothing, --experiment-name was silently ignored."""

@@ -458,6 +458,9 @@ def test_an_interrupted_run_resumed_from_last_pt_ends_as_the_uninterrupted_one(d
     resumed = trainer.fit()
     a, b = without_timing(full.history), without_timing(resumed.history)
     assert [h["epoch"] for h in b] == [1, 2, 3, 4]
+    # its time is the whole run's: the steps of all four epochs, not of the two after the resume
+    assert resumed.step_seconds == pytest.approx(sum(h["epoch_seconds"] for h in resumed.history), rel=1e-6)
+    assert resumed.seconds >= resumed.loop_seconds >= resumed.step_seconds > 0
     for ha, hb in zip(a, b):
         assert ha.keys() == hb.keys() and all(abs(ha[k] - hb[k]) <= 1e-6 for k in ha), (ha, hb)
     assert resumed.best_epoch == full.best_epoch
