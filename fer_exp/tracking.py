@@ -137,9 +137,14 @@ class MLflowCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.resumed_from is not None:  # params, inputs and config stay as first logged; how often and where it resumed is kept
-            run_id = mlflow.active_run().info.run_id
-            resumes = int(mlflow.get_run(run_id).data.tags.get("resumes", "0")) + 1
-            mlflow.set_tags({"resumes": resumes, f"resume_{resumes}_after_epoch": trainer.epoch})
+            run = mlflow.get_run(mlflow.active_run().info.run_id)
+            resumes = int(run.data.tags.get("resumes", "0")) + 1
+            # what the resume changed of how it runs (MLflow never lets a param change): its own tags
+            changed = "; ".join(f"{k}: {run.data.params[f'config.{k}']} -> {v}" for k, v in trainer.cfg.to_dict().items()
+                                if f"config.{k}" in run.data.params and run.data.params[f"config.{k}"] != str(v))
+            mlflow.set_tags({"resumes": resumes, f"resume_{resumes}_after_epoch": trainer.epoch,
+                             f"resume_{resumes}_device": str(trainer.device), f"resume_{resumes}_amp": trainer.amp_report,
+                             **({f"resume_{resumes}_changed": changed[:5000]} if changed else {})})
         else:
             self.log_run_description(trainer)
         # the epochs the trainer holds that the run lacks: after a kill between an epoch's checkpoint and

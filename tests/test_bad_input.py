@@ -570,6 +570,8 @@ def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_an
     assert resumed.exit_code == 0, resumed.output
     done = mlflow.MlflowClient().get_run(run.info.run_id)
     assert done.info.status == "FINISHED" and done.info.run_name == "renamed"
+    assert done.data.tags["resume_1_changed"] == "data: faces -> moved/faces; run_name:  -> renamed"  # (params stay)
+    assert done.data.tags["resume_1_device"] == "cpu" and done.data.tags["resume_1_amp"]
     assert done.data.metrics["best_epoch"] >= 1 and "test_accuracy" in done.data.metrics
 
 
