@@ -272,8 +272,9 @@ def validate(cfg: Config) -> Config:
     if cfg.register and not valid_registered_name(cfg.register):  # checked before training, not after it
         raise ConfigError(f"register: {cfg.register!r} is not a valid registered model name (no '/' or ':', not '.' "
                           "and not starting with '..'), e.g. fer-cnn")
-    if cfg.weight_decay < 0 or cfg.aug_rotation < 0 or cfg.warmup_epochs < 0 or cfg.early_stopping < 0:
-        raise ConfigError("weight_decay, aug_rotation, warmup_epochs and early_stopping must not be negative")
+    for name in ("weight_decay", "aug_rotation", "warmup_epochs", "early_stopping"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.device != "auto":
         check_device(cfg.device)
     if cfg.model == "cnn" and (cfg.pretrained != "none" or cfg.freeze_depth != 0):

@@ -248,6 +248,14 @@ CSV_BAD_ROWS = {
 }
 
 
+def test_a_csv_row_of_one_field_is_said_to_lack_its_usage(tmp_path):
+    path = write_csv(tmp_path / "fer2013.csv", [(1, "Training"), (2, "PublicTest")])
+    path.write_text(path.read_text() + "garbage\n")
+    with pytest.raises(DataError, match=r"row 3 \(line 4\): has no Usage \(its third field is empty or missing; each row "
+                                        r"is emotion,pixels,Usage\)"):  # (was: unknown Usage '')
+        load_data(str(path))
+
+
 @pytest.mark.parametrize("case", CSV_BAD_ROWS, ids=list(CSV_BAD_ROWS))
 def test_csv_bad_row_stops_with_dataerror_naming_the_row(tmp_path, case):
     bad_row, fragments = CSV_BAD_ROWS[case]
@@ -933,12 +941,15 @@ def test_empty_folder_and_non_csv_file(tmp_path):
     with pytest.raises(DataError, match="face.png: is a file but not a .csv"):
         load_data(str(image))
     assert_cli_error(image, "not a .csv")
+    (tmp_path / "fer2013.tar.gz").write_bytes(b"\x1f\x8b")  # the challenge's download, given as it is
+    with pytest.raises(DataError, match=r"not a .csv \(an archive: extract it first"):
+        load_data(str(tmp_path / "fer2013.tar.gz"))
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"on_bad": "ignore"}, "--on-bad must be one of"),
-    ({"val_fraction": 0.0}, "val_fraction must be between 0 and 1"),
-    ({"val_fraction": 1.5}, "val_fraction must be between 0 and 1"),
+    ({"val_fraction": 0.0}, "val_fraction must be strictly between 0 and 1"),
+    ({"val_fraction": 1.5}, "val_fraction must be strictly between 0 and 1"),
     ({"seed": -1}, "seed must be"),
     ({"duplicates": "remove"}, "--duplicates must be one of report, drop"),
 ])

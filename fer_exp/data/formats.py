@@ -93,6 +93,9 @@ def read_csv(path: Path, on_bad: str = "error") -> tuple[dict[str, Split], Decod
     for row, (emotion, pixels, usage) in enumerate(zip(frame["emotion"], frame["pixels"], frame["Usage"]), start=1):
         where = f"{path.name} row {row} (line {row + 1})"
         group = CSV_USAGE_GROUPS.get(usage.strip())
+        if group is None and not usage.strip():
+            bad(where, "has no Usage (its third field is empty or missing; each row is emotion,pixels,Usage)")
+            continue
         if group is None:
             bad(where, f"unknown Usage {shown(usage)}; expected one of {', '.join(CSV_USAGE_GROUPS)}")
             continue

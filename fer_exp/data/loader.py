@@ -35,7 +35,10 @@ def detect_format(source: str, train: bool = True) -> tuple[str, Path | None]:
         raise DataError(f"{source}: no such file or folder. {LAYOUT_HELP}")
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataError(f"{source}: is a file but not a .csv. {LAYOUT_HELP}")
+            packed = path.name.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip", ".gz"))
+            raise DataError(f"{source}: is a file but not a .csv"
+                            + (" (an archive: extract it first, then give the .csv or the folder it holds)" if packed else "")
+                            + f". {LAYOUT_HELP}")
         return "csv", path
     if not path.is_dir():  # a device, a socket, a FIFO
         raise DataError(f"{source}: is neither a regular file nor a folder. {LAYOUT_HELP}")
@@ -166,7 +169,7 @@ def load_data(source: str, *, on_bad: str = "error", seed: int = 0, val_fraction
         raise DataError(f"copy_correlation must be above 0 and at most 1 (1: identical pixels only; 0.95 also counts "
                         f"the same photo cropped or recompressed), got {copy_correlation}")
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise DataError(f"val_fraction must be strictly between 0 and 1 (the share of train held out for val), got {val_fraction}")
     if not 0 <= seed < 2**32:  # numpy/scikit-learn seeds; a negative one would end in a traceback
         raise DataError(f"seed must be an integer from 0 to 2**32 - 1, got {seed}")
     start = time.perf_counter()
