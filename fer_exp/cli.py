@@ -48,7 +48,7 @@ def format_summary(summary: dict) -> str:
     if summary["missing_train_classes"]:
         from fer_exp.data.dataset import missing_classes_warning
 
-        lines.append(f"WARNING: {missing_classes_warning(summary['missing_train_classes'])}")
+        lines.append(f"WARNING: {missing_classes_warning(summary['missing_train_classes'], summary['format'])}")
     for pair, found in summary["duplicates_across_splits"].items():
         lines.append(f"{pair}: {found['images']} image(s) with pixels identical to one there ({found['other_label']} "
                      f"labelled otherwise), e.g. {found['examples'][0]}")
@@ -121,14 +121,16 @@ def per_class_line(metrics: dict, split: str) -> str:
     return "per class accuracy: " + "  ".join(f"{c} {score_text(metrics[f'{split}_acc_{c}'])}" for c in CLASS_NAMES)
 
 
-def uncopied_line(metrics: dict, split: str, copy_correlation: float = 1.0) -> str:
-    """The scores on the faces of ``split`` that have no copy in an earlier split, where some have."""
+def uncopied_line(metrics: dict, split: str, copy_correlation: float = 1.0, dropped: bool = False) -> str:
+    """The scores on the faces of ``split`` that have no copy in an earlier split, where some have
+    (``dropped``: the run trained without the copies)."""
     if f"{split}_accuracy_uncopied" not in metrics:
         return ""
     earlier = "train or val" if split == "test" else "train"
     near = f" (identical, or correlating >= {copy_correlation:g})" if copy_correlation < 1 else ""
-    return (f"on the {split} faces with no copy{near} in {earlier} (FER2013 has copies; --duplicates drop trains "
-            f"without them): accuracy {metrics[f'{split}_accuracy_uncopied']:.4f}  macro-F1 "
+    why = "this run dropped the copies from train" if dropped else "--duplicates drop trains without them"
+    return (f"on the {split} faces with no copy{near} in {earlier} (FER2013 has copies; {why}): "
+            f"accuracy {metrics[f'{split}_accuracy_uncopied']:.4f}  macro-F1 "
             f"{metrics[f'{split}_macro_f1_uncopied']:.4f}\n")
 
 
@@ -224,9 +226,9 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
     source = f"resuming run {resume}" if resume else f"config: {config_path or 'defaults'}"
     click.echo(f"fer-exp train: {cfg.model} on {cfg.data}, {counted(cfg.epochs, 'epoch')} ({source})")
     if not resume and not config_path and cfg.model == "resnet18" and cfg.pretrained == "none":
-        click.echo("note: no --config, so resnet18 trains from random weights with the defaults (lr 0.001, nothing "
-                   "frozen); the ImageNet-pretrained ResNet18 of the README is --config experiments/resnet18.yaml "
-                   "(or -P config=experiments/resnet18.yaml)")
+        click.echo("note: no --config, so resnet18 trains from random weights (pretrained none), with the defaults "
+                   "for what no option sets; the ImageNet-pretrained ResNet18 of the README is --config "
+                   "experiments/resnet18.yaml (or -P config=experiments/resnet18.yaml)")
     stop_on_signals()  # Ctrl-C or a `kill` ends the run cleanly at the next training step
     try:
         summary = run_experiment(cfg, resume_run_id=resume)
@@ -249,7 +251,7 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
            + ", ".join(f"{k} {v:.4f}" for k, v in r.tta_val.items()) + ")\n" if r.tta_val else "")
         + f"test{f' ({r.tta} TTA)' if r.tta != 'none' else ''}: accuracy {t['test_accuracy']:.4f}  macro-F1 {t['test_macro_f1']:.4f}  weighted-F1 {t['test_weighted_f1']:.4f}\n"
         + per_class_line(t, "test") + "\n"
-        + uncopied_line(t, "test", cfg.copy_correlation) +
+        + uncopied_line(t, "test", cfg.copy_correlation, cfg.duplicates == "drop") +
         f"tracking: {mask_url(summary.tracking_uri)} (experiment id {summary.experiment_id})\n"
         + ui_hint(summary.run_id, summary.experiment_id, summary.tracking_uri)
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from fer_exp.config import Config, ConfigError
 from fer_exp.data import FerData, load_data
 from fer_exp.errors import first_line
-from fer_exp.train import FitResult, RunFailed, StopTraining, Trainer, raise_if_stop_requested
+from fer_exp.train import FitResult, RunFailed, StopTraining, Trainer, stop_requested
 
 
 class TrackingError(RuntimeError):
@@ -459,9 +459,11 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
         if data.missing_train_classes():
             from fer_exp.data.dataset import missing_classes_warning
 
-            print(f"warning: {missing_classes_warning(data.missing_train_classes())}", file=sys.stderr)
+            print(f"warning: {missing_classes_warning(data.missing_train_classes(), data.format)}", file=sys.stderr)
     check_output_dir(cfg.output_dir)
-    raise_if_stop_requested()  # a Ctrl-C while the data loaded: no run is made
+    if stop_requested():  # a Ctrl-C while the data loaded: no run is made
+        print("interrupted before the run started: no run was made", file=sys.stderr)
+        raise KeyboardInterrupt
     if cfg.model == "resnet18" and cfg.pretrained == "none" and cfg.freeze_depth > 0:
         say_once(("frozen at random", cfg.freeze_depth), f"note: freeze_depth {cfg.freeze_depth} with pretrained none "
                  "freezes randomly initialised layers for the whole run; --freeze-depth 0 trains them")

@@ -724,7 +724,9 @@ def tune(plan: StudyPlan, progress: bool = True) -> TuneResult:
             check_pretrained(plan.config.model, plan.config.pretrained)
         except PretrainedWeightsError as exc:
             raise PretrainedWeightsError(f"{exc} No study or trial was started.") from None
-    raise_if_stop_requested()  # a Ctrl-C while the data loaded: no study or parent run is made
+    if stop_requested():  # a Ctrl-C while the data loaded: no study or parent run is made
+        print("interrupted before the study started: no study or run was made", file=sys.stderr)
+        raise KeyboardInterrupt
     study, resumed, parent = join_study(plan, storage_url, data.members())
     finished_before = count_states(study, FINISHED)
     target = sc.total_trials or finished_before + sc.n_trials

@@ -575,6 +575,24 @@ def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_an
     assert done.data.metrics["best_epoch"] >= 1 and "test_accuracy" in done.data.metrics
 
 
+def test_a_stop_while_the_data_loads_makes_no_run_and_says_so(store, monkeypatch):
+    from fer_exp import experiment, train
+
+    real_load = experiment.load_run_data
+
+    def loaded_then_ctrl_c(cfg):
+        data = real_load(cfg)
+        train._stop_requested.set()  # as stop_on_signals' handler does
+        return data
+    monkeypatch.setattr(experiment, "load_run_data", loaded_then_ctrl_c)
+    try:
+        result = CliRunner().invoke(main, ["train", "--data", "synthetic:32,8,8", "--epochs", "1"])
+    finally:
+        train._stop_requested.clear()
+    assert result.exit_code == 130 and "interrupted before the run started: no run was made" in result.output
+    assert _runs(store) == []
+
+
 def test_a_best_pt_that_cannot_be_made_leaves_last_pt_as_it_was(tmp_path, monkeypatch):
     """last.pt never names a best epoch that best.pt does not hold: both are replaced, or neither."""
     import torch

@@ -941,6 +941,9 @@ def test_empty_folder_and_non_csv_file(tmp_path):
     with pytest.raises(DataError, match="face.png: is a file but not a .csv"):
         load_data(str(image))
     assert_cli_error(image, "not a .csv")
+    root = make_folders(tmp_path / "kaggle", train=2, test=1)
+    with pytest.raises(DataError, match=r"These are class folders, so .*train is one split: give the folder above it"):
+        load_data(str(root / "train"))
     (tmp_path / "fer2013.tar.gz").write_bytes(b"\x1f\x8b")  # the challenge's download, given as it is
     with pytest.raises(DataError, match=r"not a .csv \(an archive: extract it first"):
         load_data(str(tmp_path / "fer2013.tar.gz"))

@@ -342,7 +342,9 @@ def pixel_keys(split: Split) -> dict[bytes, list[int]]:
     return index
 
 
-def missing_classes_warning(missing: list[str]) -> str:
-    """What to tell a user whose train split lacks ``missing`` classes."""
+def missing_classes_warning(missing: list[str], format: str = "folders") -> str:
+    """What to tell a user whose train split (of a source of ``format``) lacks ``missing`` classes."""
+    why = {"synthetic": "too few synthetic faces to draw every class: give more, e.g. synthetic:1000,200,200",
+           "csv": "the CSV has no Training rows of it"}.get(format, "is a class folder empty or misnamed?")
     return (f"train has no images of {', '.join(missing)}: a model trained on it never predicts "
-            f"{'that class' if len(missing) == 1 else 'those classes'} (is a class folder empty or misnamed?)")
+            f"{'that class' if len(missing) == 1 else 'those classes'} ({why})")

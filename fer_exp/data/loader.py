@@ -51,6 +51,9 @@ def detect_format(source: str, train: bool = True) -> tuple[str, Path | None]:
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
     alone = (" A test/ folder alone is faces to evaluate on: fer-exp evaluate --data reads it (with --split test, the default); training needs train/."
              if find_split_dir(path, ("test",)) is not None else "")
+    names = {p.name.lower() for p in path.iterdir() if p.is_dir()}
+    if names & set(CLASS_NAMES):  # a split's class folders: the split folder itself was given
+        alone += f" These are class folders, so {source} is one split: give the folder above it ({path.resolve().parent})."
     raise DataError(f"{source}: unknown layout (found {found}). {LAYOUT_HELP}{alone}")
 
 
