@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from fer_exp.errors import first_line
+
 # fer-exp predict / evaluate: test-time augmentation, and the splits an evaluation may use
 TTA_CHOICES = ("none", "flip", "tencrop")
 TTA_OPTIONS = ("model", *TTA_CHOICES)  # predict / evaluate / serve: "model" = each model's own, the one its run tested with
@@ -333,8 +335,11 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} not found (experiment files live in experiments/, e.g. experiments/cnn.yaml)")
     try:
         loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except yaml.YAMLError as exc:  # said with the file's line and column, not PyYAML's "<unicode string>"
+        mark = getattr(exc, "problem_mark", None)
+        what = "; ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or first_line(exc)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (saved as UTF-16, say): save it as UTF-8") from None
     except OSError as exc:
