@@ -933,6 +933,15 @@ def test_unknown_layout(tmp_path):
     assert_cli_error(junk, "unknown layout", "photos")
 
 
+def test_the_default_data_path_missing_says_where_to_get_fer2013(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data/fer2013 is the default --data: the README's 'Get FER2013'"):
+        load_data("data/fer2013")
+    with pytest.raises(DataError) as other:
+        load_data("elsewhere/fer2013")
+    assert "default" not in str(other.value)
+
+
 def test_empty_folder_and_non_csv_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"unknown layout \(found nothing\)"):

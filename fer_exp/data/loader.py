@@ -32,7 +32,11 @@ def detect_format(source: str, train: bool = True) -> tuple[str, Path | None]:
         return "synthetic", None
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"{source}: no such file or folder. {LAYOUT_HELP}")
+        from fer_exp.config import Config
+
+        default = (f" ({source} is the default --data: the README's 'Get FER2013' says how to fetch it; "
+                   "--data synthetic is an offline demo)" if source == Config.data else "")
+        raise DataError(f"{source}: no such file or folder{default}. {LAYOUT_HELP}")
     if path.is_file():
         if path.suffix.lower() != ".csv":
             packed = path.name.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip", ".gz"))
