@@ -233,7 +233,8 @@ def train(config_path: str | None, resume: str | None, **options) -> None:
     try:
         summary = run_experiment(cfg, resume_run_id=resume)
     except DataError as exc:
-        moved = resume and not cfg.data.startswith("synthetic") and not Path(cfg.data).exists()
+        # (its own path, not one --data gave: that one is said missing as it is)
+        moved = resume and options.get("data") is None and not cfg.data.startswith("synthetic") and not Path(cfg.data).exists()
         raise UserError(f"{exc}\nrun {resume} trained on {cfg.data}: if its data moved, resume with --data NEW_PATH "
                         "(the same faces are checked)" if moved else str(exc)) from None
     except (PretrainedWeightsError, ConfigError, TrackingError) as exc:

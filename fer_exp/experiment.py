@@ -94,6 +94,8 @@ def check_database_answers(uri: str, timeout: float = 10.0, what: str = "the tra
         return
     if url.get_backend_name() not in DATABASE_PORTS or not url.host:  # http, sqlite; a local socket
         return
+    if "unix_socket" in url.query or "host" in url.query or (url.get_backend_name() == "mysql" and url.host == "localhost"):
+        return  # through a socket (MySQL's drivers take "localhost" to mean theirs), not TCP
     port = url.port or DATABASE_PORTS[url.get_backend_name()]
     try:
         socket.create_connection((url.host, port), timeout=timeout).close()
@@ -391,7 +393,9 @@ def resume_config(run_id: str, overrides: dict | None = None, trial: bool = Fals
     if (overrides or {}).get("experiment_name") not in (None, experiment):
         raise ConfigError(f"run {run_id} is in experiment {experiment!r}: a run cannot move to another experiment "
                           "(leave out --experiment-name, or start a new run there)")
-    return replace(cfg, experiment_name=experiment)
+    # where it is and what it is called now (renamed in the UI, say): a --run-name renames it
+    named = (overrides or {}).get("run_name") or run.info.run_name
+    return replace(cfg, experiment_name=experiment, run_name=named)
 
 
 def resume_experiment(run_id: str, like: Config, trial: bool = False, **kwargs) -> RunSummary:
@@ -467,7 +471,7 @@ def run_experiment(cfg: Config, callbacks=(), progress: bool = True, log_model: 
     if cfg.model == "resnet18" and cfg.pretrained == "none" and cfg.freeze_depth > 0:
         say_once(("frozen at random", cfg.freeze_depth), f"note: freeze_depth {cfg.freeze_depth} with pretrained none "
                  "freezes randomly initialised layers for the whole run; --freeze-depth 0 trains them")
-    trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=progress,
+    trainer = Trainer(cfg, data, checkpoint_dir=cfg.output_dir, progress=progress, load_pretrained=not resume_run_id,
                       callbacks=[MLflowCallback(log_model and evaluate_test, log_checkpoints, tested=evaluate_test), *callbacks])
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -355,7 +355,7 @@ def run_study(study: StudyFile, dry_run: bool = False, progress: bool = True,
         if imports and todo and not dry_run:
             print(f"{len(todo)} run(s) still to make: the same command without --import makes them", flush=True)
         return [made for _, made in plan if made], new
-    check_pretrained_weights([p for p in todo if interrupted.get(id(p)) is None])  # (a resumed run has its weights)
+    check_pretrained_weights(todo)  # (a resumed run has its weights, but one that cannot resume starts anew)
     data_cache: dict = {}
     ids, new = [], []
     for index, (planned, made) in enumerate(plan):

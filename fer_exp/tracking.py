@@ -140,8 +140,10 @@ class MLflowCallback(Callback):
             run = mlflow.get_run(mlflow.active_run().info.run_id)
             resumes = int(run.data.tags.get("resumes", "0")) + 1
             # what the resume changed of how it runs (MLflow never lets a param change): its own tags
+            # (not its name, which the run shows, nor its experiment, where it is: neither is how it trains)
             changed = "; ".join(f"{k}: {run.data.params[f'config.{k}']} -> {v}" for k, v in trainer.cfg.to_dict().items()
-                                if f"config.{k}" in run.data.params and run.data.params[f"config.{k}"] != str(v))
+                                if k not in ("run_name", "experiment_name") and f"config.{k}" in run.data.params
+                                and run.data.params[f"config.{k}"] != str(v))
             mlflow.set_tags({"resumes": resumes, f"resume_{resumes}_after_epoch": trainer.epoch,
                              f"resume_{resumes}_device": str(trainer.device), f"resume_{resumes}_amp": trainer.amp_report,
                              **({f"resume_{resumes}_changed": changed[:5000]} if changed else {})})
@@ -232,7 +234,7 @@ class MLflowCallback(Callback):
             log_model(trainer.eval_model, trainer.cfg, registered_model_name=name or None, tta=result.tta,
                       evaluated_in=trainer.evaluated_in)
         elif name and not any(v.name == name for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")):
-            mlflow.register_model(f"models:/{ready[-1].model_id}", name)
+            mlflow.register_model(f"models:/{max(ready, key=lambda m: m.creation_timestamp).model_id}", name)
 
     @staticmethod
     def log_test_evaluation(trainer: Trainer, result: FitResult, skip: set = frozenset()) -> None:

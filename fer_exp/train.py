@@ -302,8 +302,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, data: FerData, checkpoint_dir: str | Path, callbacks=(), progress: bool = True,
                  load_pretrained: bool = True):
-        """``load_pretrained`` False: the weights will come from elsewhere (an export), so the
-        pretrained ones (``cfg.pretrained``) are not fetched."""
+        """``load_pretrained`` False: the weights will come from elsewhere (an export, a checkpoint to
+        resume), so the pretrained ones (``cfg.pretrained``) are not fetched."""
         self.cfg, self.data, self.callbacks, self.progress = cfg, data, list(callbacks), progress
         # which faces and labels each split holds: kept in checkpoints, so a resume on other data is refused
         self.data_members = {name: split.members_digest() for name, split in data.splits().items()}
@@ -620,7 +620,10 @@ class Trainer:
         write_atomically(path, lambda partial: torch.save(self.state(), partial),
                          before_replace=same_state_aside if other is not None else None)
         if other is not None:
-            os.replace(other_partial, other)
+            try:
+                os.replace(other_partial, other)
+            except OSError as exc:  # the folder's, not the tracking store's
+                raise write_error(other, exc) from exc
         return path
 
     def restore(self, path: str | Path) -> None:

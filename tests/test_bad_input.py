@@ -562,6 +562,8 @@ def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_an
     (store / "faces").rename(store / "moved" / "faces")
     lost = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
     assert lost.exit_code == 2 and "trained on faces: if its data moved, resume with --data" in lost.output, lost.output
+    typo = CliRunner().invoke(main, ["train", "--resume", run.info.run_id, "--data", "moved/fcaes"])
+    assert typo.exit_code == 2 and "moved/fcaes: no such file" in typo.output and "if its data moved" not in typo.output
     elsewhere = CliRunner().invoke(main, ["train", "--resume", run.info.run_id, "--data", "moved/faces",
                                          "--experiment-name", "other"])
     assert elsewhere.exit_code == 2 and "a run cannot move to another experiment" in elsewhere.output, elsewhere.output
@@ -570,7 +572,7 @@ def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_an
     assert resumed.exit_code == 0, resumed.output
     done = mlflow.MlflowClient().get_run(run.info.run_id)
     assert done.info.status == "FINISHED" and done.info.run_name == "renamed"
-    assert done.data.tags["resume_1_changed"] == "data: faces -> moved/faces; run_name:  -> renamed"  # (params stay)
+    assert done.data.tags["resume_1_changed"] == "data: faces -> moved/faces"  # (params stay; the name shows itself)
     assert done.data.tags["resume_1_device"] == "cpu" and done.data.tags["resume_1_amp"]
     assert done.data.metrics["best_epoch"] >= 1 and "test_accuracy" in done.data.metrics
 
@@ -591,6 +593,50 @@ def test_a_stop_while_the_data_loads_makes_no_run_and_says_so(store, monkeypatch
         train._stop_requested.clear()
     assert result.exit_code == 130 and "interrupted before the run started: no run was made" in result.output
     assert _runs(store) == []
+
+
+def test_a_resume_needs_no_pretrained_weights_and_keeps_a_name_given_in_the_ui(store, monkeypatch):
+    """The checkpoint holds the weights: a resume fetched the pretrained ones again (offline, or the file
+    gone, it failed). And a plain resume put back the config's run_name over a rename made in the UI."""
+    import mlflow
+    import torch
+
+    from fer_exp.models import build_model
+
+    weights = store / "r18.pth"
+    torch.save(build_model("resnet18", pretrained="none").backbone.state_dict(), weights)
+    real_log_metrics = mlflow.log_metrics
+
+    def interrupted_at_epoch_2(metrics, *args, **kwargs):
+        if kwargs.get("step") == 2:
+            raise KeyboardInterrupt
+        return real_log_metrics(metrics, *args, **kwargs)
+    monkeypatch.setattr(mlflow, "log_metrics", interrupted_at_epoch_2)
+    first = CliRunner().invoke(main, ["train", "--model", "resnet18", "--pretrained", str(weights), "--input-size", "112",
+                                      "--data", "synthetic:16,8,8", "--epochs", "3", "--batch-size", "8",
+                                      "--eval-batch-size", "8", "--run-name", "first", "--system-metrics", "false"])
+    assert first.exit_code == 130, first.output
+    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    [run] = _runs(store)
+    weights.unlink()
+    mlflow.MlflowClient().set_tag(run.info.run_id, "mlflow.runName", "renamed-in-the-ui")
+    resumed = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
+    assert resumed.exit_code == 0, resumed.output
+    done = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert done.info.status == "FINISHED" and done.info.run_name == "renamed-in-the-ui"
+    assert "resume_1_changed" not in done.data.tags
+
+
+def test_database_urls_through_a_socket_are_not_probed_over_tcp(free_port):
+    from fer_exp.experiment import TrackingError, check_database_answers
+
+    port = free_port()
+    for uri in (f"mysql+pymysql://u:p@localhost:{port}/db?unix_socket=/tmp/mysql.sock",
+                f"postgresql://u@localhost:{port}/mlflow?host=/var/run/postgresql", "mysql://u:p@localhost/db",
+                "postgresql:///mlflow"):
+        check_database_answers(uri, timeout=1)  # nothing listens on the port: a TCP probe would refuse them
+    with pytest.raises(TrackingError, match="does not answer"):
+        check_database_answers(f"postgresql://u@localhost:{port}/mlflow", timeout=1)
 
 
 def test_a_best_pt_that_cannot_be_made_leaves_last_pt_as_it_was(tmp_path, monkeypatch):

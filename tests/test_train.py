@@ -37,6 +37,7 @@ from fer_exp.data import load_data
 from fer_exp.metrics import classification_metrics, confusion_figure, per_class_table, report_text, score_text, uncopied_metrics
 from fer_exp.train import (
     Callback,
+    CheckpointWriteError,
     FitResult,
     Trainer,
     TrainingDiverged,
@@ -515,6 +516,21 @@ def test_a_stop_between_an_improving_epoch_s_two_renames_never_leaves_best_pt_ah
     assert not (tmp_path / "cut" / "best.pt.partial").exists()
     result = trainer.fit()
     assert result.best_epoch == 2 and load_checkpoint(tmp_path / "cut" / "best.pt")["epoch"] == 2
+
+
+def test_a_best_pt_that_cannot_be_renamed_into_place_is_a_checkpoint_write_error(small, tmp_path, monkeypatch):
+    """Not an OSError that the run took for a failing tracking store."""
+    real_replace = os.replace
+
+    def refused(source, target):
+        if Path(target).name == "best.pt":
+            raise PermissionError(13, "Permission denied")
+        return real_replace(source, target)
+    trainer = scripted(small, tmp_path, [{"acc": 0.5}])
+    trainer.epoch, trainer.best_epoch = 1, 1
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(CheckpointWriteError, match=r"best\.pt could not be written \(Permission denied\); make the folder"):
+        trainer.save("last", also="best")
 
 
 def test_a_last_pt_alone_resumes_where_it_is_the_best_epoch_and_says_so_where_best_pt_is_missing(small, tmp_path):
