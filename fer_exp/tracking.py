@@ -89,8 +89,10 @@ def log_data_inputs(data, splits: tuple[str, ...] = ("train", "val", "test")) ->
     for name, split in data.splits().items():
         if name not in splits:
             continue
+        # a path as it was on this machine: a relative one (under `mlflow run`, relative to the project) says
+        # nothing once the run is looked at from elsewhere (config.data keeps what was given)
         source = CodeDatasetSource({"generator": "fer_exp.data.synthetic", "spec": data.source}) \
-            if data.format == "synthetic" else data.source
+            if data.format == "synthetic" else str(Path(data.source).resolve())
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all the same one)
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(), source=source,

@@ -5,6 +5,7 @@ error (exit 2, a short message, no traceback), and no run is left behind in the 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import string
@@ -558,6 +559,7 @@ def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_an
     assert first.exit_code == 130, first.output
     monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
     [run] = _runs(store)
+    assert {json.loads(d.dataset.source)["uri"] for d in run.inputs.dataset_inputs} == {str((store / "faces").resolve())}
     (store / "moved").mkdir()
     (store / "faces").rename(store / "moved" / "faces")
     lost = CliRunner().invoke(main, ["train", "--resume", run.info.run_id])
