@@ -536,6 +536,22 @@ def test_a_run_whose_model_upload_failed_resumes_to_one_test_one_model_and_its_w
     assert load_model("models:/fer-once/1", "cpu").run_id == run.info.run_id
 
 
+def train_interrupted_at_epoch_2(monkeypatch, args: list[str]) -> None:
+    """`fer-exp train ARGS`, stopped as Ctrl-C stops it once its second epoch is checkpointed (at its metrics)."""
+    import mlflow
+
+    real_log_metrics = mlflow.log_metrics
+
+    def interrupted_at_epoch_2(metrics, *a, **kwargs):
+        if kwargs.get("step") == 2:
+            raise KeyboardInterrupt
+        return real_log_metrics(metrics, *a, **kwargs)
+    monkeypatch.setattr(mlflow, "log_metrics", interrupted_at_epoch_2)
+    first = CliRunner().invoke(main, ["train", *args, "--system-metrics", "false"])
+    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    assert first.exit_code == 130, first.output
+
+
 def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_another_experiment(store, monkeypatch):
     """The data folder moved since the run was interrupted: the resume's hint (--data) was refused as
     another config. And --run-name did nothing, --experiment-name was silently ignored."""
@@ -547,17 +563,7 @@ def test_a_resume_takes_its_faces_at_another_path_renames_the_run_and_refuses_an
             (store / "faces" / split / name).mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(store / "faces" / split / name / f"{i}.png")
-    real_log_metrics = mlflow.log_metrics
-
-    def interrupted_at_epoch_2(metrics, *args, **kwargs):
-        if kwargs.get("step") == 2:
-            raise KeyboardInterrupt
-        return real_log_metrics(metrics, *args, **kwargs)
-    monkeypatch.setattr(mlflow, "log_metrics", interrupted_at_epoch_2)
-    first = CliRunner().invoke(main, ["train", "--data", "faces", "--epochs", "3", "--batch-size", "16",
-                                      "--system-metrics", "false"])
-    assert first.exit_code == 130, first.output
-    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    train_interrupted_at_epoch_2(monkeypatch, ["--data", "faces", "--epochs", "3", "--batch-size", "16"])
     [run] = _runs(store)
     assert {json.loads(d.dataset.source)["uri"] for d in run.inputs.dataset_inputs} == {str((store / "faces").resolve())}
     (store / "moved").mkdir()
@@ -607,18 +613,9 @@ def test_a_resume_needs_no_pretrained_weights_and_keeps_a_name_given_in_the_ui(s
 
     weights = store / "r18.pth"
     torch.save(build_model("resnet18", pretrained="none").backbone.state_dict(), weights)
-    real_log_metrics = mlflow.log_metrics
-
-    def interrupted_at_epoch_2(metrics, *args, **kwargs):
-        if kwargs.get("step") == 2:
-            raise KeyboardInterrupt
-        return real_log_metrics(metrics, *args, **kwargs)
-    monkeypatch.setattr(mlflow, "log_metrics", interrupted_at_epoch_2)
-    first = CliRunner().invoke(main, ["train", "--model", "resnet18", "--pretrained", str(weights), "--input-size", "112",
-                                      "--data", "synthetic:16,8,8", "--epochs", "3", "--batch-size", "8",
-                                      "--eval-batch-size", "8", "--run-name", "first", "--system-metrics", "false"])
-    assert first.exit_code == 130, first.output
-    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    train_interrupted_at_epoch_2(monkeypatch, ["--model", "resnet18", "--pretrained", str(weights), "--input-size", "112",
+                                               "--data", "synthetic:16,8,8", "--epochs", "3", "--batch-size", "8",
+                                               "--eval-batch-size", "8", "--run-name", "first"])
     [run] = _runs(store)
     weights.unlink()
     mlflow.MlflowClient().set_tag(run.info.run_id, "mlflow.runName", "renamed-in-the-ui")
