@@ -191,10 +191,10 @@ class MLflowCallback(Callback):
         mlflow.log_metrics({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=epoch)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
-        run = mlflow.get_run(mlflow.active_run().info.run_id)
+        run = mlflow.active_run()
         # a run resumed after its training had ended (its end's logging failed or was interrupted) logs
         # what that end logged once: the test's metrics, the whole fit's seconds (the resume's are ~0)
-        logged = set(run.data.metrics) if trainer.resumed_from is not None else set()
+        logged = set(mlflow.get_run(run.info.run_id).data.metrics) if trainer.resumed_from is not None else set()
 
         def new(metrics: dict) -> dict:
             return {k: v for k, v in metrics.items() if k not in logged}
